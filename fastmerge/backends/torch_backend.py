@@ -1,0 +1,12 @@
+"""The PyTorch reference as a backend: exact, any device, the yardstick for the others."""
+from ..reference import histogram, merge  # noqa: F401  (the backend contract)
+
+NAME = "torch"
+
+
+def DEVICES(device=None) -> tuple[str, ...]:
+    return ("cpu", "cuda")
+
+
+def unavailable_reason() -> str | None:
+    return None
