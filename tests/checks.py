@@ -1,0 +1,51 @@
+"""Assertions shared by the backend tests: exact counts, outputs within one ulp.
+
+The spec's bar (SPEC §9): thresholds and counters equal, outputs within one unit in
+the last place of the output dtype. A fast path evaluates in fp32 where the reference
+uses fp64, so where θ_b and λ·m nearly cancel the result's own ulp can be smaller than
+fp32's rounding of the operands; ``operand_scale`` (≈ max(|θ_b|, |λ·m|) per entry) adds
+that fp32 evaluation error (a few ulps of fp32 at the operands' size) to the bound.
+"""
+from __future__ import annotations
+
+import torch
+
+_MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+_EMIN = {torch.float16: -14, torch.bfloat16: -126, torch.float32: -126}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit in the last place of ``dtype`` at magnitude |x| (fp64 result)."""
+    _, e = torch.frexp(x.double().abs())
+    exp = torch.clamp(e - 1, min=_EMIN[dtype])
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - _MANTISSA[dtype])
+
+
+def assert_ulp_close(actual: torch.Tensor, expected: torch.Tensor, *, operand_scale=None,
+                     max_ulps: float = 1.0, what: str = "output") -> None:
+    """|actual − expected| <= max_ulps · ulp(expected) [+ 4 ulp_fp32(operand_scale)]."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().cpu().double().reshape(-1), expected.detach().cpu().double().reshape(-1)
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    tol = max_ulps * ulp(torch.maximum(a.abs(), e.abs()), expected.dtype)
+    if operand_scale is not None:
+        tol = tol + 4 * ulp(operand_scale.detach().cpu().double().reshape(-1), torch.float32)
+    diff = (a - e).abs()
+    bad = ~both_nan & ~(diff <= tol) & ~(a == e)
+    if bad.any():
+        idx = bad.nonzero().flatten()
+        rows = "\n".join(f"  [{int(i)}] got {a[i].item()!r} want {e[i].item()!r} "
+                         f"(diff {diff[i].item():.3g}, tol {tol[i].item():.3g})" for i in idx[:8])
+        raise AssertionError(f"{what}: {len(idx)} of {a.numel()} entries beyond "
+                             f"{max_ulps} ulp ({expected.dtype}):\n{rows}")
+
+
+def assert_counts_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "counts"):
+    """Counter tables [n_models, n_counters] must be identical."""
+    from fastmerge.kernel_api import COUNTERS
+    a, e = actual.cpu().to(torch.int64), expected.cpu().to(torch.int64)
+    if not torch.equal(a, e):
+        rows = [f"  model {i} {c}: got {int(a[i, j])} want {int(e[i, j])}"
+                for i in range(e.shape[0]) for j, c in enumerate(COUNTERS) if a[i, j] != e[i, j]]
+        raise AssertionError(f"{what} differ:\n" + "\n".join(rows))
