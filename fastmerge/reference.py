@@ -125,3 +125,34 @@ def _ties(tau32, tau, w, cfg: KernelConfig, counts) -> torch.Tensor:
     counts[:, IMPORTANT_DROPPED] = (prot & ~sel).sum(1).cpu()
     counts[:, TIES_IMPORTANT_DROPPED] = (prot & ~sel_ties).sum(1).cpu()
     return m
+
+
+def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
+              out_dtype: torch.dtype | None = None, population: int | None = None,
+              thresholds=None):
+    """Merge one tensor by the spec's definition: thresholds by sorting, then ``merge``.
+
+    ``params`` is a ``MergeParams``; ``thresholds`` ((t, u) lists) overrides the sort,
+    e.g. for ``scope="model"``. Returns (out, counts, (t, u)).
+    """
+    from .kernel_api import KernelConfig
+
+    ref = base if base is not None else models[0]
+    out = torch.empty(ref.shape, dtype=out_dtype or ref.dtype, device=ref.device)
+    n = models.shape[0]
+    t, u = [0.0] * n, [float("inf")] * n
+    if params.trims:
+        if thresholds is None:
+            a = task_vectors(base, models).abs()
+            pairs = [thresholds_by_sort(a[i], params.density[i], params.slack[i], population)
+                     for i in range(n)]
+            t, u = [p[0] for p in pairs], [p[1] for p in pairs]
+        else:
+            t, u = list(thresholds[0]), list(thresholds[1])
+    mode = "ties" if params.trims else params.method
+    cfg = KernelConfig(mode=mode, weights=params.weights, t=tuple(t), u=tuple(u),
+                       scale=params.scale, normalize=params.normalize,
+                       elect_count=params.elect == "count")
+    flat_base = None if base is None else base.reshape(-1)
+    counts = merge(flat_base, models.reshape(n, -1), out.view(-1), cfg)
+    return out, counts, (t, u)

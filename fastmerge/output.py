@@ -1,0 +1,245 @@
+"""Where merged tensors go: an in-memory state dict, or a sharded Hugging Face checkpoint.
+
+The checkpoint writer never leaves something that looks finished before it is: shards,
+index, copied config/tokenizer files and the report are written into a hidden sibling
+folder ``.NAME.partial`` and renamed to ``NAME`` only when complete. A lock file
+(``.NAME.lock``, held with flock, so a killed run releases it) keeps two runs from
+writing the same output. An existing output is replaced only with ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError, ParameterError
+from .io.safetensors_file import SafetensorsWriter
+from .plan import TensorTask
+
+INDEX_NAME = "model.safetensors.index.json"
+REPORT_NAME = "fastmerge_report.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """'5GB' / '500MiB' / 1000000 -> bytes (> 0)."""
+    if isinstance(size, bool):
+        raise ParameterError(f"shard_size must be a size like '5GB' or a byte count, got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        num = text.rstrip("KMGTIB")
+        unit = text[len(num):]
+        try:
+            value = int(float(num) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise ParameterError(
+                f"shard_size must be a size like '5GB' or a byte count, got {size!r}") from None
+    if value <= 0:
+        raise ParameterError(f"shard_size must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(tasks: list[TensorTask], shard_size: int) -> list[list[TensorTask]]:
+    """Pack tensors in order into shards of at most shard_size bytes (a bigger tensor gets
+    a shard of its own)."""
+    shards: list[list[TensorTask]] = [[]]
+    used = 0
+    for task in tasks:
+        if shards[-1] and used + task.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(task)
+        used += task.nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class MemorySink:
+    """Collects the merged tensors into a state dict (for in-memory merges)."""
+
+    def __init__(self):
+        self.state_dict: dict[str, torch.Tensor] = {}
+        self._flat: torch.Tensor | None = None
+
+    def begin(self, task: TensorTask) -> None:
+        self._flat = torch.empty(task.numel, dtype=task.out_dtype)
+
+    def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
+        self._flat[start:start + data.numel()] = data.reshape(-1)
+
+    def end(self, task: TensorTask) -> None:
+        self.state_dict[task.name] = self._flat.reshape(task.shape)
+        self._flat = None
+
+
+def check_output_location(output: Path, input_roots: list[Path], overwrite: bool) -> Path:
+    """Refuse an output that exists (unless overwrite) or that is, or lies inside, an input."""
+    output = Path(output).expanduser().absolute()
+    real = Path(os.path.realpath(output))
+    for root in input_roots:
+        r = Path(os.path.realpath(root))
+        if real == r or r in real.parents:
+            raise OutputError(f"output {output} is inside the input model directory {root}; "
+                              "choose a folder outside every input")
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists; pass overwrite=True "
+                          "(CLI: --overwrite) to replace it")
+    if not output.parent.is_dir():
+        raise OutputError(f"cannot write {output}: parent folder {output.parent} does not exist")
+    return output
+
+
+class CheckpointWriter:
+    """Sharded safetensors output written in a hidden folder, renamed when complete.
+
+    Shards are written by one background thread (writes and sha256 overlap compute);
+    ``write`` takes CPU tensors in strict file order.
+    """
+
+    def __init__(self, output: Path, tasks: list[TensorTask], shard_size: int,
+                 overwrite: bool = False):
+        self.output = Path(output)
+        self.overwrite = overwrite
+        self.partial = self.output.parent / f".{self.output.name}.partial"
+        self.lock_path = self.output.parent / f".{self.output.name}.lock"
+        self.shards = plan_shards(tasks, shard_size)
+        self.names = [shard_name(i, len(self.shards)) for i in range(len(self.shards))]
+        self.shard_of = {t.name: i for i, s in enumerate(self.shards) for t in s}
+        self.sha256: dict[str, str] = {}
+        self._writer: SafetensorsWriter | None = None
+        self._current = -1
+        self._lock_fd = None
+        self._pool = None
+        self._inflight: list[cf.Future] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def open(self) -> "CheckpointWriter":
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another fastmerge run is writing {self.output} "
+                              f"(lock {self.lock_path} is held)") from None
+        self._lock_fd = fd
+        if self.partial.exists():  # left by a run that was killed: we hold the lock now
+            shutil.rmtree(self.partial)
+        self.partial.mkdir()
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
+        return self
+
+    def abort(self) -> None:
+        """Drop everything written so far; the output location is left untouched."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._writer = None  # its file goes with the partial folder
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except FileNotFoundError:
+                pass
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- sink protocol -------------------------------------------------------------------
+    def begin(self, task: TensorTask) -> None:
+        i = self.shard_of[task.name]
+        if i != self._current:
+            self._submit(self._open_shard, i)
+            self._current = i
+
+    def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
+        self._submit(self._write, data)
+
+    def end(self, task: TensorTask) -> None:
+        shard = self.shards[self._current]
+        if task.name == shard[-1].name:
+            self._submit(self._close_shard, self._current)
+
+    def _submit(self, fn, *args) -> None:
+        self._inflight.append(self._pool.submit(fn, *args))
+        while len(self._inflight) > 2 or (self._inflight and self._inflight[0].done()):
+            self._inflight.pop(0).result()  # re-raises a write error here
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._inflight.pop(0).result()
+
+    # -- run on the writer thread --------------------------------------------------------
+    def _open_shard(self, i: int) -> None:
+        entries = [(t.name, t.out_dtype, t.shape) for t in self.shards[i]]
+        self._writer = SafetensorsWriter(self.partial / self.names[i], entries,
+                                         metadata={"format": "pt"})
+
+    def _write(self, data: torch.Tensor) -> None:
+        self._writer.write(data)
+
+    def _close_shard(self, i: int) -> None:
+        self.sha256[self.names[i]] = self._writer.close()
+        self._writer = None
+
+    # -- completion ----------------------------------------------------------------------
+    def finish(self, report: dict, copy_files: list[Path]) -> Path:
+        """Write index, copied files and report; then make the output appear atomically."""
+        self._drain()
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        if len(self.sha256) != len(self.names):
+            raise OutputError(f"internal error: {len(self.sha256)} of {len(self.names)} "
+                              "shards were completed")
+        weight_map = {t.name: self.names[i] for i, s in enumerate(self.shards) for t in s}
+        total = sum(t.nbytes for s in self.shards for t in s)
+        _write_json(self.partial / INDEX_NAME,
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for src in copy_files:
+            shutil.copyfile(src, self.partial / src.name)
+        report = dict(report, shards=dict(self.sha256))
+        _write_json(self.partial / REPORT_NAME, report)
+        _fsync_dir(self.partial)
+        old = None
+        if self.output.exists():
+            if not self.overwrite:
+                raise OutputError(f"output {self.output} appeared during the merge; "
+                                  f"the result is left in {self.partial}")
+            old = self.output.parent / f".{self.output.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.output, old)
+        os.rename(self.partial, self.output)
+        _fsync_dir(self.output.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._unlock()
+        return self.output
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""The streaming merge: tensor by tensor, chunk by chunk, with bounded memory.
+
+For every merged tensor (SPEC §1-§8):
+  1. thresholds (TIES family): three radix-select histogram rounds (fastmerge.select);
+     with ``scope="model"`` one global round set over the whole checkpoint comes first;
+  2. one fused merge pass per chunk, whose output goes straight to the sink.
+
+Memory is bounded by the chunk budget, not the model: a tensor whose inputs fit in
+``resident_bytes`` is read from disk once and kept for all passes (and the next one is
+prefetched on a thread while this one computes); a larger tensor is streamed in chunks of
+``chunk_elems`` entries and re-read for each pass. Reads use pread into reused buffers
+(no mmap), so page-cache pages never count against the process.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .kernel_api import COUNTERS, NONFINITE, KernelConfig
+from .plan import TensorTask, kernel_dtype
+from .select import find_thresholds
+
+DEFAULT_CHUNK_ELEMS = 1 << 24
+DEFAULT_RESIDENT_BYTES = 512 << 20
+
+
+@dataclass
+class Inputs:
+    """The opened checkpoints of one merge (base is None only for 'linear')."""
+
+    base: object | None
+    models: list
+
+    @property
+    def all(self) -> list:
+        return ([self.base] if self.base is not None else []) + self.models
+
+
+@dataclass
+class TensorStats:
+    """Per-tensor report entry (SPEC §8)."""
+
+    name: str
+    population: int
+    t: list[float] = field(default_factory=list)
+    u: list[float] = field(default_factory=list)
+    counts: torch.Tensor | None = None
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "population": self.population}
+        if self.t:
+            d["t"], d["u"] = self.t, self.u
+        if self.counts is not None:
+            d["models"] = [dict(zip(COUNTERS, map(int, row))) for row in self.counts.tolist()]
+        return d
+
+
+class ChunkReader:
+    """Reads [start, start+count) of one tensor from base and every model into the kernel
+    layout: base [count] and models [n, count] (one dtype), on the compute device."""
+
+    def __init__(self, inputs: Inputs, device: torch.device):
+        self.inputs = inputs
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def _empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _read(self, ckpt, name, dst: torch.Tensor, start: int, count: int) -> None:
+        info = ckpt.info(name)
+        if info.dtype == dst.dtype:
+            ckpt.read_into(name, dst, start, count)
+        else:  # stored dtype differs from the kernel layout: read raw, convert exactly
+            tmp = torch.empty(count, dtype=info.dtype)
+            ckpt.read_into(name, tmp, start, count)
+            dst.copy_(tmp)
+
+    def read(self, task: TensorTask, start: int, count: int):
+        base_ckpt, models = self.inputs.base, self.inputs.models
+        base = None
+        if base_ckpt is not None:
+            base = self._empty(count, kernel_dtype(base_ckpt.info(task.name).dtype))
+            self._read(base_ckpt, task.name, base, start, count)
+        dtypes = {kernel_dtype(m.info(task.name).dtype) for m in models}
+        mdtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        stacked = self._empty((len(models), count), mdtype)
+        for i, m in enumerate(models):
+            self._read(m, task.name, stacked[i], start, count)
+        if self.device.type != "cpu":
+            base = None if base is None else base.to(self.device, non_blocking=True)
+            stacked = stacked.to(self.device, non_blocking=True)
+        return base, stacked
+
+
+def chunk_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """[(start, count)] covering n entries in steps of ``step``; one empty chunk when n = 0."""
+    step = max(1, step)
+    return [(s, min(step, n - s)) for s in range(0, n, step)] or [(0, 0)]
+
+
+class TensorSource:
+    """The chunks of one tensor, read once and kept when they fit in the budget."""
+
+    def __init__(self, reader: ChunkReader, task: TensorTask, chunk_elems: int,
+                 resident: bool):
+        self.reader, self.task = reader, task
+        self.ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
+        self.cached = [reader.read(task, s, c) for s, c in self.ranges] if resident else None
+
+    def chunks(self):
+        """Yield (start, count, base, models) for every chunk, in order."""
+        for i, (s, c) in enumerate(self.ranges):
+            b, m = self.cached[i] if self.cached is not None else self.reader.read(self.task, s, c)
+            yield s, c, b, m
+
+
+class StreamMerge:
+    """Runs the per-tensor loop of a merge and hands output chunks to a sink.
+
+    sink: object with ``begin(task)``, ``write(task, start, data_cpu)``, ``end(task)``.
+    """
+
+    def __init__(self, inputs: Inputs, tasks: list[TensorTask], params, backend,
+                 device: torch.device, sink, progress=None,
+                 chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                 resident_bytes: int = DEFAULT_RESIDENT_BYTES):
+        self.inputs, self.tasks, self.params = inputs, tasks, params
+        self.backend, self.device, self.sink = backend, device, sink
+        self.progress = progress
+        self.chunk_elems = getattr(backend, "CHUNK_ELEMS", chunk_elems)
+        self.resident_bytes = resident_bytes
+        self.reader = ChunkReader(inputs, device)
+        self.stats: list[TensorStats] = []
+        self.global_thresholds = None
+
+    # -- helpers -------------------------------------------------------------------------
+    def _input_bytes(self, task: TensorTask) -> int:
+        return sum(c.info(task.name).nbytes for c in self.inputs.all)
+
+    def _source(self, task: TensorTask) -> TensorSource:
+        resident = self._input_bytes(task) <= self.resident_bytes
+        return TensorSource(self.reader, task, self.chunk_elems, resident)
+
+    def _kernel_config(self, t, u) -> KernelConfig:
+        p = self.params
+        mode = "ties" if p.trims else p.method
+        n = p.n_models
+        return KernelConfig(mode=mode, weights=p.weights,
+                            t=tuple(t) if t else (0.0,) * n,
+                            u=tuple(u) if u else (float("inf"),) * n,
+                            scale=p.scale, normalize=p.normalize,
+                            elect_count=p.elect == "count")
+
+    def _thresholds(self, chunk_fn, population: int):
+        p = self.params
+        return find_thresholds(self.backend.histogram, chunk_fn, p.density, p.slack, population)
+
+    # -- passes --------------------------------------------------------------------------
+    def model_scope_thresholds(self) -> tuple[list[float], list[float]]:
+        """One (t_i, u_i) per model over every merged entry of the checkpoint (SPEC §2)."""
+        merged = [t for t in self.tasks if t.merged]
+        population = sum(t.numel for t in merged)
+
+        def all_chunks():
+            for task in merged:
+                src = TensorSource(self.reader, task, self.chunk_elems, resident=False)
+                for _, _, b, m in src.chunks():
+                    yield b, m
+        return self._thresholds(all_chunks, population)
+
+    def run(self) -> list[TensorStats]:
+        p = self.params
+        if p.trims and p.scope == "model":
+            self.global_thresholds = self.model_scope_thresholds()
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-read")
+        try:
+            pending = None
+            for k, task in enumerate(self.tasks):
+                src = pending.result() if pending is not None else self._prepare(task)
+                nxt = self.tasks[k + 1] if k + 1 < len(self.tasks) else None
+                pending = pool.submit(self._prepare, nxt) if nxt is not None else None
+                if src is None:
+                    self._copy(task)
+                else:
+                    self._merge(task, src)
+                if self.progress is not None:
+                    self.progress.update(task.nbytes)
+            return self.stats
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prepare(self, task: TensorTask):
+        """Open (and, when it fits, read) the next merged tensor; None for a copied one."""
+        return self._source(task) if task.merged else None
+
+    def _copy(self, task: TensorTask) -> None:
+        """Non-merged tensors (integer buffers, scalars) are copied from the base unchanged."""
+        base = self.inputs.base
+        self.sink.begin(task)
+        info = base.info(task.name)
+        for start, count in chunk_ranges(task.numel, self.chunk_elems):
+            buf = torch.empty(count, dtype=info.dtype)
+            base.read_into(task.name, buf, start, count)
+            self.sink.write(task, start, buf)
+        self.sink.end(task)
+
+    def _merge(self, task: TensorTask, src: TensorSource) -> None:
+        p = self.params
+        stats = TensorStats(task.name, task.numel)
+        t = u = None
+        if p.trims:
+            if p.scope == "model":
+                t, u = self.global_thresholds
+            else:
+                t, u = self._thresholds(lambda: ((b, m) for _, _, b, m in src.chunks()),
+                                        task.numel)
+            stats.t, stats.u = list(t), list(u)
+        cfg = self._kernel_config(t, u)
+        counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
+        self.sink.begin(task)
+        for start, count, b, m in src.chunks():
+            out = torch.empty(count, dtype=task.out_dtype, device=self.device)
+            counts += self.backend.merge(b, m, out, cfg).cpu()
+            if not p.allow_nonfinite and counts[:, NONFINITE].any():
+                self._raise_nonfinite(task, counts)
+            self.sink.write(task, start, out.cpu())
+        self.sink.end(task)
+        if p.trims:
+            stats.counts = counts
+        self.stats.append(stats)
+
+    def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
+        i = int(counts[:, NONFINITE].nonzero()[0, 0])
+        label = self.inputs.models[i].label
+        what = "θ" if self.params.method == "linear" else "task vector τ = θ_i − θ_b"
+        raise InputError(
+            f"tensor {task.name!r}: {int(counts[i, NONFINITE])} non-finite (NaN/Inf) entries in "
+            f"the {what} of {label}" + ("" if self.inputs.base is None else
+                                       f" (base {self.inputs.base.label})") +
+            "; pass allow_nonfinite=True to merge anyway")

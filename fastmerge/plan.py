@@ -1,0 +1,108 @@
+"""Merge planning: check the inputs agree and decide, per tensor, what the merge does.
+
+Runs on headers only (no tensor data is read): every model must have exactly the
+base's tensors with the same shapes, and the configs must name the same architecture.
+Floating tensors with at least one dimension are merged; anything else (integer
+buffers, 0-d scalars) is copied from the base.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .params import MergeParams
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: its name, shape, output dtype and whether it is merged."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    merged: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which a tensor is fed to a backend: fp16/bf16/fp32 as stored, other floats as
+    fp32 (f32(θ) is exactly what SPEC §1 asks for)."""
+    return dtype if dtype in KERNEL_DTYPES else torch.float32
+
+
+def _architecture(ckpt) -> tuple | None:
+    cfg = ckpt.config
+    if not cfg:
+        return None
+    return tuple(cfg.get("architectures") or ()), cfg.get("model_type")
+
+
+def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
+    """Validate the checkpoints against each other and return the tasks in output order.
+
+    ``base`` is None only for method 'linear'; then the first model sets the layout.
+    """
+    layout = base if base is not None else models[0]
+    inputs = ([base] if base is not None else []) + list(models)
+
+    arch = {c.label: _architecture(c) for c in inputs}
+    known = {k: v for k, v in arch.items() if v is not None}
+    if len(set(known.values())) > 1:
+        desc = "; ".join(f"{k}: architectures={list(v[0])}, model_type={v[1]!r}"
+                         for k, v in known.items())
+        raise InputError(f"the models' configs describe different architectures: {desc}")
+
+    names = list(layout.names)
+    name_set = set(names)
+    for ckpt in inputs:
+        if ckpt is layout:
+            continue
+        theirs = set(ckpt.names)
+        missing = [n for n in names if n not in theirs]
+        extra = [n for n in ckpt.names if n not in name_set]
+        if missing:
+            raise InputError(f"{ckpt.label}: missing tensor {missing[0]!r} present in "
+                             f"{layout.label}" + (f" (and {len(missing) - 1} more)"
+                                                  if len(missing) > 1 else ""))
+        if extra:
+            raise InputError(f"{ckpt.label}: has tensor {extra[0]!r} that {layout.label} lacks"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+    tasks = []
+    for name in names:
+        ref = layout.info(name)
+        floating = ref.dtype.is_floating_point
+        for ckpt in inputs:
+            info = ckpt.info(name)
+            if tuple(info.shape) != tuple(ref.shape):
+                raise InputError(f"tensor {name!r}: shape {list(info.shape)} in {ckpt.label} "
+                                 f"differs from {list(ref.shape)} in {layout.label}")
+            if info.dtype.is_floating_point != floating:
+                raise InputError(f"tensor {name!r}: dtype {info.dtype} in {ckpt.label} but "
+                                 f"{ref.dtype} in {layout.label} (floating and non-floating mix)")
+        merged = floating and len(ref.shape) > 0
+        if merged:
+            out = _BY_NAME[params.dtype] if params.dtype else kernel_dtype(ref.dtype)
+        else:
+            if base is None:
+                raise InputError(f"tensor {name!r} ({ref.dtype}, shape {list(ref.shape)}) is "
+                                 "not merged and must be copied from a base model, but the "
+                                 "linear merge was given none")
+            out = ref.dtype
+        tasks.append(TensorTask(name, tuple(ref.shape), out, merged))
+    return tasks

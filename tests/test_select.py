@@ -1,0 +1,77 @@
+"""Radix selection (fastmerge.select) equals brute-force sorting, per tensor and per model."""
+import pytest
+import torch
+
+from fastmerge import reference as R
+from fastmerge.select import RadixSelect, find_thresholds, key_to_float
+
+
+def chunked(base, models, step):
+    n = base.numel()
+    return lambda: [(base[s:s + step], models[:, s:s + step]) for s in range(0, n, step)]
+
+
+def brute(base, models, density, slack, population=None):
+    a = R.task_vectors(base, models).abs()
+    return [R.thresholds_by_sort(a[i], density[i], slack[i], population)
+            for i in range(models.shape[0])]
+
+
+CASES = {
+    "random": lambda g: torch.randn(5000, generator=g),
+    "ties": lambda g: torch.randint(-3, 4, (5000,), generator=g).float() / 8,
+    "zeros": lambda g: torch.where(torch.rand(5000, generator=g) < .7, 0.0,
+                                   torch.randn(5000, generator=g)),
+    "tiny": lambda g: torch.randn(5000, generator=g) * 1e-30,
+    "wide": lambda g: torch.randn(5000, generator=g) * torch.exp(
+        8 * torch.randn(5000, generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("step", [5000, 777])
+def test_radix_equals_sort(case, dtype, step):
+    g = torch.Generator().manual_seed(list(CASES).index(case))
+    base = torch.randn(5000, generator=g).to(dtype)
+    models = torch.stack([(base.float() + CASES[case](g)).to(dtype) for _ in range(3)])
+    density, slack = [0.2, 1 / 5000, 0.9999], [0.05, 0.0, 0.5]
+    t, u = find_thresholds(R.histogram, chunked(base, models, step), density, slack, 5000)
+    want = brute(base, models, density, slack)
+    assert t == [w[0] for w in want] and u == [w[1] for w in want]
+
+
+def test_fixed_thresholds_need_no_pass():
+    sel = RadixSelect.from_params([0.0, 1.0], [0.0, 0.0], 100)
+    assert sel.done and sel.thresholds() == ([float("inf"), 0.0], [float("inf")] * 2)
+
+
+def test_density_one_with_slack_searches_only_u():
+    g = torch.Generator().manual_seed(0)
+    base, models = torch.zeros(100), torch.randn(1, 100, generator=g)
+    t, u = find_thresholds(R.histogram, chunked(base, models, 100), [1.0], [0.1], 100)
+    assert t == [0.0] and u == [R.kth_largest(models.abs(), 10)]
+
+
+def test_model_scope_equals_global_topk_over_concatenation():
+    g = torch.Generator().manual_seed(3)
+    tensors = [(torch.randn(s, generator=g).half(), s) for s in (17, 300, 1, 4096)]
+    bases = [b for b, _ in tensors]
+    models = [torch.stack([(b.float() + torch.randn(b.numel(), generator=g) * k).half()
+                           for k in (0.1, 0.01)]) for b in bases]
+    total = sum(b.numel() for b in bases)
+
+    def all_chunks():
+        for b, m in zip(bases, models):
+            yield from chunked(b, m, 100)()
+    t, u = find_thresholds(R.histogram, all_chunks, [0.2, 0.1], [0.02, 0.05], total)
+    cat_b, cat_m = torch.cat(bases), torch.cat(models, dim=1)
+    want = brute(cat_b, cat_m, [0.2, 0.1], [0.02, 0.05], total)
+    assert t == [w[0] for w in want] and u == [w[1] for w in want]
+
+
+def test_key_to_float_round_trip():
+    for v in (0.0, 1e-45, 1.5, 3.4e38, float("inf")):
+        key = torch.tensor([v]).view(torch.int32).item()
+        assert key_to_float(key) == torch.tensor([v]).item()
