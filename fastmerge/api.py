@@ -23,7 +23,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
           scale: float = 1.0, normalize: bool | None = None, elect: str = "sum",
           scope: str = "tensor", output=None, dtype=None, device="auto", backend="auto",
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
-          allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None):
+          allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
+          resume: bool = False):
     """Merge ``models`` into ``base`` (SPEC §1-§8), streaming tensor by tensor.
 
     base, models: Hugging Face model folders, ``.safetensors`` files, hub ids, or
@@ -37,6 +38,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
         picks Triton on CUDA, the C extension on CPU, else the PyTorch reference.
     config_from: which input's config/tokenizer files to copy: None (the base), or an
         index into ``models``.
+    resume: continue an interrupted merge into the same ``output`` from its verified
+        completed shards (the result is byte-identical to an uninterrupted run).
     """
     from .io.checkpoint import Checkpoint
     from .output import CheckpointWriter, MemorySink, check_output_location, parse_size
@@ -62,6 +65,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
     if output is not None:
         output = Path(output)
         check_output_location(output, [], overwrite)
+    elif resume:
+        raise ParameterError("resume=True needs an output folder")
     module, dev = backends.resolve(backend, device)
 
     opened = []
@@ -82,7 +87,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
         else:
             roots = [c.root for c in opened if c.root is not None]
             output = check_output_location(output, roots, overwrite)
-            sink = CheckpointWriter(output, tasks, shard_bytes, overwrite).open()
+            fingerprint = _fingerprint(params, module.NAME, opened, tasks, shard_bytes)
+            sink = CheckpointWriter(output, tasks, shard_bytes, overwrite, resume,
+                                    fingerprint).open()
         bar = _progress_bar(tasks, progress)
         try:
             engine = StreamMerge(inputs, tasks, params, module, dev, sink, progress=bar)
@@ -108,6 +115,20 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
     finally:
         for c in opened:
             c.close()
+
+
+def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int) -> str:
+    """Identity of a merge's inputs, parameters and output plan (checked on resume)."""
+    import hashlib
+
+    from . import __version__
+    doc = {"version": __version__, "backend": backend, "params": params.as_dict(),
+           "shard_bytes": shard_bytes,
+           "tasks": [(t.name, str(t.out_dtype), t.shape, t.merged) for t in tasks],
+           "inputs": [(c.label, [(n, str(c.info(n).dtype), tuple(c.info(n).shape),
+                                  c.info(n).offset, c.info(n).nbytes) for n in c.names])
+                      for c in checkpoints]}
+    return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()
 
 
 def _config_files(ckpt, dtype, partial: Path) -> list[Path]:

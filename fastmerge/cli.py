@@ -1,4 +1,4 @@
-"""Command line: ``fastmerge merge CONFIG.yml OUTPUT_DIR``, ``fastmerge demo``."""
+"""Command line: ``fastmerge merge CONFIG.yml OUTPUT_DIR``, ``fastmerge demo``, ``fastmerge verify DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="also read .bin/.pt checkpoints, with torch.load(weights_only=True)")
     m.add_argument("--allow-nonfinite", action="store_true",
                    help="merge tensors holding NaN/Inf instead of stopping")
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge into OUTPUT_DIR from its verified "
+                        "completed shards")
     _common(m)
+
+    v = sub.add_parser("verify", help="check a finished output: index, shard headers, and "
+                                      "each shard's sha256 against the report")
+    v.add_argument("output", help="merged checkpoint folder")
 
     d = sub.add_parser("demo", help="build small Llama-shaped base/CT/SFT checkpoints in a "
                                     "temp folder, merge them with TIES-SV, print the report")
@@ -52,7 +59,8 @@ def cmd_merge(args) -> int:
     t0 = time.perf_counter()
     result = merge(**kwargs, output=args.output, overwrite=args.overwrite,
                    shard_size=args.shard_size, allow_pickle=args.allow_pickle,
-                   allow_nonfinite=args.allow_nonfinite, device=args.device,
+                   allow_nonfinite=args.allow_nonfinite, resume=args.resume,
+                   device=args.device,
                    backend=args.backend, progress=not args.no_progress)
     print(summary(result.report))
     print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s")
@@ -87,10 +95,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import verify_output
+
+    s = verify_output(args.output)
+    print(f"ok: {s['path']}: {s['shards']} shards, {s['tensors']} tensors, {s['bytes']:,} "
+          "bytes; index, headers and sha256 match the report")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"merge": cmd_merge, "demo": cmd_demo}[args.command](args)
+        return {"merge": cmd_merge, "demo": cmd_demo, "verify": cmd_verify}[args.command](args)
     except FastmergeError as exc:
         print(f"fastmerge: error: {exc}", file=sys.stderr)
         return 2

@@ -5,11 +5,17 @@ index, copied config/tokenizer files and the report are written into a hidden si
 folder ``.NAME.partial`` and renamed to ``NAME`` only when complete. A lock file
 (``.NAME.lock``, held with flock, so a killed run releases it) keeps two runs from
 writing the same output. An existing output is replaced only with ``overwrite=True``.
+
+Resume: after each shard is complete its sha256 and the report entries of its tensors
+go into ``.NAME.partial/progress.json`` (with a fingerprint of the inputs, parameters and
+shard plan). ``resume=True`` keeps the shards listed there whose sha256 still matches and
+redoes the rest, so the finished output is byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +28,7 @@ from .io.safetensors_file import SafetensorsWriter
 from .plan import TensorTask
 
 INDEX_NAME = "model.safetensors.index.json"
+PROGRESS_NAME = "progress.json"
 REPORT_NAME = "fastmerge_report.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -78,9 +85,12 @@ class MemorySink:
     def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
         self._flat[start:start + data.numel()] = data.reshape(-1)
 
-    def end(self, task: TensorTask) -> None:
+    def end(self, task: TensorTask, stats: dict | None) -> None:
         self.state_dict[task.name] = self._flat.reshape(task.shape)
         self._flat = None
+
+    def done(self, task: TensorTask) -> None:
+        return None
 
 
 def check_output_location(output: Path, input_roots: list[Path], overwrite: bool) -> Path:
@@ -108,15 +118,18 @@ class CheckpointWriter:
     """
 
     def __init__(self, output: Path, tasks: list[TensorTask], shard_size: int,
-                 overwrite: bool = False):
+                 overwrite: bool = False, resume: bool = False, fingerprint: str = ""):
         self.output = Path(output)
         self.overwrite = overwrite
+        self.resume = resume
+        self.fingerprint = fingerprint
         self.partial = self.output.parent / f".{self.output.name}.partial"
         self.lock_path = self.output.parent / f".{self.output.name}.lock"
         self.shards = plan_shards(tasks, shard_size)
         self.names = [shard_name(i, len(self.shards)) for i in range(len(self.shards))]
         self.shard_of = {t.name: i for i, s in enumerate(self.shards) for t in s}
         self.sha256: dict[str, str] = {}
+        self.recorded: dict[str, dict] = {}  # tensor name -> report entry, completed shards
         self._writer: SafetensorsWriter | None = None
         self._current = -1
         self._lock_fd = None
@@ -133,9 +146,11 @@ class CheckpointWriter:
             raise OutputError(f"another fastmerge run is writing {self.output} "
                               f"(lock {self.lock_path} is held)") from None
         self._lock_fd = fd
-        if self.partial.exists():  # left by a run that was killed: we hold the lock now
+        if self.partial.exists() and self.resume:
+            self._load_progress()
+        elif self.partial.exists():  # left by a run that was killed: we hold the lock now
             shutil.rmtree(self.partial)
-        self.partial.mkdir()
+        self.partial.mkdir(exist_ok=True)
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
         return self
 
@@ -147,6 +162,46 @@ class CheckpointWriter:
         self._writer = None  # its file goes with the partial folder
         shutil.rmtree(self.partial, ignore_errors=True)
         self._unlock()
+
+    def _load_progress(self) -> None:
+        """Keep the verified shards of an interrupted run; drop everything else in it."""
+        try:
+            progress = json.loads((self.partial / PROGRESS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            progress = {"fingerprint": self.fingerprint, "shards": {}}
+        if progress.get("fingerprint") != self.fingerprint:
+            self._unlock()
+            raise OutputError(f"cannot resume {self.output}: the interrupted run in "
+                              f"{self.partial} used other inputs, parameters or shard plan; "
+                              "run without --resume to start over")
+        keep = set()
+        for name, entry in progress.get("shards", {}).items():
+            if name in self.names and _sha256_file(self.partial / name) == entry["sha256"]:
+                keep.add(name)
+                self.sha256[name] = entry["sha256"]
+                for t in entry["tensors"]:
+                    self.recorded[t["name"]] = t["stats"]
+        for path in self.partial.iterdir():
+            if path.name not in keep:
+                path.unlink()
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        shards = {}
+        for i, name in enumerate(self.names):
+            if name in self.sha256:
+                shards[name] = {"sha256": self.sha256[name], "tensors": [
+                    {"name": t.name, "stats": self.recorded.get(t.name, {})}
+                    for t in self.shards[i]]}
+        tmp = self.partial / (PROGRESS_NAME + ".tmp")
+        _write_json(tmp, {"fingerprint": self.fingerprint, "shards": shards})
+        os.replace(tmp, self.partial / PROGRESS_NAME)
+
+    def done(self, task: TensorTask) -> dict | None:
+        """The recorded report entry of a tensor in a verified completed shard, else None."""
+        if self.names[self.shard_of[task.name]] in self.sha256:
+            return self.recorded.get(task.name, {})
+        return None
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -168,7 +223,8 @@ class CheckpointWriter:
     def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
         self._submit(self._write, data)
 
-    def end(self, task: TensorTask) -> None:
+    def end(self, task: TensorTask, stats: dict | None) -> None:
+        self.recorded[task.name] = stats or {}
         shard = self.shards[self._current]
         if task.name == shard[-1].name:
             self._submit(self._close_shard, self._current)
@@ -194,6 +250,7 @@ class CheckpointWriter:
     def _close_shard(self, i: int) -> None:
         self.sha256[self.names[i]] = self._writer.close()
         self._writer = None
+        self._write_progress()
 
     # -- completion ----------------------------------------------------------------------
     def finish(self, report: dict, copy_files: list[Path]) -> Path:
@@ -210,8 +267,9 @@ class CheckpointWriter:
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         for src in copy_files:
             shutil.copyfile(src, self.partial / src.name)
-        report = dict(report, shards=dict(self.sha256))
+        report = dict(report, shards={n: self.sha256[n] for n in self.names})
         _write_json(self.partial / REPORT_NAME, report)
+        (self.partial / PROGRESS_NAME).unlink()
         _fsync_dir(self.partial)
         old = None
         if self.output.exists():
@@ -235,6 +293,17 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -49,6 +49,15 @@ class TensorStats:
     u: list[float] = field(default_factory=list)
     counts: torch.Tensor | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorStats":
+        counts = None
+        if "models" in d:
+            counts = torch.tensor([[m[c] for c in COUNTERS] for m in d["models"]],
+                                  dtype=torch.int64)
+        return cls(d["name"], d["population"], list(d.get("t", [])), list(d.get("u", [])),
+                   counts)
+
     def as_dict(self) -> dict:
         d = {"name": self.name, "population": self.population}
         if self.t:
@@ -121,7 +130,9 @@ class TensorSource:
 class StreamMerge:
     """Runs the per-tensor loop of a merge and hands output chunks to a sink.
 
-    sink: object with ``begin(task)``, ``write(task, start, data_cpu)``, ``end(task)``.
+    sink: object with ``begin(task)``, ``write(task, start, data_cpu)``,
+    ``end(task, stats_dict_or_None)``, and ``done(task) -> stats dict | None`` which
+    returns the recorded stats of a tensor an interrupted run already wrote (resume).
     """
 
     def __init__(self, inputs: Inputs, tasks: list[TensorTask], params, backend,
@@ -179,9 +190,18 @@ class StreamMerge:
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-read")
         try:
             pending = None
-            for k, task in enumerate(self.tasks):
+            todo = []
+            for task in self.tasks:
+                recorded = self.sink.done(task)
+                if recorded is None:
+                    todo.append(task)
+                elif task.merged:
+                    self.stats.append(TensorStats.from_dict(recorded))
+                    if self.progress is not None:
+                        self.progress.update(task.nbytes)
+            for k, task in enumerate(todo):
                 src = pending.result() if pending is not None else self._prepare(task)
-                nxt = self.tasks[k + 1] if k + 1 < len(self.tasks) else None
+                nxt = todo[k + 1] if k + 1 < len(todo) else None
                 pending = pool.submit(self._prepare, nxt) if nxt is not None else None
                 if src is None:
                     self._copy(task)
@@ -206,7 +226,7 @@ class StreamMerge:
             buf = torch.empty(count, dtype=info.dtype)
             base.read_into(task.name, buf, start, count)
             self.sink.write(task, start, buf)
-        self.sink.end(task)
+        self.sink.end(task, None)
 
     def _merge(self, task: TensorTask, src: TensorSource) -> None:
         p = self.params
@@ -228,9 +248,9 @@ class StreamMerge:
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
             self.sink.write(task, start, out.cpu())
-        self.sink.end(task)
         if p.trims:
             stats.counts = counts
+        self.sink.end(task, stats.as_dict())
         self.stats.append(stats)
 
     def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
