@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backends
-from .errors import InputError, ParameterError
+from .errors import InputError, OutputError, ParameterError
 from .params import make_params
 
 
@@ -105,6 +105,14 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
                 source = model_ckpts[0]
             path = sink.finish(report, _config_files(source, params.dtype, sink.partial))
             return MergeResult(path, report)
+        except (OSError, KeyboardInterrupt) as exc:
+            if output is not None:  # resumable: keep the completed shards, hidden
+                sink.abort(keep_partial=True)
+                if isinstance(exc, OSError):
+                    raise OutputError(f"merge into {output} failed: {exc}; completed shards "
+                                      f"are kept in {sink.partial} — rerun with resume=True "
+                                      "(CLI: --resume) to continue") from exc
+            raise
         except BaseException:
             if output is not None:
                 sink.abort()

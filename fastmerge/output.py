@@ -154,13 +154,19 @@ class CheckpointWriter:
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
         return self
 
-    def abort(self) -> None:
-        """Drop everything written so far; the output location is left untouched."""
+    def abort(self, keep_partial: bool = False) -> None:
+        """Stop; the output location is left untouched. The hidden partial folder is
+        removed, or with ``keep_partial`` kept (minus the unfinished shard) for resume."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._writer = None  # its file goes with the partial folder
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if keep_partial and self.partial.is_dir():
+            for path in self.partial.iterdir():
+                if path.name != PROGRESS_NAME and path.name not in self.sha256:
+                    path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.partial, ignore_errors=True)
         self._unlock()
 
     def _load_progress(self) -> None:

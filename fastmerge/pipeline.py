@@ -137,13 +137,12 @@ class StreamMerge:
 
     def __init__(self, inputs: Inputs, tasks: list[TensorTask], params, backend,
                  device: torch.device, sink, progress=None,
-                 chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                 resident_bytes: int = DEFAULT_RESIDENT_BYTES):
+                 chunk_elems: int | None = None, resident_bytes: int | None = None):
         self.inputs, self.tasks, self.params = inputs, tasks, params
         self.backend, self.device, self.sink = backend, device, sink
         self.progress = progress
-        self.chunk_elems = getattr(backend, "CHUNK_ELEMS", chunk_elems)
-        self.resident_bytes = resident_bytes
+        self.chunk_elems = chunk_elems or getattr(backend, "CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS)
+        self.resident_bytes = DEFAULT_RESIDENT_BYTES if resident_bytes is None else resident_bytes
         self.reader = ChunkReader(inputs, device)
         self.stats: list[TensorStats] = []
         self.global_thresholds = None

@@ -10,3 +10,6 @@ def DEVICES(device=None) -> tuple[str, ...]:
 
 def unavailable_reason() -> str | None:
     return None
+
+# The fp64 combine needs ~20 temporaries per entry and model: keep chunks small.
+CHUNK_ELEMS = 1 << 21
