@@ -273,7 +273,7 @@ class CheckpointWriter:
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         for src in copy_files:
             shutil.copyfile(src, self.partial / src.name)
-        report = dict(report, shards={n: self.sha256[n] for n in self.names})
+        report["shards"] = {n: self.sha256[n] for n in self.names}
         _write_json(self.partial / REPORT_NAME, report)
         (self.partial / PROGRESS_NAME).unlink()
         _fsync_dir(self.partial)

@@ -75,6 +75,8 @@ class ChunkReader:
         self.inputs = inputs
         self.device = device
         self.pin = device.type == "cuda"
+        # host-to-device copies run on a side stream so they overlap the kernels
+        self.stream = torch.cuda.Stream(device) if self.pin else None
 
     def _empty(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
@@ -99,10 +101,25 @@ class ChunkReader:
         stacked = self._empty((len(models), count), mdtype)
         for i, m in enumerate(models):
             self._read(m, task.name, stacked[i], start, count)
-        if self.device.type != "cpu":
+        if self.stream is None:
+            return base, stacked, None
+        with torch.cuda.stream(self.stream):
             base = None if base is None else base.to(self.device, non_blocking=True)
             stacked = stacked.to(self.device, non_blocking=True)
-        return base, stacked
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return base, stacked, ready
+
+
+def _on_compute_stream(base, models, ready):
+    """Make the compute stream wait for a chunk's host-to-device copy (CUDA only)."""
+    if ready is not None:
+        stream = torch.cuda.current_stream(models.device)
+        stream.wait_event(ready)
+        for t in (base, models):
+            if t is not None:
+                t.record_stream(stream)
+    return base, models
 
 
 def chunk_ranges(n: int, step: int) -> list[tuple[int, int]]:
@@ -123,7 +140,8 @@ class TensorSource:
     def chunks(self):
         """Yield (start, count, base, models) for every chunk, in order."""
         for i, (s, c) in enumerate(self.ranges):
-            b, m = self.cached[i] if self.cached is not None else self.reader.read(self.task, s, c)
+            loaded = self.cached[i] if self.cached is not None else self.reader.read(self.task, s, c)
+            b, m = _on_compute_stream(*loaded)
             yield s, c, b, m
 
 

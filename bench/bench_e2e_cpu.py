@@ -1,0 +1,185 @@
+"""End-to-end CPU merge benchmark: fastmerge vs mergekit on the same files, one run.
+
+    python bench/bench_e2e_cpu.py --preset 1b --workdir /tmp/fm-bench \
+        --mergekit /tmp/mkvenv/bin/mergekit-yaml --out bench/results/e2e_cpu_1b.json
+
+Builds (or reuses) a Llama-shaped fp16 base + 2 fine-tunes with fastmerge.testing, then
+measures, each as a separate process under ``/usr/bin/time -v`` (wall time and peak RSS):
+  * the I/O floor: reading every input file once from page cache + writing (and fsyncing)
+    an output of the merged size;
+  * ``fastmerge merge`` with TIES and TIES-SV for each requested backend;
+  * ``mergekit-yaml`` with the same TIES config (if --mergekit is given).
+Inputs are read once beforehand so every contender starts from a warm page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DENSITY, SLACK = 0.2, 0.05
+
+
+def timed(cmd: list[str], env=None) -> dict:
+    """Run cmd under /usr/bin/time -v; return wall seconds, peak RSS (MiB), exit code."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          env=env)
+    wall = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    row = {"cmd": " ".join(cmd), "wall_s": round(wall, 3), "rc": proc.returncode,
+           "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None}
+    if proc.returncode:
+        row["stderr_tail"] = proc.stderr[-2000:]
+    return row
+
+
+def warm(paths) -> float:
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    return time.perf_counter() - t0
+
+
+def write_floor(path: Path, nbytes: int) -> float:
+    buf = os.urandom(1 << 24)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(buf[:min(left, len(buf))])
+            left -= len(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return dt
+
+
+def config_yaml(method, base, models, slack) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for m in models:
+        params = f"{{weight: 1.0, density: {DENSITY}" + (f", slack: {slack}}}" if slack else "}")
+        lines.append(f"  - model: {m}\n    parameters: {params}")
+    lines += ["parameters: {normalize: true}", "dtype: float16"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--workdir", default="/tmp/fastmerge-bench")
+    ap.add_argument("--backends", default="c,torch")
+    ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml (optional)")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--keep", action="store_true", help="keep inputs for a later run")
+    args = ap.parse_args()
+
+    import torch
+
+    import fastmerge
+    from fastmerge.testing import PRESETS, write_llama_family
+
+    work = Path(args.workdir)
+    inputs = work / f"inputs-{args.preset}"
+    if not (inputs / "sft" / "model.safetensors.index.json").exists():
+        shutil.rmtree(inputs, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_llama_family(inputs, config=PRESETS[args.preset], n_models=2,
+                           dtype=torch.float16, shard_size=2 * 10**9,
+                           names=("base", "ct", "sft"))
+        print(f"built inputs in {time.perf_counter() - t0:.1f} s", flush=True)
+    base, models = inputs / "base", [inputs / "ct", inputs / "sft"]
+    files = sorted(p for d in (base, *models) for p in d.glob("*.safetensors"))
+    in_bytes = sum(p.stat().st_size for p in files)
+    out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+
+    warm(files)
+    rows = {"read_inputs_s": round(warm(files), 3),
+            "write_output_s": round(write_floor(work / "floor.bin", out_bytes), 3)}
+    rows["io_floor_s"] = round(rows["read_inputs_s"] + rows["write_output_s"], 3)
+    print(f"I/O floor {rows['io_floor_s']} s ({in_bytes / 1e9:.2f} GB read, "
+          f"{out_bytes / 1e9:.2f} GB written)", flush=True)
+
+    results = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for method, slack in (("ties", 0.0), ("ties_sv", SLACK)):
+        cfg = work / f"{method}.yml"
+        cfg.write_text(config_yaml(method, base, models, slack))
+        for backend in args.backends.split(","):
+            out = work / f"out-{method}-{backend}"
+            shutil.rmtree(out, ignore_errors=True)
+            warm(files)
+            row = timed([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out),
+                         "--backend", backend, "--no-progress"], env)
+            row.update(tool="fastmerge", method=method, backend=backend)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        if args.mergekit and method == "ties":
+            out = work / "out-mergekit"
+            shutil.rmtree(out, ignore_errors=True)
+            warm(files)
+            row = timed([args.mergekit, str(cfg), str(out)], env)
+            row.update(tool="mergekit", method="ties", backend="mergekit")
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+    mk = next((r for r in results if r["tool"] == "mergekit" and not r["rc"]), None)
+    for r in results:
+        if r["tool"] == "fastmerge" and not r["rc"]:
+            r["x_io_floor"] = round(r["wall_s"] / rows["io_floor_s"], 2)
+            if mk and r["method"] == "ties":
+                r["speedup_vs_mergekit"] = round(mk["wall_s"] / r["wall_s"], 1)
+    doc = {
+        "benchmark": "e2e_cpu", "preset": args.preset, "dtype": "float16", "n_models": 2,
+        "density": DENSITY, "slack": SLACK, "input_bytes": in_bytes, "output_bytes": out_bytes,
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "fastmerge": fastmerge.__version__,
+                    "mergekit": _mergekit_version(args.mergekit)},
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "io": rows, "results": results,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["io"]), flush=True)
+    if not args.keep:
+        shutil.rmtree(inputs, ignore_errors=True)
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _mergekit_version(path) -> str | None:
+    if not path:
+        return None
+    py = Path(path).parent / "python"
+    proc = subprocess.run([str(py), "-c", "import importlib.metadata as m;"
+                           "print(m.version('mergekit'))"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

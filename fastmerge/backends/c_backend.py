@@ -1,0 +1,128 @@
+"""The C CPU backend: fused kernels in plain C with OpenMP (kernels/c, module fastmerge._cmerge).
+
+Same contract and signatures as fastmerge.reference (see fastmerge.kernel_api), on
+contiguous CPU tensors of fp16 / bf16 / fp32. The extension is imported on first use,
+never when fastmerge is imported; ``unavailable_reason()`` says why it cannot be used.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import kernel_api
+from ..kernel_api import COUNTERS, NBINS, KernelConfig
+
+NAME = "c"
+
+_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def DEVICES(device=None) -> tuple[str, ...]:
+    return ("cpu",)
+
+
+def _module():
+    from .. import _cmerge  # noqa: PLC0415  (imported on first use, on purpose)
+    return _cmerge
+
+
+def unavailable_reason() -> str | None:
+    """None when fastmerge._cmerge imports and matches kernel_api, else why not."""
+    try:
+        ext = _module()
+    except ImportError as exc:
+        return (f"the C extension fastmerge._cmerge cannot be imported ({exc}); reinstall "
+                "fastmerge with a C compiler available (pip install -e .)")
+    expected = (NBINS, tuple(kernel_api.DIGIT_BITS), tuple(kernel_api.SHIFT), len(COUNTERS))
+    found = (ext.NBINS, tuple(ext.DIGIT_BITS), tuple(ext.SHIFT), ext.N_COUNTERS)
+    if found != expected:
+        return (f"fastmerge._cmerge was built for another kernel_api (NBINS, DIGIT_BITS, SHIFT, "
+                f"counters = {found}, expected {expected}); rebuild it (pip install -e .)")
+    return None
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the C kernels use from now on; 0 restores OpenMP's default (OMP_NUM_THREADS)."""
+    _module().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _module().get_num_threads()
+
+
+def _code(t: torch.Tensor, what: str) -> int:
+    if t.dtype not in _DTYPE_CODES:
+        raise ValueError(f"{what}: dtype {t.dtype} not supported by the C backend "
+                         f"(fp16, bf16, fp32)")
+    return getattr(_module(), _DTYPE_CODES[t.dtype])
+
+
+def _buffer(t: torch.Tensor, what: str):
+    """A flat zero-copy numpy view of a contiguous CPU tensor (16-bit floats as int16)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{what}: the C backend runs on CPU tensors, got device {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: tensor must be contiguous")
+    t = t.detach().reshape(-1)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _models(models):
+    """(buffer(s), n, N, dtype code) for a 2-D tensor [n, N] (contiguous rows suffice, e.g. a
+    column slice ``models[:, a:b]``) or a sequence of n tensors of N entries (no stacking)."""
+    if isinstance(models, torch.Tensor):
+        if models.dim() != 2:
+            raise ValueError(f"models: expected a 2-D tensor [n, N], got shape {list(models.shape)}")
+        if models.is_contiguous():
+            return _buffer(models, "models"), models.shape[0], models.shape[1], _code(models, "models")
+        if models.stride(1) != 1 and models.shape[1] > 1:
+            raise ValueError("models: each model's row must be contiguous")
+        models = list(models.unbind(0))   # e.g. a column slice models[:, a:b]: rows contiguous
+    if not isinstance(models, Sequence) or not models:
+        raise ValueError("models: expected a 2-D tensor or a non-empty sequence of tensors")
+    dtypes = {m.dtype for m in models}
+    if len(dtypes) != 1:
+        raise ValueError(f"models: all models must share one dtype, got {sorted(map(str, dtypes))}")
+    sizes = {m.numel() for m in models}
+    if len(sizes) != 1:
+        raise ValueError(f"models: all models must have the same number of entries, got {sorted(sizes)}")
+    bufs = [_buffer(m, f"models[{i}]") for i, m in enumerate(models)]
+    return bufs, len(models), sizes.pop(), _code(models[0], "models")
+
+
+def histogram(base: torch.Tensor, models, prefixes: torch.Tensor, level: int) -> torch.Tensor:
+    """Radix-select histogram of kernel_api's contract: int64 [n, 2, NBINS]."""
+    mbuf, n, N, mcode = _models(models)
+    if base.numel() != N:
+        raise ValueError(f"base: {base.numel()} entries, models have {N}")
+    prefixes = torch.as_tensor(prefixes).to(torch.int64).contiguous()
+    if tuple(prefixes.shape) != (n, 2):
+        raise ValueError(f"prefixes: expected shape [{n}, 2], got {list(prefixes.shape)}")
+    out = torch.empty(n, 2, NBINS, dtype=torch.int64)
+    _module().histogram(_buffer(base, "base"), mbuf, n, N, _code(base, "base"), mcode,
+                        prefixes.numpy(), int(level), out.numpy())
+    return out
+
+
+def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfig) -> torch.Tensor:
+    """The fused pass of kernel_api's contract; writes ``out``, returns int64 [n, len(COUNTERS)]."""
+    mbuf, n, N, mcode = _models(models)
+    if cfg.n_models != n:
+        raise ValueError(f"cfg has {cfg.n_models} weights for {n} models")
+    if out.numel() != N:
+        raise ValueError(f"out: {out.numel()} entries, models have {N}")
+    if base is not None and base.numel() != N:
+        raise ValueError(f"base: {base.numel()} entries, models have {N}")
+    bbuf, bcode = (None, 0) if base is None else (_buffer(base, "base"), _code(base, "base"))
+    counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
+    ties = cfg.mode == "ties"
+    _module().merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode,
+                    _code(out, "out"), cfg.mode, tuple(cfg.weights),
+                    tuple(cfg.t) if ties else None, tuple(cfg.u) if ties else None,
+                    float(cfg.scale), bool(cfg.normalize), bool(cfg.elect_count), counts.numpy())
+    return counts

@@ -1,0 +1,46 @@
+"""The Triton backend: fused GPU kernels (kernels/triton_merge.py, fastmerge.kernels.triton_merge).
+
+Same contract and signatures as fastmerge.reference (see fastmerge.kernel_api). Runs on
+CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter, for
+tests without a GPU). Triton and the kernels are imported on first use, never when
+fastmerge is imported; ``unavailable_reason()`` says why the backend cannot be used.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton_interpreted
+
+NAME = "triton"
+
+
+def DEVICES(device=None) -> tuple[str, ...]:
+    return ("cpu", "cuda") if triton_interpreted() else ("cuda",)
+
+
+def unavailable_reason() -> str | None:
+    """None when Triton imports and there is a GPU (or the interpreter is on), else why not."""
+    try:
+        import triton  # noqa: F401, PLC0415  (imported on first use, on purpose)
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc}); pip install triton"
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return ("no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton "
+                "kernels on the CPU, slowly, e.g. for tests)")
+    return None
+
+
+def _kernels():
+    from ..kernels import triton_merge  # noqa: PLC0415  (imported on first use, on purpose)
+    return triton_merge
+
+
+def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
+              level: int) -> torch.Tensor:
+    """Radix-select histogram of kernel_api's contract: int64 [n, 2, NBINS] (on the device)."""
+    return _kernels().histogram(base, models, prefixes, level)
+
+
+def merge(base, models: torch.Tensor, out: torch.Tensor, cfg) -> torch.Tensor:
+    """Fused merge pass of kernel_api's contract: writes ``out``, returns int64 [n, 7]."""
+    return _kernels().merge(base, models, out, cfg)

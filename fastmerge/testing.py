@@ -1,0 +1,601 @@
+"""Synthetic Llama-shaped checkpoint families for tests, the demo and the benchmarks.
+
+No model hub is needed: this module writes a *base* model and ``n`` fine-tuned models
+as ordinary Hugging Face model folders (``config.json``, ``generation_config.json``, a
+tiny working tokenizer, safetensors weights, sharded like ``save_pretrained`` does),
+which ``transformers.AutoModelForCausalLM.from_pretrained`` loads and runs.
+
+    from fastmerge.testing import PRESETS, write_llama_family, state_dicts
+    paths = write_llama_family("/tmp/fam", config=PRESETS["tiny"], n_models=2)
+    paths["base"], paths["models"]      # Path('/tmp/fam/base'), [.../ct, .../sft]
+    base_sd, (ct_sd, sft_sd) = state_dicts(config=PRESETS["tiny"], n_models=2)
+
+    python -m fastmerge.testing --preset 1b --out DIR [--n-models 2] [--dtype float16]
+                                [--shard-size 5GB] [--seed 0]
+
+How the weights are made (all in fp32 per chunk, then rounded to ``dtype``):
+
+* base: ``N(0, 0.02)`` for every matrix (HF's ``initializer_range``), ``1 + N(0, 0.05)``
+  for the RMSNorm weights.
+* task vector of model ``i`` (``τ_i = θ_i − θ_b``), per entry::
+
+      |τ_i| = scale_i · (overlap · |S| + (1 − overlap) · |P_i|) / c
+      S = z_s·|z_s|^(tail−1),  P_i = z_i·|z_i|^(tail−1),  z ~ N(0, 1)
+
+  ``S`` is shared by all models, ``P_i`` is model ``i``'s own; ``tail > 1`` makes the
+  magnitudes heavy-tailed (many small entries, a few large ones) and ``c`` normalises
+  the mixture to unit RMS, so ``scale_i`` is (before rounding) the RMS of ``τ_i``.
+  The sign is the shared sign of ``S`` except on a random ``conflict`` fraction of the
+  entries, where the models get signs that do not all agree. A random ``zeros``
+  fraction of each model's entries is exactly unchanged (``τ = 0``); rounding to fp16 /
+  bf16 adds more exact zeros where ``|τ|`` is below half an ulp of the base weight, as
+  in real fine-tunes. The RMSNorm weights get ``NORM_TV_MULT`` times larger τ.
+* default scales: the first model ("ct", continual pre-training) has a τ three times
+  larger than the second ("sft"), the situation of the TIES-SV paper.
+
+Generation is chunked (``CHUNK`` elements) and every chunk has its own generators,
+seeded from ``(seed, tensor name, chunk index, role)`` by a hash, so the values do not
+depend on the order of generation, the memory never holds more than a few chunks, and
+the same seed gives byte-identical files. The safetensors files are written by this
+module, streaming (8-byte little-endian header length, JSON header, raw data), so the
+1b and 7b presets are written with a few hundred MB of memory.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = ["PRESETS", "llama_config", "llama_tensor_specs", "write_llama_family",
+           "state_dicts", "family_tensors", "CHUNK", "DEFAULT_NAMES", "default_tv_scales"]
+
+#: elements generated at once; part of the definition of the values (seeding is per chunk)
+CHUNK = 1 << 21
+#: RMSNorm weights sit near 1 (fp16 ulp ~1e-3): their task vectors are this much larger
+NORM_TV_MULT = 10.0
+BASE_STD = 0.02
+NORM_STD = 0.05
+DEFAULT_NAMES = ("base", "ct", "sft")
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+_ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+# -- configs -----------------------------------------------------------------------------
+
+def llama_config(hidden_size: int = 64, intermediate_size: int = 172,
+                 num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                 num_key_value_heads: int = 2, vocab_size: int = 256,
+                 tie_word_embeddings: bool = False, **overrides) -> dict:
+    """A ``config.json`` dict for ``LlamaForCausalLM`` (valid for transformers 4.x and 5.x).
+
+    ``overrides`` replace or add keys (``max_position_embeddings``, ``rms_norm_eps``,
+    ``rope_theta``, ``torch_dtype``, ``head_dim``...)."""
+    if hidden_size % num_attention_heads and "head_dim" not in overrides:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of "
+                         f"num_attention_heads {num_attention_heads}")
+    if num_attention_heads % num_key_value_heads:
+        raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {num_key_value_heads}")
+    rope_theta = float(overrides.pop("rope_theta", 10000.0))
+    dtype = overrides.pop("dtype", overrides.pop("torch_dtype", "float16"))
+    if isinstance(dtype, torch.dtype):
+        dtype = _DTYPE_NAME[dtype]
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": hidden_size // num_attention_heads,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": BASE_STD,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": 2048,
+        "mlp_bias": False,
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "num_key_value_heads": num_key_value_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-5,
+        # transformers 4.x reads rope_theta / rope_scaling, 5.x rope_parameters
+        "rope_theta": rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": bool(tie_word_embeddings),
+        # transformers 4.x reads torch_dtype, 5.x dtype
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+PRESETS: dict[str, dict] = {
+    # ~124k parameters: unit tests
+    "tiny": llama_config(),
+    # ~27M parameters: quick benchmarks, the demo
+    "small": llama_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=4, vocab_size=4096),
+    # TinyLlama-1.1B shape: 1,100,048,384 parameters
+    "1b": llama_config(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                       max_position_embeddings=2048),
+    # Llama-2-7B shape: 6,738,415,616 parameters
+    "7b": llama_config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096),
+}
+
+
+def _resolve_config(config) -> dict:
+    if config is None:
+        config = "tiny"
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; choose from {', '.join(PRESETS)}")
+        config = PRESETS[config]
+    return copy.deepcopy(dict(config))
+
+
+def llama_tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(name, shape), ...]`` of a ``LlamaForCausalLM`` state dict, in HF's order."""
+    c = _resolve_config(config)
+    h, inter, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    nh, nkv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    hd = c.get("head_dim") or h // nh
+    specs = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        specs += [(p + "self_attn.q_proj.weight", (nh * hd, h)),
+                  (p + "self_attn.k_proj.weight", (nkv * hd, h)),
+                  (p + "self_attn.v_proj.weight", (nkv * hd, h)),
+                  (p + "self_attn.o_proj.weight", (h, nh * hd)),
+                  (p + "mlp.gate_proj.weight", (inter, h)),
+                  (p + "mlp.up_proj.weight", (inter, h)),
+                  (p + "mlp.down_proj.weight", (h, inter)),
+                  (p + "input_layernorm.weight", (h,)),
+                  (p + "post_attention_layernorm.weight", (h,))]
+    specs.append(("model.norm.weight", (h,)))
+    if not c.get("tie_word_embeddings", False):
+        specs.append(("lm_head.weight", (c["vocab_size"], h)))
+    return specs
+
+
+def n_params(config) -> int:
+    return sum(math.prod(s) for _, s in llama_tensor_specs(config))
+
+
+# -- generation --------------------------------------------------------------------------
+
+def default_tv_scales(n_models: int) -> list[float]:
+    """RMS of each model's task vector: "ct" 3e-3, "sft" 1e-3, further models 1.25e-3, 1.5e-3..."""
+    return [3e-3 if i == 0 else 1e-3 * (1 + 0.25 * (i - 1)) for i in range(n_models)]
+
+
+def _abs_moment(q: float) -> float:
+    """E|z|^q for z ~ N(0, 1)."""
+    return 2 ** (q / 2) * math.gamma((q + 1) / 2) / math.sqrt(math.pi)
+
+
+def _seed(seed: int, name: str, chunk: int, role: str) -> int:
+    h = hashlib.blake2b(f"fastmerge.testing/{seed}/{name}/{chunk}/{role}".encode(),
+                        digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class _Recipe:
+    """Everything that defines the values; ``chunk()`` makes one chunk of every model."""
+
+    def __init__(self, n_models, dtype, seed, tv_scales, overlap, conflict, zeros, tail):
+        self.n, self.dtype, self.seed = int(n_models), dtype, int(seed)
+        if self.n < 0:
+            raise ValueError("n_models must be >= 0")
+        scales = default_tv_scales(self.n) if tv_scales is None else [float(s) for s in tv_scales]
+        if len(scales) != self.n or any(s < 0 for s in scales):
+            raise ValueError(f"tv_scales needs {self.n} non-negative values, got {tv_scales!r}")
+        for label, v in (("overlap", overlap), ("conflict", conflict), ("zeros", zeros)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {v!r}")
+        if tail < 1:
+            raise ValueError(f"tail must be >= 1, got {tail!r}")
+        self.scales, self.tail = scales, float(tail)
+        self.overlap, self.conflict, self.zeros = float(overlap), float(conflict), float(zeros)
+        o, p = self.overlap, self.tail
+        m1, m2 = _abs_moment(p), _abs_moment(2 * p)
+        self.norm = math.sqrt(o * o * m2 + (1 - o) ** 2 * m2 + 2 * o * (1 - o) * m1 * m1)
+
+    def _magnitude_(self, z: torch.Tensor) -> torch.Tensor:
+        """|z|^tail, in place."""
+        z.abs_()
+        if self.tail == 2.0:
+            return z.mul_(z)
+        if self.tail != 1.0:
+            z.pow_(self.tail)
+        return z
+
+    def chunk(self, name: str, c: int, n: int) -> list[torch.Tensor]:
+        """Chunk ``c`` (``n`` elements) of tensor ``name``: ``[base, model_1, ...]`` in dtype."""
+        is_norm = name.endswith("norm.weight")
+        g = torch.Generator().manual_seed(_seed(self.seed, name, c, "base"))
+        b = torch.empty(n).normal_(generator=g)
+        if is_norm:
+            b.mul_(NORM_STD).add_(1.0)
+        else:
+            b.mul_(BASE_STD)
+        base = b.to(self.dtype)
+        out = [base]
+        if self.n == 0:
+            return out
+        b32 = base.float() if self.dtype != torch.float32 else base
+        del b
+        # shared component: magnitude |S| (weighted by overlap), sign sigma, conflict mask
+        g = torch.Generator().manual_seed(_seed(self.seed, name, c, "shared"))
+        zs = torch.empty(n).normal_(generator=g)
+        uc = torch.empty(n).uniform_(generator=g)
+        sigma = torch.sign(zs)
+        shared = self._magnitude_(zs).mul_(self.overlap)
+        conf = uc < self.conflict if self.n > 1 and self.conflict > 0 else None
+        mags, flips, drops = [], [], []
+        for i in range(self.n):
+            g = torch.Generator().manual_seed(_seed(self.seed, name, c, f"model{i}"))
+            z = torch.empty(n).normal_(generator=g)
+            u = torch.empty(n).uniform_(generator=g)
+            if conf is not None:
+                flips.append(torch.lt(z, 0).logical_and_(conf))  # sign bit, independent of |z|
+            drops.append(torch.lt(u, self.zeros))
+            del u
+            mags.append(torch.add(shared, self._magnitude_(z), alpha=1.0 - self.overlap))
+        del shared, zs
+        if conf is not None:
+            # conflict entries: model i has sign -sigma where its own sign bit is set; where
+            # the bits happen to agree for every model, one model (a uniform choice, from
+            # uc) is flipped, so that on every conflict entry the models disagree
+            n_flipped = torch.zeros(n, dtype=torch.uint8)
+            for f in flips:
+                n_flipped.add_(f)
+            same = (n_flipped == 0).logical_or_(n_flipped == self.n).logical_and_(conf)
+            k = uc.mul_(self.n / self.conflict).clamp_(max=self.n - 1).to(torch.uint8)
+            for i in range(self.n):
+                flips[i].logical_xor_(torch.eq(k, i).logical_and_(same))
+            del n_flipped, same, k
+        mult = NORM_TV_MULT if is_norm else 1.0
+        for i in range(self.n):
+            sign = torch.where(flips[i], -sigma, sigma) if conf is not None else sigma.clone()
+            sign.masked_fill_(drops[i], 0.0)
+            theta = torch.addcmul(b32, mags[i], sign, value=self.scales[i] * mult / self.norm)
+            out.append(theta.to(self.dtype))
+            mags[i] = None
+        return out
+
+
+def _chunks(numel: int) -> list[tuple[int, int]]:
+    return [(s, min(CHUNK, numel - s)) for s in range(0, numel, CHUNK)]
+
+
+def family_tensors(config=None, n_models: int = 2, dtype=torch.float16, seed: int = 0,
+                   tv_scales=None, overlap: float = 0.5, conflict: float = 0.3,
+                   zeros: float = 0.05, tail: float = 3.0, workers: int | None = None,
+                   ) -> Iterator[tuple[str, tuple[int, ...], int, list[torch.Tensor]]]:
+    """Stream ``(name, shape, start, [base_chunk, model_chunks...])``, tensor by tensor,
+    chunk by chunk (flat 1-D chunks in dtype). ``workers`` threads generate ahead
+    (default: 2), at most ``2 * workers`` chunks in flight."""
+    dtype = _as_dtype(dtype)
+    recipe = _Recipe(n_models, dtype, seed, tv_scales, overlap, conflict, zeros, tail)
+    jobs = [(name, tuple(shape), c, s, n)
+            for name, shape in llama_tensor_specs(config)
+            for c, (s, n) in enumerate(_chunks(math.prod(shape)))]
+    workers = 2 if workers is None else max(1, int(workers))
+    if workers == 1:
+        for name, shape, c, s, n in jobs:
+            yield name, shape, s, recipe.chunk(name, c, n)
+        return
+    ahead = 2 * workers
+    with ThreadPoolExecutor(workers, thread_name_prefix="fastmerge-testing") as pool:
+        pending = []
+        it = iter(jobs)
+        for job in it:
+            pending.append((job, pool.submit(recipe.chunk, job[0], job[2], job[4])))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            (name, shape, c, s, n), fut = pending.pop(0)
+            result = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(recipe.chunk, nxt[0], nxt[2], nxt[4])))
+            yield name, shape, s, result
+
+
+def state_dicts(config=None, n_models: int = 2, dtype=torch.float16, seed: int = 0,
+                **kwargs) -> tuple[dict, list[dict]]:
+    """In-memory family (small configs only): ``(base_sd, [model_sd, ...])``, with the
+    same values ``write_llama_family`` writes for the same arguments."""
+    dtype = _as_dtype(dtype)
+    sds = [dict() for _ in range(n_models + 1)]
+    for name, shape, start, parts in family_tensors(config, n_models, dtype, seed, **kwargs):
+        for sd, part in zip(sds, parts):
+            if name not in sd:
+                sd[name] = torch.empty(math.prod(shape), dtype=dtype)
+            sd[name][start:start + part.numel()] = part
+    specs = dict(llama_tensor_specs(config))
+    sds = [{n: t.view(specs[n]) for n, t in sd.items()} for sd in sds]
+    return sds[0], sds[1:]
+
+
+# -- safetensors, streaming --------------------------------------------------------------
+
+def parse_size(size) -> int:
+    """``5GB`` (10^9), ``500MiB`` (2^20), ``123`` -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {size!r}")
+    unit = m.group(2).upper().rstrip("B").replace("I", "i")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.lower().replace("torch.", ""))
+    if dtype not in _ST_DTYPE:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    return dtype
+
+
+def _plan_shards(specs, itemsize: int, shard_size: int | None) -> list[list[tuple]]:
+    """Greedy like ``save_pretrained``: a new shard when the next tensor would overflow."""
+    shards, cur, cur_bytes = [], [], 0
+    for name, shape in specs:
+        nbytes = math.prod(shape) * itemsize
+        if shard_size is not None and cur and cur_bytes + nbytes > shard_size:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, shape, nbytes))
+        cur_bytes += nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _header(tensors, st_dtype: str) -> bytes:
+    meta, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, nbytes in tensors:
+        meta[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class _StreamingWriter:
+    """One model folder: tensors arrive in spec order, chunk by chunk."""
+
+    def __init__(self, directory: Path, specs, dtype: torch.dtype, shard_size: int | None):
+        self.dir = directory
+        self.dtype = dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.shards = _plan_shards(specs, itemsize, shard_size)
+        n = len(self.shards)
+        self.files = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.shard_of = {t[0]: i for i, shard in enumerate(self.shards) for t in shard}
+        self.total = sum(t[2] for shard in self.shards for t in shard)
+        self._i, self._f, self._left = -1, None, 0
+        for stale in list(directory.glob("model*.safetensors")) + \
+                [directory / "model.safetensors.index.json"]:
+            if stale.exists():
+                stale.unlink()
+
+    def _open(self, i: int) -> None:
+        self._close_current()
+        self._i = i
+        self._f = open(self.dir / self.files[i], "wb")
+        self._f.write(_header(self.shards[i], _ST_DTYPE[self.dtype]))
+        self._left = sum(t[2] for t in self.shards[i])
+
+    def _close_current(self) -> None:
+        if self._f is not None:
+            if self._left != 0:
+                raise RuntimeError(f"{self.files[self._i]}: {self._left} bytes missing")
+            self._f.close()
+            self._f = None
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        i = self.shard_of[name]
+        if i != self._i:
+            self._open(i)
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        buf = memoryview(data.contiguous().numpy()).cast("B")
+        self._f.write(buf)
+        self._left -= len(buf)
+
+    def close(self) -> None:
+        self._close_current()
+        if self._i != len(self.shards) - 1:
+            raise RuntimeError(f"{self.dir}: only {self._i + 1} of {len(self.shards)} shards")
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {name: self.files[self.shard_of[name]]
+                                    for shard in self.shards for name, _, _ in shard}}
+            (self.dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# -- tokenizer and folder files ----------------------------------------------------------
+
+_MERGES = [("▁", "t"), ("h", "e"), ("▁", "a"), ("i", "n"), ("▁t", "he"), ("e", "r"),
+           ("a", "n"), ("o", "n"), ("r", "e"), ("▁", "s"), ("e", "n"), ("▁", "o"),
+           ("a", "t"), ("o", "r"), ("e", "s"), ("▁", "w"), ("i", "s"), ("▁", "i"),
+           ("e", "d"), ("▁", "b")]
+
+
+def _tokenizer_json(vocab_size: int) -> str:
+    """A character-level BPE with a few merges, Metaspace like Llama's; ids < vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = ["<unk>", "<s>", "</s>", "▁"]
+    tokens += [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens += [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    tokens += [chr(c) for c in range(ord("0"), ord("9") + 1)]
+    tokens += [chr(c) for c in range(33, 127) if not chr(c).isalnum()]
+    tokens = tokens[:vocab_size]
+    merges = []
+    for a, b in _MERGES:
+        if len(tokens) >= vocab_size:
+            break
+        if a in tokens and b in tokens and a + b not in tokens:
+            tokens.append(a + b)
+            merges.append((a, b))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok.to_str(pretty=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_folder_files(directory: Path, config: dict) -> None:
+    _write_json(directory / "config.json", config)
+    _write_json(directory / "generation_config.json",
+                {"bos_token_id": config.get("bos_token_id", 1),
+                 "eos_token_id": config.get("eos_token_id", 2),
+                 "max_length": config.get("max_position_embeddings", 2048)})
+    (directory / "tokenizer.json").write_text(_tokenizer_json(config["vocab_size"]) + "\n")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    _write_json(directory / "tokenizer_config.json",
+                {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+                 "add_bos_token": True, "add_eos_token": False,
+                 "clean_up_tokenization_spaces": False,
+                 "model_max_length": config.get("max_position_embeddings", 2048)})
+    _write_json(directory / "special_tokens_map.json", specials)
+
+
+# -- the family --------------------------------------------------------------------------
+
+def write_llama_family(root, config=None, dtype=torch.float16, n_models: int = 2,
+                       seed: int = 0, shard_size=None, names: Sequence[str] | None = None,
+                       tv_scales: Sequence[float] | None = None, overlap: float = 0.5,
+                       conflict: float = 0.3, zeros: float = 0.05, tail: float = 3.0,
+                       workers: int | None = None) -> dict:
+    """Write ``root/<names[0]>`` (the base) and ``root/<names[i]>`` (the fine-tunes).
+
+    ``config``: a ``llama_config`` dict or a preset name (default "tiny").
+    ``shard_size``: bytes (or "5GB"); ``None`` writes one ``model.safetensors``; with a
+    size, shards ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``
+    (one shard only -> ``model.safetensors``, as ``save_pretrained`` does).
+    ``names``: folder names, base first (default ``base, ct, sft``, then ``model3``...).
+    ``tv_scales``: RMS of each model's task vector (default ``default_tv_scales``).
+    ``overlap``: weight of the shared component in the magnitudes (0: independent,
+    1: the same magnitudes up to scale). ``conflict``: fraction of the entries where the
+    models' signs disagree. ``zeros``: fraction of each model's entries left unchanged.
+    ``tail``: magnitude exponent (1: Gaussian magnitudes, default 3: kurtosis ~20).
+
+    Returns ``{"base": Path, "models": [Path, ...], "names": [...], "config": dict}``.
+    """
+    dtype = _as_dtype(dtype)
+    cfg = _resolve_config(config)
+    cfg["torch_dtype"] = cfg["dtype"] = _DTYPE_NAME[dtype]
+    names = list(names) if names is not None else list(DEFAULT_NAMES)
+    names += [f"model{i}" for i in range(len(names), n_models + 1)]
+    names = names[:n_models + 1]
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {names}")
+    shard_bytes = None if shard_size is None else parse_size(shard_size)
+    if shard_bytes is not None and shard_bytes <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size!r}")
+    root = Path(root)
+    dirs = [root / n for n in names]
+    specs = llama_tensor_specs(cfg)
+    writers = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        _write_folder_files(d, cfg)
+        writers.append(_StreamingWriter(d, specs, dtype, shard_bytes))
+    try:
+        for name, _, _, parts in family_tensors(cfg, n_models, dtype, seed, tv_scales=tv_scales,
+                                                overlap=overlap, conflict=conflict,
+                                                zeros=zeros, tail=tail, workers=workers):
+            for w, part in zip(writers, parts):
+                w.write(name, part)
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return {"base": dirs[0], "models": dirs[1:], "names": names, "config": cfg}
+
+
+# -- command line ------------------------------------------------------------------------
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:  # pragma: no cover - not on every platform
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastmerge.testing",
+                                 description="Write a synthetic Llama base + fine-tunes family.")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--out", required=True, help="folder; one sub-folder per model")
+    ap.add_argument("--n-models", type=int, default=2)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--shard-size", default=None, help="e.g. 5GB; default one file per model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--names", default=None, help="comma-separated folder names, base first")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    paths = write_llama_family(args.out, config=args.preset, dtype=args.dtype,
+                               n_models=args.n_models, seed=args.seed,
+                               shard_size=args.shard_size,
+                               names=args.names.split(",") if args.names else None)
+    dt = time.perf_counter() - t0
+    size = sum(f.stat().st_size for d in [paths["base"], *paths["models"]] for f in d.iterdir())
+    print(f"base:   {paths['base']}")
+    for p in paths["models"]:
+        print(f"model:  {p}")
+    rss = _peak_rss_mb()
+    print(f"preset {args.preset} ({n_params(args.preset):,} parameters, {args.dtype}), "
+          f"{1 + args.n_models} models, {size / 1e9:.2f} GB written in {dt:.1f} s"
+          + (f", peak RSS {rss:.0f} MB" if rss else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

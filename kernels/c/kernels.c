@@ -1,0 +1,569 @@
+/* fastmerge C CPU kernels: radix-select histograms and the fused TIES / TIES-SV merge.
+ *
+ * Math (SPEC §1-§8, one tensor, models i = 1..n, entry j):
+ *   τ_i = f32(θ_i) − f32(θ_b)                      (fp32 subtraction)
+ *   key = bits(|τ_i|)                               (histogram: digits of the key)
+ *   kept_i = |τ_i| >= t_i,  prot_i = |τ_i| >= u_i
+ *   vote_i = w_i·τ_i   (elect="count": sign(w_i)·sign(τ_i))
+ *   G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G >= 0 else −1
+ *   sel_i = kept_i ∧ sign(τ_i) = γ;   D = Σ w_i·sel_i·τ_i,  W = Σ w_i·sel_i
+ *   m = D / W (normalize; m = D where W = 0) or D;   θ = f32(θ_b) + λ·m, rounded (RNE)
+ * All arithmetic is fp32 with the models summed in order i = 1..n.
+ *
+ * Layout: the tensor is cut into blocks of FM_BLOCK entries. A block is widened into
+ * fp32 scratch arrays (base once, τ of every model), then a few branch-free elementwise
+ * loops over the block (one model at a time, so any n vectorises) do the rest, and the
+ * result is narrowed into `out`. Threads (OpenMP) take contiguous ranges of blocks, keep
+ * private counters / histograms and add them up at the end: integer sums, so the result
+ * is the same for any thread count. Outputs are elementwise, hence also deterministic.
+ *
+ * Specialisation: the mode flags (slack on/off, elect sum/count, normalize) are constant
+ * arguments of always-inline functions, so each combination compiles to its own loops
+ * without per-element branches. The no-slack loops are used for a block only when no τ
+ * in it is infinite: the spec's comparisons make |τ| = inf "protected" even by u = inf,
+ * and such blocks take the general loops to stay identical to the reference.
+ *
+ * SIMD: with FASTMERGE_TARGET_CLONES the per-range functions are compiled for x86-64-v4
+ * (AVX-512), x86-64-v3 (AVX2) and baseline x86-64, and picked at load time (ifunc), so
+ * one portable binary uses the CPU it runs on. -ffp-contract=off keeps every variant
+ * bit-identical (no FMA contraction).
+ */
+#include "kernels.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+const int FM_DIGIT_BITS[FM_LEVELS] = {11, 11, 9};
+const int FM_SHIFT[FM_LEVELS] = {20, 9, 0};
+
+#define FM_BLOCK 1024
+/* uint32 histogram bins are flushed to int64 after at most this many blocks per thread */
+#define FM_FLUSH_BLOCKS ((int64_t)1024)
+
+#define FM_INLINE static inline __attribute__((always_inline))
+
+#if defined(FASTMERGE_TARGET_CLONES) && defined(__x86_64__)
+#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FM_CLONE_NAMES "x86-64-v4,x86-64-v3,x86-64"
+#else
+#define FM_CLONES
+#define FM_CLONE_NAMES "default"
+#endif
+
+/* ------------------------------------------------------------------------------------ */
+/* threads and scratch                                                                  */
+
+static int g_threads = 0;   /* 0: OpenMP's default */
+
+void fm_set_num_threads(int n) { g_threads = n > 0 ? n : 0; }
+
+int fm_get_num_threads(void)
+{
+#ifdef _OPENMP
+    return g_threads > 0 ? g_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int fm_have_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *fm_isa_clones(void) { return FM_CLONE_NAMES; }
+
+static int pick_threads(int requested, int64_t nblk)
+{
+#ifdef _OPENMP
+    int64_t nt = requested > 0 ? requested : fm_get_num_threads();
+    if (nt > nblk) nt = nblk;
+    return nt < 1 ? 1 : (int)nt;
+#else
+    (void)requested; (void)nblk;
+    return 1;
+#endif
+}
+
+/* One allocation, carved into 64-byte aligned arrays. */
+typedef struct {
+    void *mem;
+    char *next;
+} arena;
+
+static int arena_init(arena *ar, size_t bytes)
+{
+    ar->mem = malloc(bytes + 64);
+    if (!ar->mem) return -1;
+    ar->next = (char *)(((uintptr_t)ar->mem + 63) & ~(uintptr_t)63);
+    return 0;
+}
+
+static void *arena_take(arena *ar, size_t bytes)
+{
+    void *p = ar->next;
+    ar->next += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+static size_t rounded(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+static inline int block_len(int64_t N, int64_t blk)
+{
+    int64_t rest = N - blk * FM_BLOCK;
+    return (int)(rest < FM_BLOCK ? rest : FM_BLOCK);
+}
+
+/* Ask for the next block of base and models while this one is computed: the loops
+ * alternate between loading and scatter / arithmetic, which leaves the hardware
+ * prefetchers idle for long stretches. */
+FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *models, int n,
+                              int models_dt, int64_t N, int64_t blk)
+{
+    const int64_t off = blk * FM_BLOCK;
+    if (off >= N) return;
+    const int len = block_len(N, blk);
+    if (base) {
+        const char *p = (const char *)base + off * fm_dtype_size(base_dt);
+        for (int o = 0; o < len * fm_dtype_size(base_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
+    }
+    for (int i = 0; i < n; i++) {
+        const char *p = (const char *)models[i] + off * fm_dtype_size(models_dt);
+        for (int o = 0; o < len * fm_dtype_size(models_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
+    }
+}
+
+/* number of non-finite entries of x[0..len) */
+FM_INLINE int count_nonfinite(const float *restrict x, int len)
+{
+    int c = 0;
+    for (int j = 0; j < len; j++) c += !(fabsf(x[j]) <= FLT_MAX);
+    return c;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* histogram                                                                            */
+
+typedef struct {
+    float *b;
+    uint32_t *key;
+    uint8_t *flag;    /* FM_BLOCK + 8: which slots a key's prefix matches (bit 0, bit 1) */
+    uint32_t *loc;    /* [n][4][NBINS]: level 0 uses 4 interleaved copies of slot 0 */
+} hist_scratch;
+
+typedef struct {
+    int all;                          /* level 0: some slot has prefix 0 (matches every key) */
+    uint32_t p[2];                    /* levels 1, 2: prefix per slot, UINT32_MAX when off */
+    int copy1;                        /* slot 1 equals slot 0: computed once, copied */
+} hist_plan;
+
+/* key[j] = bits(|f32(src[off+j]) − b[j]|) */
+FM_INLINE void load_keys(uint32_t *restrict key, const void *restrict src, int dt,
+                         int64_t off, int len, const float *restrict b)
+{
+    if (dt == FM_F32) {
+        const float *s = (const float *)src + off;
+        for (int j = 0; j < len; j++) key[j] = fm_f2u(s[j] - b[j]) & 0x7fffffffu;
+    } else if (dt == FM_F16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int j = 0; j < len; j++) key[j] = fm_f2u(fm_f16_to_f32(s[j]) - b[j]) & 0x7fffffffu;
+    } else {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int j = 0; j < len; j++) key[j] = fm_f2u(fm_bf16_to_f32(s[j]) - b[j]) & 0x7fffffffu;
+    }
+}
+
+/* Count blocks [blk0, blk1) into s->loc. */
+FM_CLONES static void hist_range(const fm_hist_args *a, const hist_plan *plan,
+                                 hist_scratch *s, int64_t blk0, int64_t blk1)
+{
+    const int level = a->level;
+    const int sh = FM_SHIFT[level], hs = FM_SHIFT[level] + FM_DIGIT_BITS[level];
+    const uint32_t mask = (1u << FM_DIGIT_BITS[level]) - 1u;
+    uint32_t *restrict key = s->key;
+
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        const int64_t off = blk * FM_BLOCK;
+        const int len = block_len(a->N, blk);
+        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+        fm_load(s->b, a->base, a->base_dt, off, len);   /* one read of base for all models */
+        for (int i = 0; i < a->n; i++) {
+            const hist_plan *pl = &plan[i];
+            uint32_t *restrict h = s->loc + (size_t)i * 4 * FM_NBINS;
+            if (level == 0) {
+                if (!pl->all) continue;
+                load_keys(key, a->models[i], a->models_dt, off, len, s->b);
+                /* four copies break the store-to-load chains of a skewed histogram */
+                int j = 0;
+                for (; j + 4 <= len; j += 4) {
+                    h[(key[j] >> sh) & mask]++;
+                    h[FM_NBINS + ((key[j + 1] >> sh) & mask)]++;
+                    h[2 * FM_NBINS + ((key[j + 2] >> sh) & mask)]++;
+                    h[3 * FM_NBINS + ((key[j + 3] >> sh) & mask)]++;
+                }
+                for (; j < len; j++) h[(key[j] >> sh) & mask]++;
+            } else {
+                /* few keys match a prefix (those in the threshold's bin one level up):
+                 * flag matches with SIMD compares, then visit only the set flags */
+                const uint32_t p0 = pl->p[0], p1 = pl->p[1];
+                if (p0 == UINT32_MAX && p1 == UINT32_MAX) continue;
+                load_keys(key, a->models[i], a->models_dt, off, len, s->b);
+                uint8_t *restrict flag = s->flag;
+                for (int j = 0; j < len; j++) {
+                    const uint32_t hi = key[j] >> hs;
+                    flag[j] = (uint8_t)((hi == p0) | ((hi == p1) << 1));
+                }
+                for (int j = len; j < ((len + 7) & ~7); j++) flag[j] = 0;
+                uint32_t *restrict h1 = h + FM_NBINS;
+                for (int j0 = 0; j0 < len; j0 += 8) {
+                    uint64_t w;
+                    memcpy(&w, flag + j0, sizeof w);
+                    if (!w) continue;
+                    /* flag byte k of w -> bit k of m0 (its bit 0: slot 0) and of m1 (its bit 1: slot 1) */
+                    uint64_t m0 = ((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+                    uint64_t m1 = (((w >> 1) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+                    for (; m0; m0 &= m0 - 1) h[(key[j0 + __builtin_ctzll(m0)] >> sh) & mask]++;
+                    for (; m1; m1 &= m1 - 1) h1[(key[j0 + __builtin_ctzll(m1)] >> sh) & mask]++;
+                }
+            }
+        }
+    }
+}
+
+static void hist_flush(const fm_hist_args *a, const hist_plan *plan, uint32_t *loc)
+{
+    for (int i = 0; i < a->n; i++) {
+        uint32_t *h = loc + (size_t)i * 4 * FM_NBINS;
+        int64_t *out = a->hist + (size_t)i * 2 * FM_NBINS;
+        if (a->level == 0) {
+            if (!plan[i].all) continue;
+            for (int d = 0; d < FM_NBINS; d++)
+                out[d] += (int64_t)h[d] + h[FM_NBINS + d] + h[2 * FM_NBINS + d] + h[3 * FM_NBINS + d];
+        } else {
+            for (int sl = 0; sl < 2; sl++)
+                if (plan[i].p[sl] != UINT32_MAX)
+                    for (int d = 0; d < FM_NBINS; d++) out[sl * FM_NBINS + d] += h[sl * FM_NBINS + d];
+        }
+        memset(h, 0, 4 * FM_NBINS * sizeof(uint32_t));
+    }
+}
+
+int fm_histogram(const fm_hist_args *a)
+{
+    const int n = a->n, level = a->level;
+    hist_plan plan[FM_MAX_MODELS];
+    const int hs = FM_SHIFT[level] + FM_DIGIT_BITS[level];
+    const int64_t limit = (int64_t)1 << (31 - hs);   /* prefixes are below 2^(31 - hs) */
+
+    memset(a->hist, 0, (size_t)n * 2 * FM_NBINS * sizeof(int64_t));
+    for (int i = 0; i < n; i++) {
+        hist_plan *pl = &plan[i];
+        pl->all = 0;
+        pl->copy1 = 0;
+        for (int sl = 0; sl < 2; sl++) {
+            const int64_t p = a->prefix[i][sl];
+            pl->p[sl] = (p >= 0 && p < limit) ? (uint32_t)p : UINT32_MAX;
+        }
+        if (level == 0) {
+            /* key >> 31 is 0 for every |τ|: prefix 0 matches all, others match nothing */
+            pl->all = pl->p[0] == 0 || pl->p[1] == 0;
+        } else if (pl->p[1] != UINT32_MAX && pl->p[1] == pl->p[0]) {
+            pl->copy1 = 1;
+            pl->p[1] = UINT32_MAX;
+        }
+    }
+    if (a->N == 0) return 0;
+
+    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
+    const int nt = pick_threads(a->threads, nblk);
+    int failed = 0;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+#endif
+    {
+        int tid = 0, T = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int64_t b0 = nblk * tid / T, b1 = nblk * (tid + 1) / T;
+        arena ar;
+        const size_t loc_bytes = (size_t)n * 4 * FM_NBINS * sizeof(uint32_t);
+        if (arena_init(&ar, rounded(FM_BLOCK * sizeof(float)) + rounded(FM_BLOCK * sizeof(uint32_t)) +
+                                rounded(FM_BLOCK + 8) + rounded(loc_bytes)) != 0) {
+            failed = 1;
+        } else {
+            hist_scratch s;
+            s.b = arena_take(&ar, FM_BLOCK * sizeof(float));
+            s.key = arena_take(&ar, FM_BLOCK * sizeof(uint32_t));
+            s.flag = arena_take(&ar, FM_BLOCK + 8);
+            s.loc = arena_take(&ar, loc_bytes);
+            memset(s.loc, 0, loc_bytes);
+            for (int64_t c0 = b0; c0 < b1; c0 += FM_FLUSH_BLOCKS) {
+                const int64_t c1 = c0 + FM_FLUSH_BLOCKS < b1 ? c0 + FM_FLUSH_BLOCKS : b1;
+                hist_range(a, plan, &s, c0, c1);
+#ifdef _OPENMP
+#pragma omp critical(fastmerge_hist)
+#endif
+                hist_flush(a, plan, s.loc);
+            }
+            free(ar.mem);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        int64_t *out = a->hist + (size_t)i * 2 * FM_NBINS;
+        const int dup = level == 0 ? (plan[i].all && a->prefix[i][1] == 0) : plan[i].copy1;
+        if (level == 0 && plan[i].all && a->prefix[i][0] != 0) {
+            memcpy(out + FM_NBINS, out, FM_NBINS * sizeof(int64_t));   /* only slot 1 asked */
+            memset(out, 0, FM_NBINS * sizeof(int64_t));
+        } else if (dup) {
+            memcpy(out + FM_NBINS, out, FM_NBINS * sizeof(int64_t));
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* merge                                                                                */
+
+typedef struct {
+    float *b;       /* f32(θ_b) */
+    float *tau;     /* [n][FM_BLOCK]: τ_i (linear: θ_i) */
+    float *g;       /* G over kept votes; reused for θ */
+    float *gp;      /* G over protected votes */
+    int32_t *ap;    /* any model protects */
+    float *gam;     /* γ */
+    float *gamt;    /* γ of plain TIES (for ties_important_dropped) */
+    float *d;       /* D */
+    float *ws;      /* W */
+} merge_scratch;
+
+/* Election, selection, disjoint mean and θ for one block whose τ are in s->tau.
+ * θ lands in s->g; counters of model i are added to cnt[i][...]. */
+FM_INLINE void ties_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
+                          const int SLACK, const int COUNT, const int NORM)
+{
+    const int n = a->n;
+    float *restrict g = s->g, *restrict gp = s->gp, *restrict gam = s->gam;
+    float *restrict gamt = s->gamt, *restrict d = s->d, *restrict ws = s->ws;
+    int32_t *restrict ap = s->ap;
+    const float *restrict b = s->b;
+
+    /* §4 elect */
+    for (int j = 0; j < len; j++) g[j] = 0.f;
+    if (SLACK)
+        for (int j = 0; j < len; j++) { gp[j] = 0.f; ap[j] = 0; }
+    for (int i = 0; i < n; i++) {
+        const float *restrict tau = s->tau + (size_t)i * FM_BLOCK;
+        const float ti = a->t[i], ui = a->u[i], wi = a->w[i];
+        const float swi = (float)((wi > 0.f) - (wi < 0.f));
+        for (int j = 0; j < len; j++) {
+            const float x = tau[j], ax = fabsf(x);
+            const float vote = COUNT ? swi * (float)((x > 0.f) - (x < 0.f)) : wi * x;
+            g[j] += ax >= ti ? vote : 0.f;
+            if (SLACK) {
+                const int p = ax >= ui;
+                gp[j] += p ? vote : 0.f;
+                ap[j] |= p;
+            }
+        }
+    }
+    for (int j = 0; j < len; j++) {
+        const float gt = g[j] >= 0.f ? 1.f : -1.f;
+        if (SLACK) {
+            gam[j] = ap[j] ? (gp[j] >= 0.f ? 1.f : -1.f) : gt;
+            gamt[j] = gt;
+        } else {
+            gam[j] = gt;
+        }
+    }
+
+    /* §5 select and combine, §8 counters */
+    for (int j = 0; j < len; j++) d[j] = 0.f;
+    if (NORM)
+        for (int j = 0; j < len; j++) ws[j] = 0.f;
+    for (int i = 0; i < n; i++) {
+        const float *restrict tau = s->tau + (size_t)i * FM_BLOCK;
+        const float ti = a->t[i], ui = a->u[i], wi = a->w[i];
+        int c_kept = 0, c_sel = 0, c_drop = 0, c_prot = 0, c_imp = 0, c_timp = 0;
+        for (int j = 0; j < len; j++) {
+            const float x = tau[j], ax = fabsf(x);
+            const int k = ax >= ti;
+            const int sel = k & (x * gam[j] > 0.f);   /* sign(τ) = γ; a zero never matches */
+            d[j] += sel ? wi * x : 0.f;
+            if (NORM) ws[j] += sel ? wi : 0.f;
+            c_kept += k;
+            c_sel += sel;
+            c_drop += k & !sel & (x != 0.f);
+            if (SLACK) {
+                const int p = ax >= ui;
+                const int sel_t = k & (x * gamt[j] > 0.f);
+                c_prot += p;
+                c_imp += p & !sel;
+                c_timp += p & !sel_t;
+            }
+        }
+        int64_t *c = cnt + (size_t)i * FM_NCOUNTERS;
+        c[FM_KEPT] += c_kept;
+        c[FM_SELECTED] += c_sel;
+        c[FM_DROPPED_BY_SIGN] += c_drop;
+        if (SLACK) {
+            c[FM_PROTECTED] += c_prot;
+            c[FM_IMPORTANT_DROPPED] += c_imp;
+            c[FM_TIES_IMPORTANT_DROPPED] += c_timp;
+        }
+    }
+
+    /* §6 output: θ = θ_b + λ·m (m = D / W, or D where W = 0) */
+    const float lam = a->scale;
+    for (int j = 0; j < len; j++) {
+        const float m = NORM ? d[j] / (ws[j] != 0.f ? ws[j] : 1.f) : d[j];
+        g[j] = b[j] + lam * m;
+    }
+}
+
+FM_INLINE void ties_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
+                               int64_t blk1, int64_t *cnt, int has_slack,
+                               const int COUNT, const int NORM)
+{
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        const int64_t off = blk * FM_BLOCK;
+        const int len = block_len(a->N, blk);
+        int nonfinite = 0;
+        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+        fm_load(s->b, a->base, a->base_dt, off, len);
+        for (int i = 0; i < a->n; i++) {
+            float *tau = s->tau + (size_t)i * FM_BLOCK;
+            fm_load_sub(tau, a->models[i], a->models_dt, off, len, s->b);
+            const int c = count_nonfinite(tau, len);
+            cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += c;
+            nonfinite |= c;
+        }
+        if (has_slack || nonfinite)
+            ties_block(a, s, len, cnt, 1, COUNT, NORM);
+        else
+            ties_block(a, s, len, cnt, 0, COUNT, NORM);
+        fm_store(a->out, a->out_dt, off, s->g, len);
+    }
+}
+
+FM_CLONES static void ties_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
+                                 int64_t blk1, int64_t *cnt, int has_slack)
+{
+    if (a->elect_count) {
+        if (a->normalize) ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 1, 1);
+        else ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 1, 0);
+    } else {
+        if (a->normalize) ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 0, 1);
+        else ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 0, 0);
+    }
+}
+
+/* linear: θ = Σ w_i θ_i [/ Σ w_i];  task_arithmetic: θ = θ_b + λ·Σ w_i τ_i [/ Σ w_i] */
+FM_CLONES static void sum_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
+                                int64_t blk1, int64_t *cnt)
+{
+    const int linear = a->mode == FM_MODE_LINEAR;
+    float *restrict acc = s->g;
+    float *restrict x = s->tau;
+    const float *restrict b = s->b;
+    const float wsum = a->wsum, lam = a->scale;
+
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        const int64_t off = blk * FM_BLOCK;
+        const int len = block_len(a->N, blk);
+        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+        if (!linear) fm_load(s->b, a->base, a->base_dt, off, len);
+        for (int j = 0; j < len; j++) acc[j] = 0.f;
+        for (int i = 0; i < a->n; i++) {
+            const float wi = a->w[i];
+            if (linear) fm_load(x, a->models[i], a->models_dt, off, len);
+            else fm_load_sub(x, a->models[i], a->models_dt, off, len, b);
+            cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += count_nonfinite(x, len);
+            for (int j = 0; j < len; j++) acc[j] += wi * x[j];
+        }
+        if (a->divide)
+            for (int j = 0; j < len; j++) acc[j] = acc[j] / wsum;
+        if (!linear)
+            for (int j = 0; j < len; j++) acc[j] = b[j] + lam * acc[j];
+        fm_store(a->out, a->out_dt, off, acc, len);
+    }
+}
+
+int fm_merge(const fm_merge_args *a)
+{
+    const int n = a->n;
+    int has_slack = 0;
+
+    memset(a->counts, 0, (size_t)n * FM_NCOUNTERS * sizeof(int64_t));
+    if (a->N == 0) return 0;
+    for (int i = 0; i < n; i++) has_slack |= a->u[i] != INFINITY;   /* NaN counts as slack */
+
+    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
+    const int nt = pick_threads(a->threads, nblk);
+    int failed = 0;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+#endif
+    {
+        int tid = 0, T = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int64_t b0 = nblk * tid / T, b1 = nblk * (tid + 1) / T;
+        int64_t cnt[FM_MAX_MODELS * FM_NCOUNTERS];
+        const size_t row = FM_BLOCK * sizeof(float);
+        arena ar;
+        memset(cnt, 0, sizeof cnt);
+        if (arena_init(&ar, rounded(row) * (8 + (size_t)n)) != 0) {
+            failed = 1;
+        } else {
+            merge_scratch s;
+            s.b = arena_take(&ar, row);
+            s.tau = arena_take(&ar, row * (size_t)n);
+            s.g = arena_take(&ar, row);
+            s.gp = arena_take(&ar, row);
+            s.ap = arena_take(&ar, FM_BLOCK * sizeof(int32_t));
+            s.gam = arena_take(&ar, row);
+            s.gamt = arena_take(&ar, row);
+            s.d = arena_take(&ar, row);
+            s.ws = arena_take(&ar, row);
+            if (a->mode == FM_MODE_TIES)
+                ties_range(a, &s, b0, b1, cnt, has_slack);
+            else
+                sum_range(a, &s, b0, b1, cnt);
+            free(ar.mem);
+#ifdef _OPENMP
+#pragma omp critical(fastmerge_counts)
+#endif
+            for (int k = 0; k < n * FM_NCOUNTERS; k++) a->counts[k] += cnt[k];
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* conversions (tests): the same inline routines the kernels use                        */
+
+FM_CLONES void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N)
+{
+    float tmp[FM_BLOCK];
+    for (int64_t off = 0; off < N; off += FM_BLOCK) {
+        const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
+        fm_load(tmp, src, src_dt, off, len);
+        fm_store(dst, dst_dt, off, tmp, len);
+    }
+}

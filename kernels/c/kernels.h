@@ -1,0 +1,68 @@
+/* fastmerge C CPU kernels: the contract of fastmerge/kernel_api.py over raw memory.
+ *
+ * module.c validates every argument coming from Python and fills these structs; the
+ * functions here trust them (pointers valid for N elements of the given dtypes,
+ * 1 <= n <= FM_MAX_MODELS) and never allocate more than per-thread scratch.
+ */
+#ifndef FASTMERGE_KERNELS_H
+#define FASTMERGE_KERNELS_H
+
+#include <stdint.h>
+
+#include "convert.h"
+
+#define FM_MAX_MODELS 64
+#define FM_NBINS 2048
+#define FM_LEVELS 3
+#define FM_NCOUNTERS 7
+
+/* kernel_api.DIGIT_BITS / SHIFT, and the COUNTERS order */
+extern const int FM_DIGIT_BITS[FM_LEVELS];
+extern const int FM_SHIFT[FM_LEVELS];
+enum { FM_KEPT, FM_PROTECTED, FM_SELECTED, FM_DROPPED_BY_SIGN, FM_IMPORTANT_DROPPED,
+       FM_TIES_IMPORTANT_DROPPED, FM_NONFINITE };
+
+enum { FM_MODE_LINEAR = 0, FM_MODE_TASK_ARITHMETIC = 1, FM_MODE_TIES = 2 };
+
+typedef struct {
+    int n;                                /* models, 1..FM_MAX_MODELS */
+    int64_t N;                            /* elements per tensor */
+    int level;                            /* 0..FM_LEVELS-1 */
+    int base_dt, models_dt;               /* FM_F32 / FM_F16 / FM_BF16 */
+    const void *base;
+    const void *models[FM_MAX_MODELS];
+    int64_t prefix[FM_MAX_MODELS][2];     /* -1: slot off */
+    int64_t *hist;                        /* out: [n][2][FM_NBINS], overwritten */
+    int threads;                          /* 0: fm_get_num_threads() */
+} fm_hist_args;
+
+typedef struct {
+    int n;
+    int64_t N;
+    int mode;                             /* FM_MODE_* */
+    int base_dt, models_dt, out_dt;
+    const void *base;                     /* NULL only for FM_MODE_LINEAR */
+    const void *models[FM_MAX_MODELS];
+    void *out;                            /* may be exactly base or a model (same dtype) */
+    float w[FM_MAX_MODELS], t[FM_MAX_MODELS], u[FM_MAX_MODELS];
+    float scale;                          /* λ */
+    float wsum;                           /* Σ w_i, for linear / task_arithmetic normalize */
+    int normalize, elect_count;
+    int divide;                           /* linear / task_arithmetic: divide by wsum */
+    int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
+    int threads;
+} fm_merge_args;
+
+/* 0 on success, -1 when per-thread scratch could not be allocated. */
+int fm_histogram(const fm_hist_args *a);
+int fm_merge(const fm_merge_args *a);
+
+/* dst (dst_dt) = round(f32(src (src_dt))), N elements; for the conversion tests. */
+void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N);
+
+void fm_set_num_threads(int n);           /* 0: OpenMP's default */
+int fm_get_num_threads(void);
+int fm_have_openmp(void);
+const char *fm_isa_clones(void);          /* which SIMD variants were compiled */
+
+#endif /* FASTMERGE_KERNELS_H */

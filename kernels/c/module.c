@@ -1,0 +1,493 @@
+/* fastmerge._cmerge: the Python face of the C CPU kernels (kernels.c).
+ *
+ * Plain CPython C API over the buffer protocol: tensors arrive as C-contiguous buffers
+ * (numpy views of torch CPU tensors; fp16/bf16 as 16-bit integer views), dtypes as codes
+ * F32 / F16 / BF16. Every argument is checked here -- buffer byte sizes against n and N,
+ * dtype codes, 1 <= n <= MAX_MODELS, writability, aliasing -- and a ValueError says what
+ * is wrong before any memory is touched. The compute runs without the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* ------------------------------------------------------------------------------------ */
+/* buffer bookkeeping: every view taken is released on every exit path                   */
+
+typedef struct {
+    Py_buffer views[FM_MAX_MODELS + 8];
+    int count;
+} bufset;
+
+static void bufset_release(bufset *bs)
+{
+    for (int k = 0; k < bs->count; k++) PyBuffer_Release(&bs->views[k]);
+    bs->count = 0;
+}
+
+/* Take a C-contiguous view of `obj` holding exactly `count` items of `itemsize` bytes. */
+static Py_buffer *take_buffer(bufset *bs, PyObject *obj, const char *what, long long count,
+                              int itemsize, int writable)
+{
+    Py_buffer *v = &bs->views[bs->count];
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a buffer (e.g. a numpy array), got %.80s",
+                     what, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(obj, v, flags) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: need a C-contiguous%s buffer", what,
+                     writable ? ", writable" : "");
+        return NULL;
+    }
+    bs->count++;
+    if (v->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: items of %d bytes expected, buffer has %zd-byte "
+                     "items (format %.10s)", what, itemsize, v->itemsize,
+                     v->format ? v->format : "B");
+        return NULL;
+    }
+    if (v->len != (Py_ssize_t)(count * itemsize)) {
+        PyErr_Format(PyExc_ValueError, "%s: %lld items expected, buffer holds %zd", what,
+                     count, v->len / itemsize);
+        return NULL;
+    }
+    return v;
+}
+
+/* format of an int64 buffer ('q' / 'l' with 8-byte items, optionally '<' '=' '@') */
+static int check_int64(const Py_buffer *v, const char *what)
+{
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (!((*f == 'q' || *f == 'l') && f[1] == '\0')) {
+        PyErr_Format(PyExc_ValueError, "%s: an int64 buffer is needed, got format %.10s",
+                     what, v->format ? v->format : "B");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_dtype(int dt, const char *what)
+{
+    if (dt != FM_F32 && dt != FM_F16 && dt != FM_BF16) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown dtype code %d (F32=%d, F16=%d, BF16=%d)",
+                     what, dt, FM_F32, FM_F16, FM_BF16);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_sizes(int n, long long N)
+{
+    if (n < 1 || n > FM_MAX_MODELS) {
+        PyErr_Format(PyExc_ValueError, "n (number of models) must be 1..%d, got %d",
+                     FM_MAX_MODELS, n);
+        return -1;
+    }
+    /* every byte count computed later (n * N * 4) must fit a Py_ssize_t */
+    if (N < 0 || N > (long long)(PY_SSIZE_T_MAX / 4 / n)) {
+        PyErr_Format(PyExc_ValueError, "N (entries per tensor) must be 0..%lld, got %lld",
+                     (long long)(PY_SSIZE_T_MAX / 4 / n), N);
+        return -1;
+    }
+    return 0;
+}
+
+/* models: one buffer of n*N items (rows) or a sequence of n buffers of N items */
+static int take_models(bufset *bs, PyObject *obj, int n, long long N, int dt,
+                       const void **ptrs)
+{
+    const int size = fm_dtype_size(dt);
+    if (PyObject_CheckBuffer(obj)) {
+        Py_buffer *v = take_buffer(bs, obj, "models", (long long)n * N, size, 0);
+        if (!v) return -1;
+        for (int i = 0; i < n; i++) ptrs[i] = (const char *)v->buf + (size_t)i * N * size;
+        return 0;
+    }
+    if (!PySequence_Check(obj) || PyUnicode_Check(obj) || PyBytes_Check(obj)) {
+        PyErr_Format(PyExc_ValueError, "models: expected a buffer of n*N items or a sequence "
+                     "of n buffers, got %.80s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t len = PySequence_Size(obj);
+    if (len < 0) return -1;
+    if (len != n) {
+        PyErr_Format(PyExc_ValueError, "models: sequence of %zd buffers, n = %d", len, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        char what[32];
+        PyObject *item = PySequence_GetItem(obj, i);
+        if (!item) return -1;
+        snprintf(what, sizeof what, "models[%d]", i);
+        Py_buffer *v = take_buffer(bs, item, what, N, size, 0);
+        Py_DECREF(item);   /* the view holds its own reference to the exporter */
+        if (!v) return -1;
+        ptrs[i] = v->buf;
+    }
+    return 0;
+}
+
+/* n floats from a sequence; finite_only: reject NaN / inf / beyond fp32 range */
+static int take_floats(PyObject *obj, const char *what, int n, float *dst, double *sum,
+                       int finite_only)
+{
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: expected a sequence of %d floats, got %.80s",
+                     what, n, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: %d values expected (one per model), got %zd",
+                     what, n, PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return -1;
+    }
+    double total = 0.0;
+    for (int i = 0; i < n; i++) {
+        double x = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (x == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s[%d]: not a number", what, i);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (finite_only && !(fabs(x) <= FLT_MAX)) {
+            PyErr_Format(PyExc_ValueError, "%s[%d] = %g: must be finite and within fp32 range",
+                         what, i, x);
+            Py_DECREF(seq);
+            return -1;
+        }
+        dst[i] = (float)x;
+        total += x;
+    }
+    Py_DECREF(seq);
+    if (sum) *sum = total;
+    return 0;
+}
+
+static int overlaps(const void *p, size_t plen, const void *q, size_t qlen)
+{
+    const char *a = p, *b = q;
+    return plen && qlen && a < b + qlen && b < a + plen;
+}
+
+static int resolve_threads(int threads)
+{
+    if (threads < 0) {
+        PyErr_Format(PyExc_ValueError, "threads must be >= 0 (0: the module default), got %d",
+                     threads);
+        return -1;
+    }
+    return threads > 0 ? threads : fm_get_num_threads();
+}
+
+/* ------------------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(histogram_doc,
+"histogram(base, models, n, N, base_dtype, models_dtype, prefixes, level, out, *, threads=0)\n"
+"--\n\n"
+"Radix-select histogram of fastmerge.kernel_api: for model i, slot j, count the digit\n"
+"(key >> SHIFT[level]) & (2**DIGIT_BITS[level] - 1) of every key = bits(|f32(models[i]) -\n"
+"f32(base)|) with key >> (SHIFT[level] + DIGIT_BITS[level]) == prefixes[i, j] (-1: off).\n"
+"base: N items; models: n*N items or n buffers of N; prefixes: n*2 int32/int64;\n"
+"out: writable n*2*NBINS int64, overwritten. threads=0 uses get_num_threads().");
+
+static PyObject *py_histogram(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "n", "N", "base_dtype", "models_dtype",
+                             "prefixes", "level", "out", "threads", NULL};
+    PyObject *base_o, *models_o, *prefixes_o, *out_o;
+    int n, bdt, mdt, level, threads = 0;
+    long long N;
+    bufset bs = {.count = 0};
+    fm_hist_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiiOiO|$i", kwlist, &base_o, &models_o, &n,
+                                     &N, &bdt, &mdt, &prefixes_o, &level, &out_o, &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (check_sizes(n, N) || check_dtype(bdt, "base_dtype") || check_dtype(mdt, "models_dtype"))
+        return NULL;
+    if (level < 0 || level >= FM_LEVELS) {
+        PyErr_Format(PyExc_ValueError, "level must be 0..%d, got %d", FM_LEVELS - 1, level);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    a.n = n;
+    a.N = N;
+    a.level = level;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+
+    Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+    if (!bv) goto fail;
+    a.base = bv->buf;
+    if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+
+    /* prefixes: int32 or int64, n*2 */
+    {
+        Py_buffer *pv = &bs.views[bs.count];
+        if (!PyObject_CheckBuffer(prefixes_o) ||
+            PyObject_GetBuffer(prefixes_o, pv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "prefixes: need a C-contiguous int32/int64 buffer");
+            goto fail;
+        }
+        bs.count++;
+        const char *f = pv->format ? pv->format : "B";
+        if (*f == '<' || *f == '=' || *f == '@') f++;
+        const int is_int = strchr("ilq", *f) != NULL && f[1] == '\0';
+        if (!is_int || (pv->itemsize != 4 && pv->itemsize != 8) ||
+            pv->len != (Py_ssize_t)n * 2 * pv->itemsize) {
+            PyErr_Format(PyExc_ValueError, "prefixes: %d int32/int64 items ([n, 2]) expected, "
+                         "got %zd bytes of format %.10s", n * 2, pv->len, pv->format);
+            goto fail;
+        }
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < 2; j++) {
+                const int k = 2 * i + j;
+                const int64_t p = pv->itemsize == 4 ? ((const int32_t *)pv->buf)[k]
+                                                    : ((const int64_t *)pv->buf)[k];
+                if (p < -1) {
+                    PyErr_Format(PyExc_ValueError, "prefixes[%d, %d] = %lld: must be >= 0 or "
+                                 "-1 (slot off)", i, j, (long long)p);
+                    goto fail;
+                }
+                a.prefix[i][j] = p;
+            }
+    }
+
+    Py_buffer *ov = take_buffer(&bs, out_o, "out", (long long)n * 2 * FM_NBINS, 8, 1);
+    if (!ov || check_int64(ov, "out")) goto fail;
+    a.hist = ov->buf;
+    for (int k = 0; k < bs.count - 1; k++)
+        if (overlaps(ov->buf, ov->len, bs.views[k].buf, bs.views[k].len)) {
+            PyErr_SetString(PyExc_ValueError, "out: overlaps an input buffer");
+            goto fail;
+        }
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_histogram(&a);
+    Py_END_ALLOW_THREADS
+    bufset_release(&bs);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, mode, weights, t, u,\n"
+"      scale, normalize, elect_count, counts, *, threads=0)\n"
+"--\n\n"
+"The fused pass of fastmerge.kernel_api (SPEC 4-6, 8) writing out (rounded to nearest\n"
+"even) and counts (writable n*7 int64, overwritten, kernel_api.COUNTERS order).\n"
+"mode: 'linear' (base may be None), 'task_arithmetic' or 'ties'. weights / t / u: n\n"
+"floats (t, u may be None outside 'ties'). out may be base or a model buffer itself\n"
+"(same dtype) but must not partially overlap any input.");
+
+static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
+                             "out_dtype", "mode", "weights", "t", "u", "scale", "normalize",
+                             "elect_count", "counts", "threads", NULL};
+    PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
+    int n, bdt, mdt, odt, normalize, elect_count, threads = 0;
+    long long N;
+    const char *mode;
+    double scale, wsum = 0.0;
+    bufset bs = {.count = 0};
+    fm_merge_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiisOOOdppO|$i", kwlist, &base_o,
+                                     &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &mode, &w_o,
+                                     &t_o, &u_o, &scale, &normalize, &elect_count, &counts_o,
+                                     &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
+        return NULL;
+    if (strcmp(mode, "linear") == 0) a.mode = FM_MODE_LINEAR;
+    else if (strcmp(mode, "task_arithmetic") == 0) a.mode = FM_MODE_TASK_ARITHMETIC;
+    else if (strcmp(mode, "ties") == 0) a.mode = FM_MODE_TIES;
+    else {
+        PyErr_Format(PyExc_ValueError, "mode must be 'linear', 'task_arithmetic' or 'ties', "
+                     "got '%.40s'", mode);
+        return NULL;
+    }
+    if (base_o == Py_None ? a.mode != FM_MODE_LINEAR : check_dtype(bdt, "base_dtype") != 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "base is required for mode '%s'", mode);
+        return NULL;
+    }
+    if (!(fabs(scale) <= FLT_MAX)) {
+        PyErr_Format(PyExc_ValueError, "scale = %g: must be finite and within fp32 range", scale);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    if (take_floats(w_o, "weights", n, a.w, &wsum, 1)) return NULL;
+    if (a.mode == FM_MODE_TIES) {
+        if (take_floats(t_o, "t", n, a.t, NULL, 0) || take_floats(u_o, "u", n, a.u, NULL, 0))
+            return NULL;
+    } else {
+        for (int i = 0; i < n; i++) { a.t[i] = 0.f; a.u[i] = INFINITY; }
+    }
+    a.n = n;
+    a.N = N;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.out_dt = odt;
+    a.scale = (float)scale;
+    a.normalize = normalize;
+    a.elect_count = elect_count;
+    a.wsum = (float)wsum;
+    /* as the reference: linear always divides when normalizing, task_arithmetic only by
+     * a non-zero Σ w (summed in double) */
+    a.divide = normalize && (a.mode == FM_MODE_LINEAR || wsum != 0.0);
+
+    if (base_o != Py_None) {
+        Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+        if (!bv) goto fail;
+        a.base = bv->buf;
+    }
+    if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+    Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
+    if (!ov) goto fail;
+    a.out = ov->buf;
+    /* in place is fine (each block is read before it is written); a shifted alias is not */
+    for (int k = -1; k < n; k++) {
+        const void *in = k < 0 ? a.base : a.models[k];
+        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
+        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
+            !(in == ov->buf && len == (size_t)ov->len)) {
+            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
+                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
+            goto fail;
+        }
+    }
+    Py_buffer *cv = take_buffer(&bs, counts_o, "counts", (long long)n * FM_NCOUNTERS, 8, 1);
+    if (!cv || check_int64(cv, "counts")) goto fail;
+    a.counts = cv->buf;
+    for (int k = 0; k < bs.count - 1; k++)
+        if (overlaps(cv->buf, cv->len, bs.views[k].buf, bs.views[k].len)) {
+            PyErr_SetString(PyExc_ValueError, "counts: overlaps another buffer");
+            goto fail;
+        }
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_merge(&a);
+    Py_END_ALLOW_THREADS
+    bufset_release(&bs);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
+PyDoc_STRVAR(convert_doc,
+"convert(src, src_dtype, dst, dst_dtype, N)\n--\n\n"
+"dst = round_to_nearest_even(f32(src)): the kernels' own conversion routines, for tests.");
+
+static PyObject *py_convert(PyObject *self, PyObject *args)
+{
+    PyObject *src_o, *dst_o;
+    int sdt, ddt;
+    long long N;
+    bufset bs = {.count = 0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OiOiL", &src_o, &sdt, &dst_o, &ddt, &N)) return NULL;
+    if (check_sizes(1, N) || check_dtype(sdt, "src_dtype") || check_dtype(ddt, "dst_dtype"))
+        return NULL;
+    Py_buffer *sv = take_buffer(&bs, src_o, "src", N, fm_dtype_size(sdt), 0);
+    if (!sv) goto fail;
+    Py_buffer *dv = take_buffer(&bs, dst_o, "dst", N, fm_dtype_size(ddt), 1);
+    if (!dv) goto fail;
+    if (overlaps(sv->buf, sv->len, dv->buf, dv->len)) {
+        PyErr_SetString(PyExc_ValueError, "dst: overlaps src");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fm_convert(dv->buf, ddt, sv->buf, sdt, N);
+    Py_END_ALLOW_THREADS
+    bufset_release(&bs);
+    Py_RETURN_NONE;
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "set_num_threads: 0 (OpenMP default) .. 4096, got %ld", n);
+        return NULL;
+    }
+    fm_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    return PyLong_FromLong(fm_get_num_threads());
+}
+
+static PyMethodDef methods[] = {
+    {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_VARARGS | METH_KEYWORDS,
+     histogram_doc},
+    {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
+    {"convert", py_convert, METH_VARARGS, convert_doc},
+    {"set_num_threads", py_set_num_threads, METH_O,
+     "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS,
+     "get_num_threads() -> threads a call with threads=0 uses (1 without OpenMP)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "fastmerge._cmerge",
+    "fastmerge C CPU kernels (radix-select histogram, fused TIES/TIES-SV merge); see "
+    "kernels/c/kernels.c.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cmerge(void)
+{
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    PyObject *bits = Py_BuildValue("(iii)", FM_DIGIT_BITS[0], FM_DIGIT_BITS[1], FM_DIGIT_BITS[2]);
+    PyObject *shift = Py_BuildValue("(iii)", FM_SHIFT[0], FM_SHIFT[1], FM_SHIFT[2]);
+    const int bad = !bits || !shift || PyModule_AddIntConstant(m, "F32", FM_F32) ||
+        PyModule_AddIntConstant(m, "F16", FM_F16) || PyModule_AddIntConstant(m, "BF16", FM_BF16) ||
+        PyModule_AddIntConstant(m, "NBINS", FM_NBINS) ||
+        PyModule_AddIntConstant(m, "N_COUNTERS", FM_NCOUNTERS) ||
+        PyModule_AddIntConstant(m, "MAX_MODELS", FM_MAX_MODELS) ||
+        PyModule_AddIntConstant(m, "OPENMP", fm_have_openmp()) ||
+        PyModule_AddStringConstant(m, "ISA_CLONES", fm_isa_clones()) ||
+        PyModule_AddObjectRef(m, "DIGIT_BITS", bits) || PyModule_AddObjectRef(m, "SHIFT", shift);
+    Py_XDECREF(bits);
+    Py_XDECREF(shift);
+    if (bad) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

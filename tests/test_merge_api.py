@@ -1,0 +1,288 @@
+"""fastmerge.merge() end to end: streaming checkpoints, in-memory state dicts, errors.
+
+The streaming merge must equal the reference applied tensor by tensor (thresholds by
+sorting, SPEC §2-§3): counts exactly, outputs bit-for-bit on the torch backend.
+"""
+import json
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import pipeline, reference
+from fastmerge.errors import InputError, OutputError, ParameterError
+from fastmerge.io.safetensors_file import SafetensorsFile
+from fastmerge.params import make_params
+from fastmerge.report import counts_tensor
+from fastmerge.testing import PRESETS, state_dicts, write_llama_family
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    return write_llama_family(root, config=TINY, n_models=2, seed=0, shard_size=60_000,
+                              names=("base", "ct", "sft"))
+
+
+def load_dir(path):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with SafetensorsFile(path / shard) as f:
+            for name in f.tensors:
+                out[name] = f.read(name)
+    return out
+
+
+def expected_merge(base_sd, model_sds, params, out_dtype=None, thresholds=None):
+    """Reference applied tensor by tensor, or with global thresholds for scope=model."""
+    out, counts = {}, {}
+    for name, b in base_sd.items():
+        if not b.is_floating_point() or b.dim() == 0:
+            out[name] = b
+            continue
+        m = torch.stack([sd[name] for sd in model_sds])
+        o, c, _ = reference.merge_one(b, m, params, out_dtype=out_dtype or b.dtype,
+                                      thresholds=thresholds)
+        out[name], counts[name] = o, c
+    return out, counts
+
+
+def model_scope_thresholds(base_sd, model_sds, params):
+    """Brute force: concatenate every merged |τ_i| of the model and sort."""
+    names = [n for n, b in base_sd.items() if b.is_floating_point() and b.dim() > 0]
+    tau = torch.cat([reference.task_vectors(base_sd[n].reshape(-1), torch.stack(
+        [sd[n].reshape(-1) for sd in model_sds])).abs() for n in names], dim=1)
+    pairs = [reference.thresholds_by_sort(tau[i], params.density[i], params.slack[i])
+             for i in range(len(model_sds))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def read_family(family):
+    return load_dir_or_file(family["base"]), [load_dir_or_file(p) for p in family["models"]]
+
+
+def load_dir_or_file(path):
+    from fastmerge.io.checkpoint import Checkpoint
+    with Checkpoint.open(path) as c:
+        out = {}
+        for n in c.names:
+            info = c.info(n)
+            t = torch.empty(info.shape, dtype=info.dtype)
+            c.read_into(n, t.view(-1) if t.dim() else t.view(1), 0, info.numel)
+            out[n] = t
+        return out
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("ties_sv", dict(density=0.3, slack=[0.02, 0.05])),
+    ("ties", dict(density=[0.2, 0.5], weights=[1.0, 0.5])),
+    ("ties_sv", dict(density=0.2, slack=0.1, elect="count", normalize=False, scale=0.5)),
+    ("task_arithmetic", dict(weights=[0.5, 1.25])),
+    ("linear", dict(weights=[1.0, 3.0])),
+], ids=["ties_sv", "ties-weights", "ties_sv-count-nonorm-scale", "task_arithmetic", "linear"])
+def test_checkpoint_merge_equals_reference(family, tmp_path, method, kw):
+    result = fastmerge.merge(family["base"], family["models"], method=method, backend="torch",
+                             output=tmp_path / "out", shard_size=50_000, progress=False, **kw)
+    got = load_dir(result.path)
+    base_sd, model_sds = read_family(family)
+    params = make_params(method, 2, **kw)
+    want, counts = expected_merge(base_sd, model_sds, params)
+    assert list(got) == list(want)  # same names, same order as the base
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    for entry in result.report["tensors"]:
+        if params.trims:
+            assert torch.equal(counts_tensor(entry), counts[entry["name"]]), entry["name"]
+    index = json.loads((result.path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(result.report["shards"]) == set(shards)
+    assert (result.path / "config.json").is_file()
+    assert (result.path / "fastmerge_report.json").is_file()
+
+
+def test_model_scope_equals_brute_force_global_topk(family, tmp_path, monkeypatch):
+    # tiny chunks: thresholds are found by streaming chunk by chunk over every tensor
+    monkeypatch.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+    from fastmerge.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 1000)
+    kw = dict(density=[0.2, 0.3], slack=[0.05, 0.01], scope="model")
+    result = fastmerge.merge(family["base"], family["models"], method="ties_sv",
+                             backend="torch", output=tmp_path / "out", progress=False, **kw)
+    base_sd, model_sds = read_family(family)
+    params = make_params("ties_sv", 2, **kw)
+    thresholds = model_scope_thresholds(base_sd, model_sds, params)
+    assert result.report["model_thresholds"] == {"t": thresholds[0], "u": thresholds[1]}
+    want, _ = expected_merge(base_sd, model_sds, params, thresholds=thresholds)
+    got = load_dir(result.path)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_chunked_streaming_equals_resident(family, tmp_path, monkeypatch):
+    a = fastmerge.merge(family["base"], family["models"], backend="torch",
+                        output=tmp_path / "a", progress=False)
+    monkeypatch.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+    from fastmerge.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 333)
+    b = fastmerge.merge(family["base"], family["models"], backend="torch",
+                        output=tmp_path / "b", progress=False)
+    assert a.report == b.report
+    ga, gb = load_dir(a.path), load_dir(b.path)
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def test_in_memory_state_dicts_return_state_dict_and_report():
+    base_sd, model_sds = state_dicts(config=TINY, n_models=3, dtype=torch.bfloat16, seed=1)
+    sd, report = fastmerge.merge(base_sd, model_sds, method="ties_sv", density=0.4,
+                                 slack=0.1, backend="torch", progress=False)
+    params = make_params("ties_sv", 3, density=0.4, slack=0.1)
+    want, counts = expected_merge(base_sd, model_sds, params)
+    assert set(sd) == set(want)
+    for name in want:
+        assert sd[name].shape == want[name].shape and torch.equal(sd[name], want[name]), name
+    assert report["totals"][0]["protected"] > 0
+
+
+def test_dtype_override_and_single_model(family, tmp_path):
+    result = fastmerge.merge(family["base"], family["models"][:1], method="ties",
+                             density=0.5, dtype="float32", backend="torch",
+                             output=tmp_path / "o", progress=False)
+    got = load_dir(result.path)
+    assert all(t.dtype == torch.float32 for t in got.values() if t.is_floating_point())
+    cfg = json.loads((result.path / "config.json").read_text())
+    assert cfg.get("torch_dtype", cfg.get("dtype")) == "float32"
+
+
+def test_output_loads_in_transformers_and_runs(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    result = fastmerge.merge(family["base"], family["models"], output=tmp_path / "m",
+                             progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(result.path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, 4, TINY["vocab_size"]) and torch.isfinite(logits).all()
+
+
+# -- errors ------------------------------------------------------------------------------
+
+def test_parameter_errors_come_before_any_io(tmp_path):
+    with pytest.raises(ParameterError, match="density of model 0"):
+        fastmerge.merge(tmp_path / "nope", [tmp_path / "nope2"], density=2.0)
+    with pytest.raises(ParameterError, match="unknown backend 'cuda-magic'"):
+        fastmerge.merge(tmp_path / "nope", [tmp_path / "nope2"], backend="cuda-magic")
+    with pytest.raises(ParameterError, match="needs a base model"):
+        fastmerge.merge(None, [tmp_path / "nope"], method="ties")
+
+
+def test_existing_output_is_never_overwritten(family, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        fastmerge.merge(family["base"], family["models"], output=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    fastmerge.merge(family["base"], family["models"], output=out, overwrite=True,
+                    progress=False)
+    assert not (out / "keep.txt").exists() and (out / "fastmerge_report.json").exists()
+
+
+def test_output_inside_an_input_is_refused(family):
+    with pytest.raises(OutputError, match="inside the input model directory"):
+        fastmerge.merge(family["base"], family["models"], output=family["models"][0] / "m",
+                        progress=False)
+    assert not (family["models"][0] / "m").exists()
+
+
+def test_shape_mismatch_names_tensor_and_shapes():
+    base_sd, (a, b) = state_dicts(config=TINY, n_models=2, seed=2)
+    b["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(InputError, match=r"'model.norm.weight': shape \[3\]"):
+        fastmerge.merge(base_sd, [a, b], progress=False)
+
+
+def test_missing_tensor_is_named():
+    base_sd, (a, b) = state_dicts(config=TINY, n_models=2, seed=2)
+    del b["model.norm.weight"]
+    with pytest.raises(InputError, match="missing tensor 'model.norm.weight'"):
+        fastmerge.merge(base_sd, [a, b], progress=False)
+
+
+def test_nan_in_input_names_tensor_and_model():
+    base_sd, (a, b) = state_dicts(config=TINY, n_models=2, seed=2)
+    b["model.norm.weight"][3] = float("nan")
+    with pytest.raises(InputError, match="'model.norm.weight': 1 non-finite"):
+        fastmerge.merge(base_sd, [a, b], backend="torch", progress=False)
+    sd, _ = fastmerge.merge(base_sd, [a, b], backend="torch", allow_nonfinite=True,
+                            progress=False)
+    assert "model.norm.weight" in sd
+
+
+def test_architectures_must_agree(tmp_path):
+    paths = write_llama_family(tmp_path / "f", config=TINY, n_models=1, seed=3)
+    cfg_path = paths["models"][0] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["model_type"] = "mistral"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="different architectures"):
+        fastmerge.merge(paths["base"], paths["models"], output=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_float_and_scalar_tensors_are_copied_from_base():
+    base_sd, model_sds = state_dicts(config=TINY, n_models=2, seed=4)
+    for i, sd in enumerate([base_sd, *model_sds]):
+        sd["buffer.int"] = torch.arange(5, dtype=torch.int64) + i
+        sd["scalar"] = torch.tensor(1.5 + i)
+        sd["empty"] = torch.empty(0, 4)
+    sd, _ = fastmerge.merge(base_sd, model_sds, backend="torch", progress=False)
+    assert torch.equal(sd["buffer.int"], base_sd["buffer.int"])
+    assert torch.equal(sd["scalar"], base_sd["scalar"])
+    assert sd["empty"].shape == (0, 4)
+
+
+# -- resume ------------------------------------------------------------------------------
+
+def test_resume_after_io_error_is_byte_identical(family, tmp_path, monkeypatch):
+    clean = fastmerge.merge(family["base"], family["models"], output=tmp_path / "clean",
+                            shard_size=40_000, progress=False)
+    from fastmerge.io import safetensors_file
+    real_close = safetensors_file.SafetensorsWriter.close
+    calls = {"n": 0}
+
+    def failing_close(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_close(self)
+
+    monkeypatch.setattr(safetensors_file.SafetensorsWriter, "close", failing_close)
+    out = tmp_path / "resumed"
+    with pytest.raises(OutputError, match="No space left on device"):
+        fastmerge.merge(family["base"], family["models"], output=out, shard_size=40_000,
+                        progress=False)
+    assert not out.exists()
+    partial = tmp_path / ".resumed.partial"
+    kept = sorted(p.name for p in partial.iterdir() if p.suffix == ".safetensors")
+    assert len(kept) == 2
+    monkeypatch.setattr(safetensors_file.SafetensorsWriter, "close", real_close)
+    fastmerge.merge(family["base"], family["models"], output=out, shard_size=40_000,
+                    resume=True, progress=False)
+    for f in sorted(clean.path.iterdir()):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not partial.exists()
+
+
+def test_resume_with_other_parameters_is_refused(family, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    partial = tmp_path / ".o.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(json.dumps({"fingerprint": "x", "shards": {}}))
+    with pytest.raises(OutputError, match="cannot resume"):
+        fastmerge.merge(family["base"], family["models"], output=out, resume=True,
+                        progress=False)
