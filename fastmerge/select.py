@@ -85,16 +85,15 @@ class RadixSelect:
             for j, k in enumerate(row):
                 if k == 0:
                     continue
-                h = hist[i, 0 if self.level == 0 else j, : 1 << bits].tolist()
+                h = hist[i, 0 if self.level == 0 else j, : 1 << bits]
                 need = self.remaining[i][j]
-                above = 0
-                for digit in range((1 << bits) - 1, -1, -1):
-                    if above + h[digit] >= need:
-                        break
-                    above += h[digit]
-                else:
-                    raise AssertionError(
-                        f"radix select: histogram holds {above} entries, rank {need} wanted")
+                from_top = h.flip(0).cumsum(0)  # entries in bins >= each digit
+                pos = int(torch.searchsorted(from_top, need))
+                if pos >= from_top.numel():
+                    raise AssertionError(f"radix select: histogram holds "
+                                         f"{int(from_top[-1])} entries, rank {need} wanted")
+                digit = (1 << bits) - 1 - pos
+                above = int(from_top[pos]) - int(h[digit])
                 self.remaining[i][j] = need - above
                 self.prefix[i][j] = (self.prefix[i][j] << bits) | digit
         self.level += 1
