@@ -137,20 +137,41 @@ class CheckpointWriter:
         self._inflight: list[cf.Future] = []
 
     # -- lifecycle -----------------------------------------------------------------------
+    def _acquire_lock(self) -> int:
+        """flock the lock file, or OutputError if another run holds it. ``_unlock`` unlinks
+        the file while still holding it, so a flock won on a file that is no longer the one
+        at ``lock_path`` (opened just before that run finished) guards nothing: retry."""
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"another fastmerge run is writing {self.output} "
+                                  f"(lock {self.lock_path} is held)") from None
+            held = os.fstat(fd)
+            try:
+                now = os.stat(self.lock_path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)  # a stale file: drop it (and its flock) and try again
+
     def open(self) -> "CheckpointWriter":
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = self._acquire_lock()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(f"another fastmerge run is writing {self.output} "
-                              f"(lock {self.lock_path} is held)") from None
-        self._lock_fd = fd
-        if self.partial.exists() and self.resume:
-            self._load_progress()
-        elif self.partial.exists():  # left by a run that was killed: we hold the lock now
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(exist_ok=True)
+            if self.partial.exists() and self.resume:
+                self._load_progress()
+            elif self.partial.exists():  # left by a run that was killed: we hold the lock now
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(exist_ok=True)
+        except BaseException as exc:  # never keep the lock of a run that did not start
+            self._unlock()
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot prepare {self.partial} for {self.output}: "
+                                  f"{exc}") from exc
+            raise
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
         return self
 

@@ -45,6 +45,18 @@ const int FM_SHIFT[FM_LEVELS] = {20, 9, 0};
 #define FM_BLOCK 1024
 /* uint32 histogram bins are flushed to int64 after at most this many blocks per thread */
 #define FM_FLUSH_BLOCKS ((int64_t)1024)
+#define FM_MERGE_CHUNK_BLOCKS ((int64_t)64)
+
+/* Threads take chunks of blocks from a shared counter (dynamic scheduling): on a busy
+ * machine a descheduled thread no longer holds up the whole parallel region. */
+static inline int64_t take_chunk(int64_t *next) {
+    int64_t c;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    c = (*next)++;
+    return c;
+}
 
 #define FM_INLINE static inline __attribute__((always_inline))
 
@@ -287,17 +299,13 @@ int fm_histogram(const fm_hist_args *a)
     const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
     const int nt = pick_threads(a->threads, nblk);
     int failed = 0;
+    int64_t next = 0;
+    const int64_t nchunk = (nblk + FM_FLUSH_BLOCKS - 1) / FM_FLUSH_BLOCKS;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
 #endif
     {
-        int tid = 0, T = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        const int64_t b0 = nblk * tid / T, b1 = nblk * (tid + 1) / T;
         arena ar;
         const size_t loc_bytes = (size_t)n * 4 * FM_NBINS * sizeof(uint32_t);
         if (arena_init(&ar, rounded(FM_BLOCK * sizeof(float)) + rounded(FM_BLOCK * sizeof(uint32_t)) +
@@ -310,8 +318,9 @@ int fm_histogram(const fm_hist_args *a)
             s.flag = arena_take(&ar, FM_BLOCK + 8);
             s.loc = arena_take(&ar, loc_bytes);
             memset(s.loc, 0, loc_bytes);
-            for (int64_t c0 = b0; c0 < b1; c0 += FM_FLUSH_BLOCKS) {
-                const int64_t c1 = c0 + FM_FLUSH_BLOCKS < b1 ? c0 + FM_FLUSH_BLOCKS : b1;
+            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
+                const int64_t c0 = ci * FM_FLUSH_BLOCKS;
+                const int64_t c1 = c0 + FM_FLUSH_BLOCKS < nblk ? c0 + FM_FLUSH_BLOCKS : nblk;
                 hist_range(a, plan, &s, c0, c1);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_hist)
@@ -513,17 +522,13 @@ int fm_merge(const fm_merge_args *a)
     const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
     const int nt = pick_threads(a->threads, nblk);
     int failed = 0;
+    int64_t next = 0;
+    const int64_t nchunk = (nblk + FM_MERGE_CHUNK_BLOCKS - 1) / FM_MERGE_CHUNK_BLOCKS;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
 #endif
     {
-        int tid = 0, T = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        const int64_t b0 = nblk * tid / T, b1 = nblk * (tid + 1) / T;
         int64_t cnt[FM_MAX_MODELS * FM_NCOUNTERS];
         const size_t row = FM_BLOCK * sizeof(float);
         arena ar;
@@ -541,10 +546,14 @@ int fm_merge(const fm_merge_args *a)
             s.gamt = arena_take(&ar, row);
             s.d = arena_take(&ar, row);
             s.ws = arena_take(&ar, row);
-            if (a->mode == FM_MODE_TIES)
-                ties_range(a, &s, b0, b1, cnt, has_slack);
-            else
-                sum_range(a, &s, b0, b1, cnt);
+            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
+                const int64_t b0 = ci * FM_MERGE_CHUNK_BLOCKS;
+                const int64_t b1 = b0 + FM_MERGE_CHUNK_BLOCKS < nblk ? b0 + FM_MERGE_CHUNK_BLOCKS : nblk;
+                if (a->mode == FM_MODE_TIES)
+                    ties_range(a, &s, b0, b1, cnt, has_slack);
+                else
+                    sum_range(a, &s, b0, b1, cnt);
+            }
             free(ar.mem);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_counts)
