@@ -135,6 +135,7 @@ class CheckpointWriter:
         self._lock_fd = None
         self._pool = None
         self._inflight: list[cf.Future] = []
+        self._finished = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def _acquire_lock(self) -> int:
@@ -178,6 +179,8 @@ class CheckpointWriter:
     def abort(self, keep_partial: bool = False) -> None:
         """Stop; the output location is left untouched. The hidden partial folder is
         removed, or with ``keep_partial`` kept (minus the unfinished shard) for resume."""
+        if self._finished:
+            return
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -209,7 +212,7 @@ class CheckpointWriter:
                 for t in entry["tensors"]:
                     self.recorded[t["name"]] = t["stats"]
         for path in self.partial.iterdir():
-            if path.name not in keep:
+            if path.name not in keep and path.name != PROGRESS_NAME:
                 path.unlink()
         self._write_progress()
 
@@ -301,6 +304,8 @@ class CheckpointWriter:
         old = None
         if self.output.exists():
             if not self.overwrite:
+                self._unlock()
+                self._finished = True  # abort() must keep the result it points to
                 raise OutputError(f"output {self.output} appeared during the merge; "
                                   f"the result is left in {self.partial}")
             old = self.output.parent / f".{self.output.name}.old"
