@@ -82,8 +82,10 @@ class MemorySink:
     def begin(self, task: TensorTask) -> None:
         self._flat = torch.empty(task.numel, dtype=task.out_dtype)
 
-    def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
+    def write(self, task: TensorTask, start: int, data: torch.Tensor, release=None) -> None:
         self._flat[start:start + data.numel()] = data.reshape(-1)
+        if release is not None:
+            release(data)
 
     def end(self, task: TensorTask, stats: dict | None) -> None:
         self.state_dict[task.name] = self._flat.reshape(task.shape)
@@ -250,8 +252,8 @@ class CheckpointWriter:
             self._submit(self._open_shard, i)
             self._current = i
 
-    def write(self, task: TensorTask, start: int, data: torch.Tensor) -> None:
-        self._submit(self._write, data)
+    def write(self, task: TensorTask, start: int, data: torch.Tensor, release=None) -> None:
+        self._submit(self._write, data, release)
 
     def end(self, task: TensorTask, stats: dict | None) -> None:
         self.recorded[task.name] = stats or {}
@@ -274,8 +276,10 @@ class CheckpointWriter:
         self._writer = SafetensorsWriter(self.partial / self.names[i], entries,
                                          metadata={"format": "pt"})
 
-    def _write(self, data: torch.Tensor) -> None:
+    def _write(self, data: torch.Tensor, release=None) -> None:
         self._writer.write(data)
+        if release is not None:
+            release(data)
 
     def _close_shard(self, i: int) -> None:
         self.sha256[self.names[i]] = self._writer.close()

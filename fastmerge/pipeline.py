@@ -14,6 +14,8 @@ prefetched on a thread while this one computes); a larger tensor is streamed in 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +69,46 @@ class TensorStats:
         return d
 
 
+class BufferPool:
+    """Reused host buffers. A fresh large allocation costs a page fault (and the kernel's
+    zeroing) per 4 KiB on first touch — for a 7B merge that is more CPU than the reads
+    themselves — so input and output buffers are recycled. Thread-safe; idle buffers are
+    capped at ``keep_bytes`` (smallest dropped first), so memory stays bounded."""
+
+    def __init__(self, keep_bytes: int = 768 << 20):
+        self.keep_bytes = keep_bytes
+        self._free: list[torch.Tensor] = []
+        self._owner: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = None
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        if buf is None:
+            buf = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+        view = buf[:nbytes].view(dtype).view(shape)
+        with self._lock:
+            self._owner[view.data_ptr()] = buf
+        return view
+
+    def give(self, view: torch.Tensor | None) -> None:
+        """Return a buffer from ``take`` (anything else is ignored)."""
+        if view is None or view.device.type != "cpu":
+            return
+        with self._lock:
+            buf = self._owner.pop(view.data_ptr(), None)
+            if buf is not None:
+                self._free.append(buf)
+                self._free.sort(key=torch.Tensor.numel)
+                while sum(b.numel() for b in self._free) > self.keep_bytes:
+                    self._free.pop(0)
+
+
 class ChunkReader:
     """Reads [start, start+count) of one tensor from base and every model into the kernel
     layout: base [count] and models [n, count] (one dtype), on the compute device."""
@@ -77,9 +119,18 @@ class ChunkReader:
         self.pin = device.type == "cuda"
         # host-to-device copies run on a side stream so they overlap the kernels
         self.stream = torch.cuda.Stream(device) if self.pin else None
+        self.pool = BufferPool()
 
     def _empty(self, shape, dtype):
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        if self.pin:  # CUDA: the caching pinned-memory allocator recycles these
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return self.pool.take(shape, dtype)
+
+    def release(self, loaded) -> None:
+        """Hand a chunk's host buffers back once the kernels are done with them."""
+        if self.stream is None:
+            self.pool.give(loaded[0])
+            self.pool.give(loaded[1])
 
     def _read(self, ckpt, name, dst: torch.Tensor, start: int, count: int) -> None:
         info = ckpt.info(name)
@@ -143,12 +194,21 @@ class TensorSource:
             loaded = self.cached[i] if self.cached is not None else self.reader.read(self.task, s, c)
             b, m = _on_compute_stream(*loaded)
             yield s, c, b, m
+            if self.cached is None:
+                self.reader.release(loaded)
+
+    def release(self) -> None:
+        """Give the resident buffers back (after the last pass)."""
+        for loaded in self.cached or ():
+            self.reader.release(loaded)
+        self.cached = None
 
 
 class StreamMerge:
     """Runs the per-tensor loop of a merge and hands output chunks to a sink.
 
-    sink: object with ``begin(task)``, ``write(task, start, data_cpu)``,
+    sink: object with ``begin(task)``, ``write(task, start, data_cpu, release=None)`` (calls
+    ``release(data)`` once it no longer needs the buffer),
     ``end(task, stats_dict_or_None)``, and ``done(task) -> stats dict | None`` which
     returns the recorded stats of a tensor an interrupted run already wrote (resume).
     """
@@ -224,6 +284,7 @@ class StreamMerge:
                     self._copy(task)
                 else:
                     self._merge(task, src)
+                    src.release()
                 if self.progress is not None:
                     self.progress.update(task.nbytes)
             return self.stats
@@ -260,11 +321,14 @@ class StreamMerge:
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():
-            out = torch.empty(count, dtype=task.out_dtype, device=self.device)
+            if self.device.type == "cpu":
+                out = self.reader.pool.take(count, task.out_dtype)
+            else:
+                out = torch.empty(count, dtype=task.out_dtype, device=self.device)
             counts += self.backend.merge(b, m, out, cfg).cpu()
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
-            self.sink.write(task, start, out.cpu())
+            self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
         if p.trims:
             stats.counts = counts
         self.sink.end(task, stats.as_dict())
