@@ -286,3 +286,34 @@ def test_resume_with_other_parameters_is_refused(family, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot resume"):
         fastmerge.merge(family["base"], family["models"], output=out, resume=True,
                         progress=False)
+
+
+# -- every backend through the same pipeline -----------------------------------------------
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("c"),
+    pytest.param("triton", marks=pytest.mark.interpreter),
+])
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_backends_through_pipeline_match_reference(family, tmp_path, backend, scope):
+    """fastmerge.merge(backend=...) writes the reference's checkpoint: the same report
+    (thresholds and counts) and every output within one ulp (SPEC §9)."""
+    from fastmerge import backends
+    from tests.checks import assert_ulp_close
+    try:
+        backends.load(backend)
+    except fastmerge.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    kw = dict(method="ties_sv", density=[0.3, 0.2], slack=[0.02, 0.05], scope=scope,
+              progress=False, shard_size=50_000)
+    ref = fastmerge.merge(family["base"], family["models"], backend="torch",
+                          output=tmp_path / "ref", **kw)
+    got = fastmerge.merge(family["base"], family["models"], backend=backend,
+                          device="cpu", output=tmp_path / "got", **kw)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("backend", "shards")}
+    assert strip(got.report) == strip(ref.report)
+    a, b = load_dir(got.path), load_dir(ref.path)
+    base_sd, _ = read_family(family)
+    for name in b:
+        scale = base_sd[name].abs().float() + (b[name].float() - base_sd[name].float()).abs()
+        assert_ulp_close(a[name], b[name], operand_scale=scale, what=name)
