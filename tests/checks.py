@@ -49,3 +49,35 @@ def assert_counts_equal(actual: torch.Tensor, expected: torch.Tensor, what: str 
         rows = [f"  model {i} {c}: got {int(a[i, j])} want {int(e[i, j])}"
                 for i in range(e.shape[0]) for j, c in enumerate(COUNTERS) if a[i, j] != e[i, j]]
         raise AssertionError(f"{what} differ:\n" + "\n".join(rows))
+
+
+def operand_scale(base, models, cfg):
+    """Size of the operands a fp32 kernel rounds on the way to θ, per entry (for
+    ``assert_ulp_close``): λ·Σ|w_i x_i| (divided by the normaliser) plus |θ_b|."""
+    from fastmerge import reference as R
+    w = torch.tensor(cfg.weights, dtype=torch.float64).unsqueeze(1)
+    x = models.double() if cfg.mode == "linear" else R.task_vectors(base, models).double()
+    s = (w.abs() * x.abs()).sum(0)
+    if cfg.normalize and cfg.mode == "ties":
+        s = s / min(abs(v) for v in cfg.weights if v != 0)
+    elif cfg.normalize and sum(cfg.weights) != 0:
+        s = s / abs(sum(cfg.weights))
+    s = abs(cfg.scale) * s
+    if base is not None:
+        s = s + base.double().abs()
+    return torch.nan_to_num(s, nan=0.0, posinf=0.0)
+
+
+def thresholds_checked(histogram, base, models, density: float, slack: float):
+    """(t, u) found by ``histogram`` through select.find_thresholds, asserted equal to
+    the reference histogram's and to sorting (SPEC §2-§3)."""
+    from fastmerge import reference as R
+    from fastmerge.select import find_thresholds
+    n, N = models.shape
+    dens, slk = [density] * n, [slack] * n
+    t, u = find_thresholds(histogram, lambda: [(base, models)], dens, slk, N)
+    assert (t, u) == find_thresholds(R.histogram, lambda: [(base, models)], dens, slk, N)
+    abs_tau = R.task_vectors(base, models).abs()
+    by_sort = [R.thresholds_by_sort(abs_tau[i], density, slack) for i in range(n)]
+    assert (t, u) == ([x[0] for x in by_sort], [x[1] for x in by_sort]), "thresholds differ"
+    return t, u

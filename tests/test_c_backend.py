@@ -18,7 +18,8 @@ from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import COUNTERS, NBINS, KernelConfig
 from fastmerge.select import RadixSelect, find_thresholds
-from tests.checks import assert_counts_equal, assert_ulp_close
+from tests.checks import (assert_counts_equal, assert_ulp_close, operand_scale,
+                          thresholds_checked)
 
 _reason = C.unavailable_reason()
 if _reason and os.environ.get("FASTMERGE_REQUIRE_EXTENSION", "") not in ("", "0"):
@@ -70,29 +71,10 @@ def make_inputs(n, N, dtype, seed=0, kind="normal", base_dtype=None):
 
 
 def thresholds(base, models, density, slack):
-    """(t, u) by the C histogram through select.find_thresholds; checked against sorting."""
-    n, N = models.shape
-    dens, slk = [density] * n, [slack] * n
-    t, u = find_thresholds(C.histogram, lambda: [(base, models)], dens, slk, N)
-    abs_tau = R.task_vectors(base, models).abs()
-    by_sort = [R.thresholds_by_sort(abs_tau[i], density, slack) for i in range(n)]
-    assert (t, u) == ([x[0] for x in by_sort], [x[1] for x in by_sort]), "thresholds differ"
-    return t, u
+    """(t, u) by the C histogram; checked against the reference and sorting."""
+    return thresholds_checked(C.histogram, base, models, density, slack)
 
 
-def operand_scale(base, models, cfg):
-    """Size of the operands the fp32 kernel rounds on the way to θ (tests/checks.py)."""
-    w = torch.tensor(cfg.weights, dtype=torch.float64).unsqueeze(1)
-    x = models.double() if cfg.mode == "linear" else R.task_vectors(base, models).double()
-    s = (w.abs() * x.abs()).sum(0)
-    if cfg.normalize and cfg.mode == "ties":
-        s = s / min(abs(v) for v in cfg.weights if v != 0)
-    elif cfg.normalize and sum(cfg.weights) != 0:
-        s = s / abs(sum(cfg.weights))
-    s = abs(cfg.scale) * s
-    if base is not None:
-        s = s + base.double().abs()
-    return torch.nan_to_num(s, nan=0.0, posinf=0.0)
 
 
 def check_merge(base, models, cfg, out_dtype):

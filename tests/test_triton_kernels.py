@@ -28,8 +28,9 @@ from fastmerge import reference as R  # noqa: E402
 from fastmerge.kernel_api import (DIGIT_BITS, NBINS, NONFINITE, NONFINITE_BIN,  # noqa: E402
                                   SHIFT, KernelConfig)
 from fastmerge.kernels import triton_merge as T  # noqa: E402
-from fastmerge.select import RadixSelect, find_thresholds  # noqa: E402
-from tests.checks import assert_counts_equal, assert_ulp_close  # noqa: E402
+from fastmerge.select import RadixSelect  # noqa: E402
+from tests.checks import (assert_counts_equal, assert_ulp_close, operand_scale,  # noqa: E402
+                          thresholds_checked)
 
 pytestmark = [pytest.mark.interpreter,
               # NaN / inf inputs on purpose: numpy warns inside the interpreter
@@ -81,31 +82,12 @@ def make_inputs(n, N, dtype, seed=0, kind="normal", base_dtype=None):
 
 
 def thresholds(base, models, density, slack, **launch):
-    """(t, u) by the Triton histogram through select.find_thresholds, checked bit for bit
-    against the reference histogram and against sorting."""
-    n, N = models.shape
-    dens, slk = [density] * n, [slack] * n
-    t, u = find_thresholds(lambda b, m, p, lv: T.histogram(b, m, p, lv, **launch),
-                           lambda: [(base, models)], dens, slk, N)
-    assert (t, u) == find_thresholds(R.histogram, lambda: [(base, models)], dens, slk, N)
-    abs_tau = R.task_vectors(base, models).abs()
-    by_sort = [R.thresholds_by_sort(abs_tau[i], density, slack) for i in range(n)]
-    assert (t, u) == ([x[0] for x in by_sort], [x[1] for x in by_sort]), "thresholds differ"
-    return t, u
+    """(t, u) by the Triton histogram (launch overrides passed through); checked against
+    the reference histogram and against sorting."""
+    return thresholds_checked(lambda b, m, p, lv: T.histogram(b, m, p, lv, **launch),
+                              base, models, density, slack)
 
 
-def operand_scale(base, models, cfg):
-    """Size of the operands the fp32 kernel rounds on the way to θ (tests/checks.py)."""
-    w = torch.tensor(cfg.weights, dtype=torch.float64).unsqueeze(1)
-    x = models.double() if cfg.mode == "linear" else R.task_vectors(base, models).double()
-    s = (w.abs() * x.abs()).sum(0)
-    if cfg.normalize and cfg.mode == "ties":
-        s = s / min(abs(v) for v in cfg.weights if v != 0)
-    elif cfg.normalize and sum(cfg.weights) != 0:
-        s = s / abs(sum(cfg.weights))
-    if base is not None:
-        s = abs(cfg.scale) * s + base.double().abs()
-    return torch.nan_to_num(s, nan=0.0, posinf=0.0)
 
 
 def check_merge(base, models, cfg, out_dtype, **launch):
