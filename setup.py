@@ -121,6 +121,8 @@ class OptionalBuildExt(build_ext):
 setup(
     packages=["fastmerge", "fastmerge.backends", "fastmerge.io", "fastmerge.kernels"],
     package_dir={"fastmerge.kernels": "kernels"},
+    # kernels/c holds C sources for the extension, not package data to install
+    include_package_data=False,
     ext_modules=[
         Extension(
             "fastmerge._cmerge",
