@@ -18,8 +18,8 @@ from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import COUNTERS, NBINS, KernelConfig
 from fastmerge.select import RadixSelect, find_thresholds
-from tests.checks import (assert_counts_equal, assert_ulp_close, operand_scale,
-                          thresholds_checked)
+from tests.checks import (assert_counts_equal, assert_ulp_close, make_inputs,
+                          operand_scale, thresholds_checked)
 
 _reason = C.unavailable_reason()
 if _reason and os.environ.get("FASTMERGE_REQUIRE_EXTENSION", "") not in ("", "0"):
@@ -48,33 +48,9 @@ def threads(request):
 # ---------------------------------------------------------------------------------------
 # inputs
 
-def make_inputs(n, N, dtype, seed=0, kind="normal", base_dtype=None):
-    """(base, models [n, N]) in ``dtype``.
-
-    kind="normal": θ_b ~ N(0, 0.02²), τ_i ~ N(0, σ_i²) with per-model σ_i and ~3% exact zeros.
-    kind="grid":   everything on a 2^-6 grid: |τ| takes 9 values, so thresholds tie heavily
-                   and every fp32 sum is exact.
-    """
-    g = torch.Generator().manual_seed(seed)
-    bdt = base_dtype or dtype
-    if kind == "grid":
-        base = torch.randint(-64, 65, (N,), generator=g).double() / 64
-        tau = torch.randint(-8, 9, (n, N), generator=g).double() / 64
-        return base.to(bdt), (base + tau).to(dtype)
-    base = (0.02 * torch.randn(N, generator=g, dtype=torch.float64)).to(bdt)
-    sigma = torch.tensor([0.002 * (1 + i % 3) for i in range(n)], dtype=torch.float64)
-    tau = sigma.unsqueeze(1) * torch.randn(n, N, generator=g, dtype=torch.float64)
-    models = (base.double() + tau).to(dtype)
-    zeros = torch.rand(n, N, generator=g) < 0.03
-    models[zeros] = base.to(dtype).expand(n, N)[zeros]
-    return base, models
-
-
 def thresholds(base, models, density, slack):
     """(t, u) by the C histogram; checked against the reference and sorting."""
     return thresholds_checked(C.histogram, base, models, density, slack)
-
-
 
 
 def check_merge(base, models, cfg, out_dtype):

@@ -29,8 +29,8 @@ from fastmerge.kernel_api import (DIGIT_BITS, NBINS, NONFINITE, NONFINITE_BIN,  
                                   SHIFT, KernelConfig)
 from fastmerge.kernels import triton_merge as T  # noqa: E402
 from fastmerge.select import RadixSelect  # noqa: E402
-from tests.checks import (assert_counts_equal, assert_ulp_close, operand_scale,  # noqa: E402
-                          thresholds_checked)
+from tests.checks import (assert_counts_equal, assert_ulp_close, make_inputs,  # noqa: E402
+                          operand_scale, thresholds_checked)
 
 pytestmark = [pytest.mark.interpreter,
               # NaN / inf inputs on purpose: numpy warns inside the interpreter
@@ -55,31 +55,6 @@ def ids(name):
 
 # ---------------------------------------------------------------------------------------
 # inputs and checks
-
-def make_inputs(n, N, dtype, seed=0, kind="normal", base_dtype=None):
-    """(base, models [n, N]) in ``dtype``.
-
-    normal: θ_b ~ N(0, 0.02²), τ_i ~ N(0, σ_i²), ~3% exact zeros (θ_i = θ_b).
-    grid:   everything on a 2^-6 grid: |τ| takes 9 values (heavy ties at the
-            thresholds, G exactly 0 in places) and every fp32 sum is exact.
-    wide:   |τ| over ~40 binades (level-0 digits far below the dense window).
-    """
-    g = torch.Generator().manual_seed(seed)
-    bdt = base_dtype or dtype
-    if kind == "grid":
-        base = torch.randint(-64, 65, (N,), generator=g).double() / 64
-        tau = torch.randint(-8, 9, (n, N), generator=g).double() / 64
-        return base.to(bdt), (base + tau).to(dtype)
-    base = (0.02 * torch.randn(N, generator=g, dtype=torch.float64)).to(bdt)
-    sigma = torch.tensor([0.002 * (1 + i % 3) for i in range(n)], dtype=torch.float64)
-    tau = sigma.unsqueeze(1) * torch.randn(n, N, generator=g, dtype=torch.float64)
-    if kind == "wide":
-        tau = tau * torch.exp2(torch.randint(-20, 8, (n, N), generator=g).double())
-    models = (base.double() + tau).to(dtype)
-    zeros = torch.rand(n, N, generator=g) < 0.03
-    models[zeros] = base.to(dtype).expand(n, N)[zeros]
-    return base, models
-
 
 def thresholds(base, models, density, slack, **launch):
     """(t, u) by the Triton histogram (launch overrides passed through); checked against
