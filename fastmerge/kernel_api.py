@@ -1,6 +1,6 @@
 """The contract every backend (torch reference, Triton, C) implements, per chunk of a tensor.
 
-A backend provides two functions over flat, contiguous 1-D data:
+A backend provides two functions over flat, contiguous 1-D data (and may add a third):
 
 ``histogram(base, models, prefixes, level) -> int64 [n, 2, NBINS]``
     Radix-select step over the fp32 bit patterns ``key = bits(|τ_i|)`` with
@@ -11,6 +11,13 @@ A backend provides two functions over flat, contiguous 1-D data:
     nothing (slot off). At level 0 the prefix is 0 for every entry. Slot 0 serves the
     trim threshold ``t_i``, slot 1 the slack threshold ``u_i``. Non-finite ``|τ|`` land in
     level-0 bins ``>= NONFINITE_BIN``.
+
+``bracket(base, models, bounds, cap) -> (int64 [n, 2, 2], int32 [n, 2, cap])`` (optional)
+    The counting pass of bracketed selection (fastmerge.select): for slot ``j`` of model
+    ``i`` with ``bounds[i, j] = (lo, hi)``, counts ``above = #{key > hi}`` and
+    ``inside = #{lo <= key <= hi}``, and returns the first ``min(inside, cap)`` keys
+    inside (in any order). ``lo = -1``: slot off (0, 0). Backends without it are driven
+    by ``histogram`` alone.
 
 ``merge(base, models, out, cfg) -> int64 [n, len(COUNTERS)]``
     The fused pass of SPEC §4-§6 (and §8's counters) writing ``out`` (its dtype is the

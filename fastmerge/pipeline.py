@@ -1,8 +1,10 @@
 """The streaming merge: tensor by tensor, chunk by chunk, with bounded memory.
 
 For every merged tensor (SPEC §1-§8):
-  1. thresholds (TIES family): three radix-select histogram rounds (fastmerge.select);
-     with ``scope="model"`` one global round set over the whole checkpoint comes first;
+  1. thresholds (TIES family, fastmerge.select): for a tensor held in memory, one
+     bracketing pass when the backend has one; otherwise (or if a bracket missed) three
+     radix-select histogram rounds. With ``scope="model"`` one global set of radix
+     rounds over the whole checkpoint comes first;
   2. one fused merge pass per chunk, whose output goes straight to the sink.
 
 Memory is bounded by the chunk budget, not the model: a tensor whose inputs fit in
@@ -23,7 +25,7 @@ import torch
 from .errors import InputError
 from .kernel_api import COUNTERS, NONFINITE, KernelConfig
 from .plan import TensorTask, kernel_dtype
-from .select import find_thresholds
+from .select import bracket_thresholds, find_thresholds
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
@@ -197,6 +199,12 @@ class TensorSource:
             if self.cached is None:
                 self.reader.release(loaded)
 
+    def whole(self):
+        """(base, models) of the whole tensor when it is held in memory, else None."""
+        if self.cached is None or len(self.cached) != 1:
+            return None
+        return _on_compute_stream(*self.cached[0])
+
     def release(self) -> None:
         """Give the resident buffers back (after the last pass)."""
         for loaded in self.cached or ():
@@ -246,6 +254,16 @@ class StreamMerge:
     def _thresholds(self, chunk_fn, population: int):
         p = self.params
         return find_thresholds(self.backend.histogram, chunk_fn, p.density, p.slack, population)
+
+    def _tensor_thresholds(self, src: TensorSource, task: TensorTask):
+        """(t, u) of one tensor: one bracketing pass when it can, else radix select."""
+        p = self.params
+        bracket, whole = getattr(self.backend, "bracket", None), src.whole()
+        if bracket is not None and whole is not None:
+            found = bracket_thresholds(bracket, *whole, p.density, p.slack)
+            if found is not None:
+                return found
+        return self._thresholds(lambda: ((b, m) for _, _, b, m in src.chunks()), task.numel)
 
     # -- passes --------------------------------------------------------------------------
     def model_scope_thresholds(self) -> tuple[list[float], list[float]]:
@@ -314,8 +332,7 @@ class StreamMerge:
             if p.scope == "model":
                 t, u = self.global_thresholds
             else:
-                t, u = self._thresholds(lambda: ((b, m) for _, _, b, m in src.chunks()),
-                                        task.numel)
+                t, u = self._tensor_thresholds(src, task)
             stats.t, stats.u = list(t), list(u)
         cfg = self._kernel_config(t, u)
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)

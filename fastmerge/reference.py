@@ -43,6 +43,27 @@ def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
     return hist
 
 
+def bracket(base: torch.Tensor, models: torch.Tensor, bounds: torch.Tensor,
+            cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bracketed-selection counting pass of kernel_api's contract: (above, inside) counts
+    [n, 2, 2] and the keys inside each bracket (cand [n, 2, cap], sorted descending)."""
+    keys = abs_keys(task_vectors(base, models))
+    n = models.shape[0]
+    counts = torch.zeros(n, 2, 2, dtype=torch.int64)
+    cand = torch.zeros(n, 2, cap, dtype=torch.int32)
+    for i in range(n):
+        for j in range(2):
+            lo, hi = (int(x) for x in bounds[i, j])
+            if lo < 0:
+                continue
+            inside = keys[i][(keys[i] >= lo) & (keys[i] <= hi)].sort(descending=True).values
+            counts[i, j, 0] = int((keys[i] > hi).sum())
+            counts[i, j, 1] = inside.numel()
+            m = min(inside.numel(), cap)
+            cand[i, j, :m] = inside[:m].to(torch.int32).cpu()
+    return counts, cand
+
+
 def kth_largest(values: torch.Tensor, k: int) -> float:
     """The k-th largest entry (1-based) by sorting: brute force for thresholds and tests."""
     return float(torch.topk(values.reshape(-1).float(), k).values[-1])

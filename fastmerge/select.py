@@ -1,13 +1,21 @@
-"""Exact streaming top-k thresholds by radix selection over fp32 bit patterns (SPEC §2-§3).
+"""Exact top-k thresholds over fp32 bit patterns, without sorting (SPEC §2-§3).
 
 For each model we need ``t_i`` = the K_i-th largest |τ_i| and ``u_i`` = the S_i-th
 largest, over a population that may be one tensor or a whole checkpoint. Keys
-``bits(|τ|)`` order like integers, so three histogram rounds over digits of 11, 11 and
-9 bits (kernel_api.SHIFT) pin down the exact 31-bit key of each threshold without
-sorting and without holding the population: each round's histograms are summed over
-any number of chunks (and tensors) before ``update`` is called.
+``bits(|τ|)`` order like integers, so selection works on integers. Two exact methods:
 
-Usage::
+* **Radix select** (``RadixSelect``, any backend, any population): three histogram
+  rounds over digits of 11, 11 and 9 bits (kernel_api.SHIFT) pin down the exact 31-bit
+  key of each threshold without holding the population: each round's histograms are
+  summed over any number of chunks (and tensors) before ``update`` is called.
+* **Bracketing** (``bracket_thresholds``, one tensor held in memory, backends with
+  ``bracket``): a strided sample of the keys gives for each threshold a key range
+  [lo, hi] that holds it with high probability; one counting pass returns
+  ``above = #{key > hi}`` and the keys inside. If ``above < K <= above + inside``, the
+  threshold is exactly the (K − above)-th largest key inside, else radix select runs.
+  The sample only decides the cost, never the result: one pass instead of three.
+
+Radix usage::
 
     sel = RadixSelect.from_params(density, slack, population)
     while not sel.done:
@@ -17,6 +25,7 @@ Usage::
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -29,6 +38,26 @@ INF = float("inf")
 def key_to_float(key: int) -> float:
     """The fp32 value whose bit pattern is ``key`` (0 <= key < 2**31)."""
     return struct.unpack("<f", struct.pack("<I", key))[0]
+
+
+def ranks(density, slack, population: int):
+    """(ks, fixed) per model and slot (0: trim t, 1: slack u), SPEC §2-§3:
+    K_i = floor(d_i·|P|), S_i = floor(s_i·|P|). ``ks[i][j]`` is the rank to search for
+    (0: none); ``fixed[i][j]`` the threshold known without search (keep all: 0.0, keep
+    none / protect none: inf)."""
+    ks, fixed = [], []
+    for d, s in zip(density, slack):
+        k, sk = int(d * population), int(s * population)
+        if d == 1:
+            kt, ft = 0, 0.0
+        elif k == 0:
+            kt, ft = 0, INF
+        else:
+            kt, ft = k, None
+        ku, fu = (sk, None) if sk > 0 else (0, INF)
+        ks.append([kt, ku])
+        fixed.append([ft, fu])
+    return ks, fixed
 
 
 class RadixSelect:
@@ -48,20 +77,7 @@ class RadixSelect:
 
     @classmethod
     def from_params(cls, density, slack, population: int) -> "RadixSelect":
-        """Ranks of SPEC §2-§3: K_i = floor(d_i·|P|), S_i = floor(s_i·|P|)."""
-        ks, fixed = [], []
-        for d, s in zip(density, slack):
-            k, sk = int(d * population), int(s * population)
-            if d == 1:
-                kt, ft = 0, 0.0
-            elif k == 0:
-                kt, ft = 0, INF
-            else:
-                kt, ft = k, None
-            ku, fu = (sk, None) if sk > 0 else (0, INF)
-            ks.append([kt, ku])
-            fixed.append([ft, fu])
-        return cls(ks, fixed)
+        return cls(*ranks(density, slack, population))
 
     @property
     def done(self) -> bool:
@@ -120,3 +136,82 @@ def find_thresholds(histogram, chunks, density, slack, population: int):
             total += histogram(base, models, prefixes, sel.level).cpu()
         sel.update(total)
     return sel.thresholds()
+
+
+# -- bracketing ----------------------------------------------------------------------------
+SAMPLE_SIZE = 1 << 15
+BRACKET_SIGMAS = 4.0   # half-width of a bracket in binomial standard deviations of the sample
+KEY_MAX = (1 << 32) - 1
+
+
+def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
+    """int64 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at ``s = min(size, N)`` evenly
+    strided positions (every entry when N <= size), each row sorted descending. Bit-exact
+    with the kernels' keys: an fp32 subtraction, then the sign bit cleared."""
+    N = base.numel()
+    if N <= size:
+        b, m = base.reshape(-1), models
+    else:
+        idx = torch.arange(size, device=base.device, dtype=torch.int64) * N // size
+        idx += N // (2 * size)
+        b, m = base.reshape(-1)[idx], models[:, idx]
+    keys = (m.float() - b.float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
+    return keys.to(torch.int64).sort(dim=1, descending=True).values.cpu()
+
+
+def bracket_bounds(sample: torch.Tensor, ks, population: int):
+    """(bounds int64 [n, 2, 2], cap): per slot a key range [lo, hi] expected to hold the
+    ks[i][j]-th largest of ``population`` keys, from their sorted sample; lo = -1 when the
+    slot needs no search. ``cap`` leaves room for 1.5× the keys expected inside."""
+    n, s = sample.shape
+    bounds = torch.full((n, 2, 2), -1, dtype=torch.int64)
+    widest = 0
+    for i, row in enumerate(ks):
+        for j, k in enumerate(row):
+            if k == 0:
+                continue
+            r = k * s / population                 # the rank's expected position in the sample
+            half = BRACKET_SIGMAS * math.sqrt(r * max(0.0, 1 - r / s)) + 2
+            a, b = math.floor(r - half), math.ceil(r + half)   # 1-based sample ranks
+            hi = int(sample[i, a - 1]) if a >= 1 else KEY_MAX
+            lo = int(sample[i, b - 1]) if b <= s else 0
+            bounds[i, j] = torch.tensor([lo, hi])
+            widest = max(widest, min(b, s) - max(a, 1) + 1)
+    cap = min(population, int(1.5 * widest * population / s) + 1024)
+    return bounds, cap
+
+
+def bracket_thresholds(bracket, base: torch.Tensor, models: torch.Tensor, density, slack):
+    """(t, u) for one tensor held in memory by bracketing; None if a bracket missed (the
+    caller then runs RadixSelect). ``bracket`` is a backend's counting pass."""
+    population = base.numel()
+    ks, fixed = ranks(density, slack, population)
+    out = [[f for f in col] for col in zip(*fixed)]   # [slot][model]
+    if all(k == 0 for row in ks for k in row):
+        return out[0], out[1]
+    sample = sample_keys(base, models)
+    if sample.shape[1] == population:                # the sample is the whole tensor
+        for i, row in enumerate(ks):
+            for j, k in enumerate(row):
+                if k:
+                    out[j][i] = key_to_float(int(sample[i, k - 1]))
+        return out[0], out[1]
+    bounds, cap = bracket_bounds(sample, ks, population)
+    counts, cand = bracket(base, models, bounds, cap)
+    for i, row in enumerate(ks):
+        for j, k in enumerate(row):
+            if k == 0:
+                continue
+            above, inside = int(counts[i, j, 0]), int(counts[i, j, 1])
+            lo, hi = int(bounds[i, j, 0]), int(bounds[i, j, 1])
+            if not above < k <= above + inside:
+                return None
+            if lo == hi:                             # one key value, however many ties
+                out[j][i] = key_to_float(lo)
+                continue
+            if inside > cap:
+                return None
+            # the (k − above)-th largest of the keys inside = their (inside − k + above + 1)-th smallest
+            key = torch.kthvalue(cand[i, j, :inside], inside - (k - above) + 1).values
+            out[j][i] = key_to_float(int(key))
+    return out[0], out[1]

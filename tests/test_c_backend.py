@@ -133,6 +133,91 @@ def test_thresholds_streamed_over_chunks():
 
 
 # ---------------------------------------------------------------------------------------
+# bracketing pass
+
+def bounds_around(base, models, quantiles, off=()):
+    """int64 [n, 2, 2]: slot j of model i brackets the keys between two sorted positions
+    (quantiles[j] = (lo_q, hi_q), 1.0 = the largest key); (i, j) in ``off``: slot off."""
+    keys = R.abs_keys(R.task_vectors(base, models)).sort(dim=1).values
+    n, N = keys.shape
+    bounds = torch.full((n, 2, 2), -1, dtype=torch.int64)
+    for i in range(n):
+        for j, (qlo, qhi) in enumerate(quantiles):
+            if (i, j) not in off and N:
+                pick = lambda q: int(keys[i, min(N - 1, int(q * N))])
+                bounds[i, j] = torch.tensor([pick(qlo), pick(qhi)])
+    return bounds
+
+
+def check_bracket(base, models, bounds, cap):
+    """Counts equal the reference's; the candidates are keys inside (all of them when they
+    fit, else exactly cap of them); returns the counts."""
+    got, cand = C.bracket(base, models, bounds, cap)
+    want, everything = R.bracket(base, models, bounds, models.shape[1])
+    assert torch.equal(got, want), f"(above, inside) differ:\n{got}\n{want}"
+    for i in range(models.shape[0]):
+        for j in range(2):
+            inside = int(got[i, j, 1])
+            mine = cand[i, j, :min(inside, cap)].sort(descending=True).values
+            full = everything[i, j, :inside]
+            if inside <= cap:
+                assert torch.equal(mine, full), f"model {i} slot {j}: candidates differ"
+            else:
+                assert torch.isin(mine, full).all(), f"model {i} slot {j}: a key not inside"
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
+@pytest.mark.parametrize("kind", ["normal", "grid", "wide"], ids=ids("data"))
+@pytest.mark.parametrize("n", [1, 3, 8], ids=ids("n_models"))
+def test_bracket_equals_reference(dtype, kind, n, threads):
+    base, models = make_inputs(n, 70001, dtype, seed=n, kind=kind)
+    bounds = bounds_around(base, models, [(0.78, 0.82), (0.9, 1.0)], off={(0, 1)})
+    check_bracket(base, models, bounds, 70001)
+
+
+@pytest.mark.parametrize("N", [0, 1, 17, 1023, 1025, 4099], ids=ids("N"))
+@pytest.mark.parametrize("cap", [0, 3, 100000], ids=ids("cap"))
+def test_bracket_sizes_and_caps(N, cap, threads):
+    """Odd sizes; candidates beyond cap are counted but not stored (and nothing overruns)."""
+    base, models = make_inputs(2, N, BF16, seed=N)
+    check_bracket(base, models, bounds_around(base, models, [(0.0, 0.5), (0.5, 1.0)]), cap)
+
+
+def test_bracket_edges_ties_and_nonfinite(threads):
+    """Whole key range, a single key value (all its ties), zeros, NaN and inf keys."""
+    base, models = make_inputs(3, 5000, F16, seed=5, kind="grid")
+    models[0, :7] = float("nan")
+    models[1, 7:9] = float("inf")
+    keys = R.abs_keys(R.task_vectors(base, models))
+    tie = int(keys[2].median())
+    bounds = torch.tensor([[[0, (1 << 32) - 1], [0, 0]],
+                           [[0x7F800000, 0x7F800000], [tie, tie]],
+                           [[tie, tie], [-1, 5]]])
+    got = check_bracket(base, models, bounds, 5000)
+    assert int(got[0, 0, 1]) == 5000 and int(got[1, 0, 1]) == 2
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"bounds": np.array([0, 1, 2, 1] * 2, np.int64)}, "lo <= hi"),
+    ({"bounds": np.array([0, 1 << 32, 0, 1] * 2, np.int64)}, "2\\*\\*32"),
+    ({"bounds": np.array([-2, 1, 0, 1] * 2, np.int64)}, "-1 \\(slot off\\)"),
+    ({"bounds": np.zeros(7, np.int64)}, "bounds: 8 items"),
+    ({"cand": np.zeros((2, 2, 5), np.float32)}, "int32 buffer"),
+    ({"cand": np.zeros((2, 2, 4), np.int32)}, "cand: 20 items"),
+    ({"counts": np.zeros(8, np.float64)}, "int64 buffer"), ({"cap": -1}, "cap must be"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_bracket_rejects_bad_arguments(bad, match):
+    ext, base, models, _, _ = _ext_args()
+    kw = dict(base=base, models=models, n=2, N=10, base_dtype=ext.F32, models_dtype=ext.F32,
+              bounds=np.array([0, 1] * 4, np.int64), cand=np.zeros((2, 2, 5), np.int32), cap=5,
+              counts=np.zeros(8, np.int64))
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        ext.bracket(**kw)
+
+
+# ---------------------------------------------------------------------------------------
 # the fused merge
 
 @pytest.mark.parametrize("N", [0, 1, 17, 1000, 1023, 1024, 1025, 4099], ids=ids("N"))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fastmerge import reference as R
-from fastmerge.select import RadixSelect, find_thresholds, key_to_float
+from fastmerge import select as S
+from fastmerge.select import RadixSelect, bracket_thresholds, find_thresholds, key_to_float
 
 
 def chunked(base, models, step):
@@ -75,3 +76,76 @@ def test_key_to_float_round_trip():
     for v in (0.0, 1e-45, 1.5, 3.4e38, float("inf")):
         key = torch.tensor([v]).view(torch.int32).item()
         assert key_to_float(key) == torch.tensor([v]).item()
+
+
+# -- bracketing ----------------------------------------------------------------------------
+def big_case(case, dtype, N, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gen = {"random": lambda: torch.randn(N, generator=g),
+           "ties": lambda: torch.randint(-3, 4, (N,), generator=g).float() / 8,
+           "zeros": lambda: torch.where(torch.rand(N, generator=g) < .7, 0.0,
+                                        torch.randn(N, generator=g)),
+           "wide": lambda: torch.randn(N, generator=g) * torch.exp(8 * torch.randn(N, generator=g))}
+    base = torch.randn(N, generator=g).to(dtype)
+    return base, torch.stack([(base.float() + gen[case]()).to(dtype) for _ in range(n)])
+
+
+class Counting:
+    """A bracket pass (the reference's) that records its calls."""
+
+    def __init__(self, fn=R.bracket):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "zeros", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("N", [S.SAMPLE_SIZE - 1, S.SAMPLE_SIZE + 1, 200003])
+def test_bracket_equals_sort(case, dtype, N):
+    """Exact for every density / slack, whether the sample is the tensor (no pass) or a
+    strided subset (one pass), or a bracket misses (None: the caller runs radix)."""
+    base, models = big_case(case, dtype, N, seed=N % 7)
+    density, slack = [0.2, 1 / N, 0.9999], [0.05, 0.0, 0.5]
+    bracket = Counting()
+    found = bracket_thresholds(bracket, base, models, density, slack)
+    assert bracket.calls == (0 if N <= S.SAMPLE_SIZE else 1)
+    want = brute(base, models, density, slack)
+    if case == "random" or N <= S.SAMPLE_SIZE:
+        assert found is not None, "a bracket missed on a plain random tensor"
+    if found is not None:
+        assert found == ([w[0] for w in want], [w[1] for w in want])
+
+
+@pytest.mark.parametrize("density,slack", [(0.0, 0.0), (1.0, 0.0), (1.0, 0.3), (0.0, 0.1)])
+def test_bracket_fixed_thresholds(density, slack):
+    base, models = big_case("random", torch.float16, 100000, n=2)
+    bracket = Counting()
+    found = bracket_thresholds(bracket, base, models, [density] * 2, [slack] * 2)
+    want = brute(base, models, [density] * 2, [slack] * 2)
+    assert found == ([w[0] for w in want], [w[1] for w in want])
+    assert bracket.calls == (1 if slack else 0)
+
+
+def test_bracket_miss_returns_none(monkeypatch):
+    """A sample that misleads (the strided positions hold only zeros) or a candidate room
+    that overflows never gives a wrong threshold: None, and radix select takes over."""
+    N = 100000
+    base = torch.zeros(N)
+    models = torch.randn(2, N, generator=torch.Generator().manual_seed(1))
+    idx = torch.arange(S.SAMPLE_SIZE) * N // S.SAMPLE_SIZE + N // (2 * S.SAMPLE_SIZE)
+    models[:, idx] = 0.0                  # the sample sees only zeros
+    assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
+    models = torch.randn(2, N, generator=torch.Generator().manual_seed(2))
+    bounds = S.bracket_bounds
+    monkeypatch.setattr(S, "bracket_bounds", lambda *a: (bounds(*a)[0], 10))
+    assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
+
+
+def test_sample_keys_are_the_kernel_keys():
+    base, models = big_case("wide", torch.bfloat16, 5000)
+    keys = R.abs_keys(R.task_vectors(base, models)).sort(dim=1, descending=True).values
+    assert torch.equal(S.sample_keys(base, models), keys)

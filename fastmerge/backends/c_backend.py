@@ -109,6 +109,23 @@ def histogram(base: torch.Tensor, models, prefixes: torch.Tensor, level: int) ->
     return out
 
 
+def bracket(base: torch.Tensor, models, bounds: torch.Tensor,
+            cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bracketed-selection counting pass of kernel_api's contract: (counts int64 [n, 2, 2],
+    cand int32 [n, 2, cap])."""
+    mbuf, n, N, mcode = _models(models)
+    if base.numel() != N:
+        raise ValueError(f"base: {base.numel()} entries, models have {N}")
+    bounds = torch.as_tensor(bounds).to(torch.int64).contiguous()
+    if tuple(bounds.shape) != (n, 2, 2):
+        raise ValueError(f"bounds: expected shape [{n}, 2, 2], got {list(bounds.shape)}")
+    counts = torch.empty(n, 2, 2, dtype=torch.int64)
+    cand = torch.empty(n, 2, int(cap), dtype=torch.int32)
+    _module().bracket(_buffer(base, "base"), mbuf, n, N, _code(base, "base"), mcode,
+                      bounds.numpy(), cand.numpy(), int(cap), counts.numpy())
+    return counts, cand
+
+
 def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfig) -> torch.Tensor:
     """The fused pass of kernel_api's contract; writes ``out``, returns int64 [n, len(COUNTERS)]."""
     mbuf, n, N, mcode = _models(models)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, OutputError
+from .writeback import Writeback
 
 HEADER_LIMIT = 100 * 1024 * 1024
 """Largest header accepted (bytes); the format's own reference implementation uses 100 MB."""
@@ -489,7 +490,8 @@ class SafetensorsWriter:
     any number of calls per tensor). Nothing is buffered; everything written is hashed.
 
     ``close()`` checks every declared byte arrived (else OutputError), fsyncs and returns the
-    hex sha256 of the whole file. OSError (e.g. disk full) propagates unchanged so callers can
+    hex sha256 of the whole file. Pages are written back and dropped from the page cache as
+    the file grows (``Writeback``), so a large output does not evict the inputs. OSError (e.g. disk full) propagates unchanged so callers can
     tell I/O failures apart. ``abort()`` closes and removes the file.
     """
 
@@ -505,6 +507,8 @@ class SafetensorsWriter:
         self._digest: str | None = None
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                                        | _O_CLOEXEC, 0o644)
+        self._offset = 0   # bytes in the file
+        self._writeback = Writeback(self._fd)
         try:
             self._write_raw(memoryview(header))
         except BaseException:
@@ -549,6 +553,8 @@ class SafetensorsWriter:
         done = 0
         while done < buf.nbytes:
             done += os.write(self._fd, buf[done:done + _IO_STEP])
+        self._offset += done
+        self._writeback.written(self._offset)
         self._sha.update(buf)
 
     def _close_fd(self) -> None:
@@ -569,6 +575,7 @@ class SafetensorsWriter:
                               f"bytes; tensor {name!r} is incomplete")
         try:
             os.fsync(self._fd)
+            self._writeback.close()
         finally:
             self._close_fd()
         self._digest = self._sha.hexdigest()

@@ -1,8 +1,11 @@
-/* fastmerge C CPU kernels: radix-select histograms and the fused TIES / TIES-SV merge.
+/* fastmerge C CPU kernels: threshold selection (bracket counting pass, radix-select
+ * histograms) and the fused TIES / TIES-SV merge.
  *
  * Math (SPEC §1-§8, one tensor, models i = 1..n, entry j):
  *   τ_i = f32(θ_i) − f32(θ_b)                      (fp32 subtraction)
- *   key = bits(|τ_i|)                               (histogram: digits of the key)
+ *   key = bits(|τ_i|)                               (histogram: digits of the key;
+ *                                                    bracket: above = #{key > hi},
+ *                                                    inside = the keys in [lo, hi])
  *   kept_i = |τ_i| >= t_i,  prot_i = |τ_i| >= u_i
  *   vote_i = w_i·τ_i   (elect="count": sign(w_i)·sign(τ_i))
  *   G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G >= 0 else −1
@@ -338,6 +341,162 @@ int fm_histogram(const fm_hist_args *a)
             memset(out, 0, FM_NBINS * sizeof(int64_t));
         } else if (dup) {
             memcpy(out + FM_NBINS, out, FM_NBINS * sizeof(int64_t));
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* bracket: the one counting pass of sample-bracketed selection (fastmerge/select.py)   */
+
+/* keys inside a bracket are gathered per thread and published in batches */
+#define FM_BRACKET_LOCAL (2 * FM_BLOCK)
+
+typedef struct {
+    int on;                            /* some slot of this model is on */
+    uint32_t lo[2], span[2], hi[2];    /* inside: key - lo <= span (unsigned); above: key > hi */
+} bracket_plan;
+
+typedef struct {
+    float *b;
+    uint32_t *key;
+    uint8_t *flag;     /* FM_BLOCK + 8: inside slot 0 (bit 0), slot 1 (bit 1) */
+    uint32_t *local;   /* [n][2][FM_BRACKET_LOCAL]: gathered keys not yet published */
+    int *fill;         /* [n][2] */
+    int64_t *above;    /* [n][2] */
+} bracket_scratch;
+
+/* Publish the keys this thread gathered for slot ij = 2i + j: one atomic add on its
+ * `inside` count reserves their place; what fits under cap is copied there. */
+static void bracket_publish(const fm_bracket_args *a, bracket_scratch *s, int ij)
+{
+    const int m = s->fill[ij];
+    int64_t *inside = a->counts + 2 * (size_t)ij + 1;
+    int64_t pos;
+    if (!m) return;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    { pos = *inside; *inside += m; }
+    if (pos < a->cap) {
+        const int64_t room = a->cap - pos, take = m < room ? m : room;
+        memcpy(a->cand + (size_t)ij * a->cap + pos, s->local + (size_t)ij * FM_BRACKET_LOCAL,
+               (size_t)take * sizeof(int32_t));
+    }
+    s->fill[ij] = 0;
+}
+
+FM_CLONES static void bracket_range(const fm_bracket_args *a, const bracket_plan *plan,
+                                    bracket_scratch *s, int64_t blk0, int64_t blk1)
+{
+    uint32_t *restrict key = s->key;
+    uint8_t *restrict flag = s->flag;
+
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        const int64_t off = blk * FM_BLOCK;
+        const int len = block_len(a->N, blk);
+        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+        fm_load(s->b, a->base, a->base_dt, off, len);
+        for (int i = 0; i < a->n; i++) {
+            const bracket_plan *pl = &plan[i];
+            if (!pl->on) continue;
+            load_keys(key, a->models[i], a->models_dt, off, len, s->b);
+            const uint32_t lo0 = pl->lo[0], lo1 = pl->lo[1], sp0 = pl->span[0], sp1 = pl->span[1];
+            const uint32_t hi0 = pl->hi[0], hi1 = pl->hi[1];
+            uint32_t c0 = 0, c1 = 0;
+            for (int j = 0; j < len; j++) {
+                const uint32_t k = key[j];
+                c0 += k > hi0;
+                c1 += k > hi1;
+                flag[j] = (uint8_t)((k - lo0 <= sp0) | ((k - lo1 <= sp1) << 1));
+            }
+            for (int j = len; j < ((len + 7) & ~7); j++) flag[j] = 0;
+            s->above[2 * i] += c0;
+            s->above[2 * i + 1] += c1;
+            /* few keys fall inside a bracket: visit only the set flags (as in hist_range) */
+            uint32_t *restrict l0 = s->local + (size_t)(2 * i) * FM_BRACKET_LOCAL;
+            uint32_t *restrict l1 = l0 + FM_BRACKET_LOCAL;
+            int f0 = s->fill[2 * i], f1 = s->fill[2 * i + 1];
+            for (int j0 = 0; j0 < len; j0 += 8) {
+                uint64_t w;
+                memcpy(&w, flag + j0, sizeof w);
+                if (!w) continue;
+                uint64_t m0 = ((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+                uint64_t m1 = (((w >> 1) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+                for (; m0; m0 &= m0 - 1) l0[f0++] = key[j0 + __builtin_ctzll(m0)];
+                for (; m1; m1 &= m1 - 1) l1[f1++] = key[j0 + __builtin_ctzll(m1)];
+            }
+            s->fill[2 * i] = f0;
+            s->fill[2 * i + 1] = f1;
+            /* at most FM_BLOCK more per block: keep that much room */
+            if (f0 > FM_BRACKET_LOCAL - FM_BLOCK) bracket_publish(a, s, 2 * i);
+            if (f1 > FM_BRACKET_LOCAL - FM_BLOCK) bracket_publish(a, s, 2 * i + 1);
+        }
+    }
+}
+
+int fm_bracket(const fm_bracket_args *a)
+{
+    const int n = a->n;
+    bracket_plan plan[FM_MAX_MODELS];
+
+    memset(a->counts, 0, (size_t)n * 4 * sizeof(int64_t));
+    for (int i = 0; i < n; i++) {
+        bracket_plan *pl = &plan[i];
+        pl->on = 0;
+        for (int j = 0; j < 2; j++) {
+            if (a->lo[i][j] >= 0) {
+                pl->on = 1;
+                pl->lo[j] = (uint32_t)a->lo[i][j];
+                pl->span[j] = (uint32_t)(a->hi[i][j] - a->lo[i][j]);
+                pl->hi[j] = (uint32_t)a->hi[i][j];
+            } else {   /* off: keys are below 2^31, so nothing is inside or above */
+                pl->lo[j] = UINT32_MAX;
+                pl->span[j] = 0;
+                pl->hi[j] = UINT32_MAX;
+            }
+        }
+    }
+    if (a->N == 0) return 0;
+
+    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
+    const int nt = pick_threads(a->threads, nblk);
+    int failed = 0;
+    int64_t next = 0;
+    const int64_t nchunk = (nblk + FM_MERGE_CHUNK_BLOCKS - 1) / FM_MERGE_CHUNK_BLOCKS;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+#endif
+    {
+        arena ar;
+        const size_t local_bytes = (size_t)n * 2 * FM_BRACKET_LOCAL * sizeof(uint32_t);
+        if (arena_init(&ar, rounded(FM_BLOCK * sizeof(float)) + rounded(FM_BLOCK * sizeof(uint32_t)) +
+                                rounded(FM_BLOCK + 8) + rounded(local_bytes) +
+                                rounded((size_t)n * 2 * sizeof(int)) +
+                                rounded((size_t)n * 2 * sizeof(int64_t))) != 0) {
+            failed = 1;
+        } else {
+            bracket_scratch s;
+            s.b = arena_take(&ar, FM_BLOCK * sizeof(float));
+            s.key = arena_take(&ar, FM_BLOCK * sizeof(uint32_t));
+            s.flag = arena_take(&ar, FM_BLOCK + 8);
+            s.local = arena_take(&ar, local_bytes);
+            s.fill = arena_take(&ar, (size_t)n * 2 * sizeof(int));
+            s.above = arena_take(&ar, (size_t)n * 2 * sizeof(int64_t));
+            memset(s.fill, 0, (size_t)n * 2 * sizeof(int));
+            memset(s.above, 0, (size_t)n * 2 * sizeof(int64_t));
+            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
+                const int64_t b0 = ci * FM_MERGE_CHUNK_BLOCKS;
+                const int64_t b1 = b0 + FM_MERGE_CHUNK_BLOCKS < nblk ? b0 + FM_MERGE_CHUNK_BLOCKS : nblk;
+                bracket_range(a, plan, &s, b0, b1);
+            }
+            for (int ij = 0; ij < 2 * n; ij++) bracket_publish(a, &s, ij);
+#ifdef _OPENMP
+#pragma omp critical(fastmerge_bracket)
+#endif
+            for (int ij = 0; ij < 2 * n; ij++) a->counts[2 * ij] += s.above[ij];
+            free(ar.mem);
         }
     }
     return failed ? -1 : 0;

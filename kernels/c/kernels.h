@@ -37,6 +37,20 @@ typedef struct {
 } fm_hist_args;
 
 typedef struct {
+    int n;                                /* models, 1..FM_MAX_MODELS */
+    int64_t N;
+    int base_dt, models_dt;
+    const void *base;
+    const void *models[FM_MAX_MODELS];
+    int64_t lo[FM_MAX_MODELS][2];         /* inclusive key range per slot; lo < 0: slot off */
+    int64_t hi[FM_MAX_MODELS][2];         /* lo <= hi < 2^32 for a slot that is on */
+    int64_t cap;                          /* candidate room per slot */
+    int32_t *cand;                        /* out: [n][2][cap], the first min(inside, cap) */
+    int64_t *counts;                      /* out: [n][2][2] = (above, inside), overwritten */
+    int threads;
+} fm_bracket_args;
+
+typedef struct {
     int n;
     int64_t N;
     int mode;                             /* FM_MODE_* */
@@ -56,6 +70,7 @@ typedef struct {
 /* 0 on success, -1 when per-thread scratch could not be allocated. */
 int fm_histogram(const fm_hist_args *a);
 int fm_merge(const fm_merge_args *a);
+int fm_bracket(const fm_bracket_args *a);
 
 /* dst (dst_dt) = round(f32(src (src_dt))), N elements; for the conversion tests. */
 void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N);

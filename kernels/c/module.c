@@ -289,6 +289,106 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(bracket_doc,
+"bracket(base, models, n, N, base_dtype, models_dtype, bounds, cand, cap, counts, *, threads=0)\n"
+"--\n\n"
+"Counting pass of bracketed selection (fastmerge.kernel_api): for model i, slot j with\n"
+"bounds[i, j] = (lo, hi) and key = bits(|f32(models[i]) - f32(base)|), counts[i, j] =\n"
+"(#keys > hi, #keys with lo <= key <= hi) and cand[i, j, :min(inside, cap)] = keys inside,\n"
+"in no particular order. lo = -1: slot off. bounds: n*2*2 int64; cand: writable n*2*cap\n"
+"int32; counts: writable n*2*2 int64, overwritten.");
+
+static PyObject *py_bracket(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "n", "N", "base_dtype", "models_dtype",
+                             "bounds", "cand", "cap", "counts", "threads", NULL};
+    PyObject *base_o, *models_o, *bounds_o, *cand_o, *counts_o;
+    int n, bdt, mdt, threads = 0;
+    long long N, cap;
+    bufset bs = {.count = 0};
+    fm_bracket_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiiOOLO|$i", kwlist, &base_o, &models_o, &n,
+                                     &N, &bdt, &mdt, &bounds_o, &cand_o, &cap, &counts_o,
+                                     &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (check_sizes(n, N) || check_dtype(bdt, "base_dtype") || check_dtype(mdt, "models_dtype"))
+        return NULL;
+    if (cap < 0 || cap > (long long)(PY_SSIZE_T_MAX / 8 / n)) {
+        PyErr_Format(PyExc_ValueError, "cap must be 0..%lld, got %lld",
+                     (long long)(PY_SSIZE_T_MAX / 8 / n), cap);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    a.n = n;
+    a.N = N;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.cap = cap;
+
+    Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+    if (!bv) goto fail;
+    a.base = bv->buf;
+    if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+
+    Py_buffer *qv = take_buffer(&bs, bounds_o, "bounds", (long long)n * 4, 8, 0);
+    if (!qv || check_int64(qv, "bounds")) goto fail;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < 2; j++) {
+            const int64_t lo = ((const int64_t *)qv->buf)[4 * i + 2 * j];
+            const int64_t hi = ((const int64_t *)qv->buf)[4 * i + 2 * j + 1];
+            if (lo >= 0 && !(lo <= hi && hi <= (int64_t)UINT32_MAX)) {
+                PyErr_Format(PyExc_ValueError, "bounds[%d, %d] = (%lld, %lld): need 0 <= lo <= "
+                             "hi < 2**32, or lo = -1 (slot off)", i, j, (long long)lo,
+                             (long long)hi);
+                goto fail;
+            }
+            if (lo < -1) {
+                PyErr_Format(PyExc_ValueError, "bounds[%d, %d]: lo = %lld, must be >= 0 or -1 "
+                             "(slot off)", i, j, (long long)lo);
+                goto fail;
+            }
+            a.lo[i][j] = lo;
+            a.hi[i][j] = hi;
+        }
+
+    Py_buffer *cv = take_buffer(&bs, cand_o, "cand", (long long)n * 2 * cap, 4, 1);
+    if (!cv) goto fail;
+    {
+        const char *f = cv->format ? cv->format : "B";
+        if (*f == '<' || *f == '=' || *f == '@') f++;
+        if (!(*f == 'i' && f[1] == '\0')) {
+            PyErr_Format(PyExc_ValueError, "cand: an int32 buffer is needed, got format %.10s",
+                         cv->format ? cv->format : "B");
+            goto fail;
+        }
+    }
+    a.cand = cv->buf;
+    Py_buffer *ov = take_buffer(&bs, counts_o, "counts", (long long)n * 4, 8, 1);
+    if (!ov || check_int64(ov, "counts")) goto fail;
+    a.counts = ov->buf;
+    for (int k = 0; k < bs.count - 1; k++) {
+        if (overlaps(ov->buf, ov->len, bs.views[k].buf, bs.views[k].len) ||
+            (k < bs.count - 2 && overlaps(cv->buf, cv->len, bs.views[k].buf, bs.views[k].len))) {
+            PyErr_SetString(PyExc_ValueError, "cand / counts: overlaps another buffer");
+            goto fail;
+        }
+    }
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_bracket(&a);
+    Py_END_ALLOW_THREADS
+    bufset_release(&bs);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
 PyDoc_STRVAR(merge_doc,
 "merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, mode, weights, t, u,\n"
 "      scale, normalize, elect_count, counts, *, threads=0)\n"
@@ -455,6 +555,8 @@ static PyMethodDef methods[] = {
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_VARARGS | METH_KEYWORDS,
      histogram_doc},
     {"merge", (PyCFunction)(void (*)(void))py_merge, METH_VARARGS | METH_KEYWORDS, merge_doc},
+    {"bracket", (PyCFunction)(void (*)(void))py_bracket, METH_VARARGS | METH_KEYWORDS,
+     bracket_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
@@ -465,7 +567,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "fastmerge._cmerge",
-    "fastmerge C CPU kernels (radix-select histogram, fused TIES/TIES-SV merge); see "
+    "fastmerge C CPU kernels (bracket and radix-select passes, fused TIES/TIES-SV "
+    "merge); see "
     "kernels/c/kernels.c.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
