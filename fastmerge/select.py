@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import struct
 
+import numpy as np
 import torch
 
 from .kernel_api import DIGIT_BITS, NBINS
@@ -139,44 +140,51 @@ def find_thresholds(histogram, chunks, density, slack, population: int):
 
 
 # -- bracketing ----------------------------------------------------------------------------
-SAMPLE_SIZE = 1 << 15
-BRACKET_SIGMAS = 4.0   # half-width of a bracket in binomial standard deviations of the sample
+SAMPLE_SIZE = 1 << 16
+BRACKET_SIGMAS = 3.5   # half-width of a bracket in binomial standard deviations of the sample
 KEY_MAX = (1 << 32) - 1
 
 
-def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
-    """int64 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at ``s = min(size, N)`` evenly
-    strided positions (every entry when N <= size), each row sorted descending. Bit-exact
-    with the kernels' keys: an fp32 subtraction, then the sign bit cleared."""
-    N = base.numel()
-    if N <= size:
-        b, m = base.reshape(-1), models
-    else:
-        idx = torch.arange(size, device=base.device, dtype=torch.int64) * N // size
-        idx += N // (2 * size)
-        b, m = base.reshape(-1)[idx], models[:, idx]
-    keys = (m.float() - b.float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
-    return keys.to(torch.int64).sort(dim=1, descending=True).values.cpu()
+def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZE) -> np.ndarray:
+    """int32 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at every (N // size)-th position
+    (so size <= s < 2·size; every entry when N < 2·size), unordered. Bit-exact with the
+    kernels' keys: an fp32 subtraction, then the sign bit cleared."""
+    b = base.reshape(-1)
+    step = max(1, b.numel() // size)
+    if step > 1:
+        b, models = b[step // 2::step], models[:, step // 2::step]
+    keys = (models.float() - b.float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
+    return keys.cpu().numpy()
 
 
-def bracket_bounds(sample: torch.Tensor, ks, population: int):
+def kth_largest_keys(keys: np.ndarray, ranks: list[int]) -> list[int]:
+    """The ranks[r]-th largest entries (1-based) of the 1-D ``keys``, by one partial sort."""
+    m = keys.shape[0]
+    part = np.partition(keys, sorted({m - r for r in ranks}))
+    return [int(part[m - r]) for r in ranks]
+
+
+def bracket_bounds(sample: np.ndarray, ks, population: int):
     """(bounds int64 [n, 2, 2], cap): per slot a key range [lo, hi] expected to hold the
-    ks[i][j]-th largest of ``population`` keys, from their sorted sample; lo = -1 when the
-    slot needs no search. ``cap`` leaves room for 1.5× the keys expected inside."""
+    ks[i][j]-th largest of ``population`` keys, from their sample; lo = -1 when the slot
+    needs no search. ``cap`` leaves room for 1.5× the keys expected inside."""
     n, s = sample.shape
     bounds = torch.full((n, 2, 2), -1, dtype=torch.int64)
     widest = 0
     for i, row in enumerate(ks):
+        ends = {}
         for j, k in enumerate(row):
             if k == 0:
                 continue
-            r = k * s / population                 # the rank's expected position in the sample
+            r = k * s / population                 # the rank's expected place in the sample
             half = BRACKET_SIGMAS * math.sqrt(r * max(0.0, 1 - r / s)) + 2
-            a, b = math.floor(r - half), math.ceil(r + half)   # 1-based sample ranks
-            hi = int(sample[i, a - 1]) if a >= 1 else KEY_MAX
-            lo = int(sample[i, b - 1]) if b <= s else 0
-            bounds[i, j] = torch.tensor([lo, hi])
-            widest = max(widest, min(b, s) - max(a, 1) + 1)
+            ends[j] = math.floor(r - half), math.ceil(r + half)   # 1-based sample ranks
+            widest = max(widest, min(ends[j][1], s) - max(ends[j][0], 1) + 1)
+        inner = [x for a, b in ends.values() for x in (a, b) if 1 <= x <= s]
+        value = dict(zip(inner, kth_largest_keys(sample[i], inner))) if inner else {}
+        for j, (a, b) in ends.items():
+            bounds[i, j, 0] = value[b] if b <= s else 0
+            bounds[i, j, 1] = value[a] if a >= 1 else KEY_MAX
     cap = min(population, int(1.5 * widest * population / s) + 1024)
     return bounds, cap
 
@@ -186,32 +194,32 @@ def bracket_thresholds(bracket, base: torch.Tensor, models: torch.Tensor, densit
     caller then runs RadixSelect). ``bracket`` is a backend's counting pass."""
     population = base.numel()
     ks, fixed = ranks(density, slack, population)
-    out = [[f for f in col] for col in zip(*fixed)]   # [slot][model]
+    out = [list(col) for col in zip(*fixed)]   # [slot][model]
     if all(k == 0 for row in ks for k in row):
         return out[0], out[1]
     sample = sample_keys(base, models)
     if sample.shape[1] == population:                # the sample is the whole tensor
         for i, row in enumerate(ks):
-            for j, k in enumerate(row):
-                if k:
-                    out[j][i] = key_to_float(int(sample[i, k - 1]))
+            want = [k for k in row if k]
+            for j, key in zip([j for j, k in enumerate(row) if k],
+                              kth_largest_keys(sample[i], want) if want else []):
+                out[j][i] = key_to_float(key)
         return out[0], out[1]
     bounds, cap = bracket_bounds(sample, ks, population)
     counts, cand = bracket(base, models, bounds, cap)
+    counts, cand = counts.tolist(), cand.numpy()
     for i, row in enumerate(ks):
         for j, k in enumerate(row):
             if k == 0:
                 continue
-            above, inside = int(counts[i, j, 0]), int(counts[i, j, 1])
+            above, inside = counts[i][j]
             lo, hi = int(bounds[i, j, 0]), int(bounds[i, j, 1])
             if not above < k <= above + inside:
                 return None
             if lo == hi:                             # one key value, however many ties
                 out[j][i] = key_to_float(lo)
-                continue
-            if inside > cap:
+            elif inside > cap:
                 return None
-            # the (k − above)-th largest of the keys inside = their (inside − k + above + 1)-th smallest
-            key = torch.kthvalue(cand[i, j, :inside], inside - (k - above) + 1).values
-            out[j][i] = key_to_float(int(key))
+            else:                                    # the (k − above)-th largest inside
+                out[j][i] = key_to_float(kth_largest_keys(cand[i, j, :inside], [k - above])[0])
     return out[0], out[1]

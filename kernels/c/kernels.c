@@ -360,7 +360,7 @@ typedef struct {
 typedef struct {
     float *b;
     uint32_t *key;
-    uint8_t *flag;     /* FM_BLOCK + 8: inside slot 0 (bit 0), slot 1 (bit 1) */
+    uint8_t *flag;     /* FM_BLOCK + 64: inside slot 0 (bit 0), slot 1 (bit 1) */
     uint32_t *local;   /* [n][2][FM_BRACKET_LOCAL]: gathered keys not yet published */
     int *fill;         /* [n][2] */
     int64_t *above;    /* [n][2] */
@@ -410,19 +410,22 @@ FM_CLONES static void bracket_range(const fm_bracket_args *a, const bracket_plan
                 c1 += k > hi1;
                 flag[j] = (uint8_t)((k - lo0 <= sp0) | ((k - lo1 <= sp1) << 1));
             }
-            for (int j = len; j < ((len + 7) & ~7); j++) flag[j] = 0;
+            for (int j = len; j < ((len + 63) & ~63); j++) flag[j] = 0;
             s->above[2 * i] += c0;
             s->above[2 * i + 1] += c1;
             /* few keys fall inside a bracket: visit only the set flags (as in hist_range) */
             uint32_t *restrict l0 = s->local + (size_t)(2 * i) * FM_BRACKET_LOCAL;
             uint32_t *restrict l1 = l0 + FM_BRACKET_LOCAL;
             int f0 = s->fill[2 * i], f1 = s->fill[2 * i + 1];
-            for (int j0 = 0; j0 < len; j0 += 8) {
-                uint64_t w;
-                memcpy(&w, flag + j0, sizeof w);
-                if (!w) continue;
-                uint64_t m0 = ((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
-                uint64_t m1 = (((w >> 1) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56;
+            for (int j0 = 0; j0 < len; j0 += 64) {
+                /* 64 flags -> one bit mask per slot, from 8 flag bytes at a time */
+                uint64_t m0 = 0, m1 = 0;
+                for (int q = 0; q < 8; q++) {
+                    uint64_t w;
+                    memcpy(&w, flag + j0 + 8 * q, sizeof w);
+                    m0 |= (((w & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) << (8 * q);
+                    m1 |= ((((w >> 1) & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) << (8 * q);
+                }
                 for (; m0; m0 &= m0 - 1) l0[f0++] = key[j0 + __builtin_ctzll(m0)];
                 for (; m1; m1 &= m1 - 1) l1[f1++] = key[j0 + __builtin_ctzll(m1)];
             }
@@ -472,7 +475,7 @@ int fm_bracket(const fm_bracket_args *a)
         arena ar;
         const size_t local_bytes = (size_t)n * 2 * FM_BRACKET_LOCAL * sizeof(uint32_t);
         if (arena_init(&ar, rounded(FM_BLOCK * sizeof(float)) + rounded(FM_BLOCK * sizeof(uint32_t)) +
-                                rounded(FM_BLOCK + 8) + rounded(local_bytes) +
+                                rounded(FM_BLOCK + 64) + rounded(local_bytes) +
                                 rounded((size_t)n * 2 * sizeof(int)) +
                                 rounded((size_t)n * 2 * sizeof(int64_t))) != 0) {
             failed = 1;
@@ -480,7 +483,7 @@ int fm_bracket(const fm_bracket_args *a)
             bracket_scratch s;
             s.b = arena_take(&ar, FM_BLOCK * sizeof(float));
             s.key = arena_take(&ar, FM_BLOCK * sizeof(uint32_t));
-            s.flag = arena_take(&ar, FM_BLOCK + 8);
+            s.flag = arena_take(&ar, FM_BLOCK + 64);
             s.local = arena_take(&ar, local_bytes);
             s.fill = arena_take(&ar, (size_t)n * 2 * sizeof(int));
             s.above = arena_take(&ar, (size_t)n * 2 * sizeof(int64_t));
