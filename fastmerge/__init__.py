@@ -11,7 +11,16 @@ __version__ = "0.1.0"
 
 from .errors import (BackendUnavailable, FastmergeError, InputError, OutputError,  # noqa: E402
                      ParameterError)
-from .api import MergeResult, merge  # noqa: E402
+
+
+def __getattr__(name):
+    """``merge`` and ``MergeResult`` load on first use, so ``import fastmerge.cli`` can
+    configure the process before PyTorch (and its OpenMP runtime) is imported."""
+    if name in ("merge", "MergeResult"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'fastmerge' has no attribute {name!r}")
+
 
 __all__ = ["merge", "MergeResult", "FastmergeError", "ParameterError", "InputError",
            "OutputError", "BackendUnavailable", "__version__"]

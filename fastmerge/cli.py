@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .errors import FastmergeError
+
+# This process runs fastmerge's kernels and little else: OpenMP threads that spin after
+# every parallel region (libgomp's default) only take CPU from the reader and writer
+# threads. OpenMP reads this once, when PyTorch loads it; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,6 +63,7 @@ def cmd_merge(args) -> int:
     from .report import summary
 
     kwargs = load_config(args.config)
+    gc.freeze()   # the import-time objects (PyTorch's) need no more garbage collection scans
     t0 = time.perf_counter()
     result = merge(**kwargs, output=args.output, overwrite=args.overwrite,
                    shard_size=args.shard_size, allow_pickle=args.allow_pickle,
