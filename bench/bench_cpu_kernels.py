@@ -7,10 +7,15 @@ One Llama-2-7B-shaped fp16 tensor at a time (4096x4096 attention, 11008x4096 MLP
 32000x4096 embedding), a base and 2 fine-tunes, TIES-SV with density 0.2 and slack 0.05.
 Contenders, measured side by side in one run on the same tensors:
 
-* ``c``: fastmerge's C backend: exact thresholds by radix select (select.find_thresholds
-  over c_backend.histogram: 3 passes) plus the one fused merge pass (c_backend.merge).
-  The two parts are also timed on their own.
-* ``reference``: the same pipeline on fastmerge.reference (the "torch" backend).
+* ``c``: fastmerge's C backend as the pipeline runs a tensor held in memory: exact
+  thresholds by bracketing (select.bracket_thresholds: a strided sample, one
+  c_backend.bracket pass, a partial sort of the keys inside; radix select if a bracket
+  misses) plus the one fused merge pass (c_backend.merge). The parts are also timed on
+  their own: ``c_thresholds`` (bracketing), ``c_thresholds_radix`` (radix select over
+  c_backend.histogram, 3 passes: the path of streamed tensors and scope="model") and
+  ``c_merge_pass``.
+* ``reference``: radix select and the merge pass on fastmerge.reference (the "torch"
+  backend).
 * ``incumbent``: TIES as mergekit runs it, written here from its description (no mergekit
   code): per model τ in the storage dtype, k = int(density * numel), a full argsort of
   |τ| keeping exactly the top k, sign election by the sum of kept τ in the storage dtype,
@@ -45,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from fastmerge import reference  # noqa: E402
 from fastmerge.backends import c_backend  # noqa: E402
 from fastmerge.kernel_api import KernelConfig  # noqa: E402
-from fastmerge.select import find_thresholds  # noqa: E402
+from fastmerge.select import bracket_thresholds, find_thresholds  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "32000x4096": (32000, 4096)}
 DENSITY, SLACK, N_MODELS, DTYPE = 0.2, 0.05, 2, torch.float16
@@ -54,11 +59,20 @@ DENSITY, SLACK, N_MODELS, DTYPE = 0.2, 0.05, 2, torch.float16
 # ---------------------------------------------------------------------------------------
 # contenders
 
-def fastmerge_ties_sv(backend, base, models, out):
-    """Exact thresholds by radix select, then the fused merge pass."""
+def thresholds(backend, base, models):
+    """Exact (t, u) as the pipeline finds them: bracketing if the backend has it, else
+    (or when a bracket misses) radix select."""
     n, N = models.shape
-    t, u = find_thresholds(backend.histogram, lambda: [(base, models)], [DENSITY] * n,
-                           [SLACK] * n, N)
+    bracket = getattr(backend, "bracket", None)
+    found = bracket and bracket_thresholds(bracket, base, models, [DENSITY] * n, [SLACK] * n)
+    return found or find_thresholds(backend.histogram, lambda: [(base, models)],
+                                    [DENSITY] * n, [SLACK] * n, N)
+
+
+def fastmerge_ties_sv(backend, base, models, out):
+    """Exact thresholds, then the fused merge pass."""
+    n, N = models.shape
+    t, u = thresholds(backend, base, models)
     cfg = KernelConfig("ties", (1.0,) * n, tuple(t), tuple(u))
     return backend.merge(base, models, out, cfg)
 
@@ -152,13 +166,16 @@ def bench_shape(name: str, repeats: int, skip: set[str]) -> dict:
     N = flat_base.numel()
     contenders = {
         "c": lambda: fastmerge_ties_sv(c_backend, flat_base, flat_models, out),
-        "c_thresholds": lambda: find_thresholds(c_backend.histogram, lambda: [(flat_base, flat_models)],
-                                                [DENSITY] * N_MODELS, [SLACK] * N_MODELS, N),
+        "c_thresholds": lambda: thresholds(c_backend, flat_base, flat_models),
+        "c_thresholds_radix": lambda: find_thresholds(
+            c_backend.histogram, lambda: [(flat_base, flat_models)], [DENSITY] * N_MODELS,
+            [SLACK] * N_MODELS, N),
         "c_merge_pass": None,   # filled below with the real thresholds
         "reference": lambda: fastmerge_ties_sv(reference, flat_base, flat_models, out),
         "incumbent": lambda: incumbent_ties(base, models),
     }
     t, u = contenders["c_thresholds"]()
+    assert (t, u) == contenders["c_thresholds_radix"](), "bracketing and radix select disagree"
     cfg = KernelConfig("ties", (1.0,) * N_MODELS, tuple(t), tuple(u))
     contenders["c_merge_pass"] = lambda: c_backend.merge(flat_base, flat_models, out, cfg)
 
@@ -191,7 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for the C kernels and torch (default: all cores)")
     ap.add_argument("--skip", default="", help="comma-separated contenders to leave out "
-                    "(c_thresholds, c_merge_pass, reference, incumbent)")
+                    "(c_thresholds, c_thresholds_radix, c_merge_pass, reference, incumbent)")
     args = ap.parse_args(argv)
 
     reason = c_backend.unavailable_reason()

@@ -6,10 +6,13 @@
 Builds (or reuses) a Llama-shaped fp16 base + 2 fine-tunes with fastmerge.testing, then
 measures, each as a separate process under ``/usr/bin/time -v`` (wall time and peak RSS):
   * the I/O floor: reading every input file once from page cache + writing (and fsyncing)
-    an output of the merged size;
-  * ``fastmerge merge`` with TIES and TIES-SV for each requested backend;
-  * ``mergekit-yaml`` with the same TIES config (if --mergekit is given).
-Inputs are read once beforehand so every contender starts from a warm page cache.
+    an output of the merged size, two ways: plain ``write`` calls, and with the writeback
+    fastmerge itself uses (fastmerge.io.writeback: pages written back early and dropped);
+  * ``fastmerge merge`` with TIES and TIES-SV for each requested backend (``--repeats``
+    runs each, median reported);
+  * ``mergekit-yaml`` with the same TIES config (if --mergekit is given; one run).
+Inputs are read once beforehand so every contender starts from a warm page cache, and
+dirty pages are synced between runs so one contender's writeback does not slow the next.
 """
 from __future__ import annotations
 
@@ -51,19 +54,38 @@ def warm(paths) -> float:
     return time.perf_counter() - t0
 
 
-def write_floor(path: Path, nbytes: int) -> float:
-    buf = os.urandom(1 << 24)
+def write_floor(path: Path, nbytes: int, writeback: bool) -> float:
+    """Seconds to write nbytes and fsync them: plain writes, or with fastmerge's Writeback."""
+    from fastmerge.io.writeback import Writeback
+    buf = memoryview(os.urandom(1 << 24))
     t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(buf[:min(left, len(buf))])
-            left -= len(buf)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    wb = Writeback(fd) if writeback else None
+    done = 0
+    while done < nbytes:
+        done += os.write(fd, buf[:min(nbytes - done, len(buf))])
+        if wb:
+            wb.written(done)
+    os.fsync(fd)
+    if wb:
+        wb.close()
+    os.close(fd)
     dt = time.perf_counter() - t0
     path.unlink()
+    settle()
     return dt
+
+
+def settle() -> None:
+    """Let the disk finish what earlier runs left (writeback, discards) before timing."""
+    os.sync()
+    time.sleep(2)
+
+
+def median(xs):
+    """The middle item (upper middle for an even count) of xs, sorted."""
+    xs = sorted(xs, key=lambda x: x["wall_s"] if isinstance(x, dict) else x)
+    return xs[len(xs) // 2]
 
 
 def config_yaml(method, base, models, slack) -> str:
@@ -84,6 +106,7 @@ def main() -> int:
     ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml (optional)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--keep", action="store_true", help="keep inputs for a later run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per fastmerge contender")
     args = ap.parse_args()
 
     import torch
@@ -105,42 +128,59 @@ def main() -> int:
     in_bytes = sum(p.stat().st_size for p in files)
     out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
+    settle()
     warm(files)
-    rows = {"read_inputs_s": round(warm(files), 3),
-            "write_output_s": round(write_floor(work / "floor.bin", out_bytes), 3)}
+    reads = [warm(files) for _ in range(3)]
+    plain = [write_floor(work / "floor.bin", out_bytes, False) for _ in range(3)]
+    wback = [write_floor(work / "floor.bin", out_bytes, True) for _ in range(3)]
+    rows = {"read_inputs_s": round(median(reads), 3), "write_output_s": round(median(plain), 3),
+            "write_output_writeback_s": round(median(wback), 3),
+            "samples": {"read": reads, "write": plain, "write_writeback": wback}}
     rows["io_floor_s"] = round(rows["read_inputs_s"] + rows["write_output_s"], 3)
-    print(f"I/O floor {rows['io_floor_s']} s ({in_bytes / 1e9:.2f} GB read, "
-          f"{out_bytes / 1e9:.2f} GB written)", flush=True)
+    rows["io_floor_writeback_s"] = round(rows["read_inputs_s"] + rows["write_output_writeback_s"], 3)
+    print(f"I/O floor {rows['io_floor_s']} s with plain writes, {rows['io_floor_writeback_s']} s "
+          f"with writeback ({in_bytes / 1e9:.2f} GB read, {out_bytes / 1e9:.2f} GB written)",
+          flush=True)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def run(cmd, **tags):
+        warm(files)
+        row = timed(cmd, env)
+        row.update(tags)
+        print(json.dumps(row), flush=True)
+        settle()
+        return row
 
     results = []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     for method, slack in (("ties", 0.0), ("ties_sv", SLACK)):
         cfg = work / f"{method}.yml"
         cfg.write_text(config_yaml(method, base, models, slack))
         for backend in args.backends.split(","):
             out = work / f"out-{method}-{backend}"
-            shutil.rmtree(out, ignore_errors=True)
-            warm(files)
-            row = timed([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out),
-                         "--backend", backend, "--no-progress"], env)
-            row.update(tool="fastmerge", method=method, backend=backend)
+            runs = []
+            for _ in range(args.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out),
+                                 "--backend", backend, "--no-progress"]))
+                shutil.rmtree(out, ignore_errors=True)
+            row = dict(median([r for r in runs if not r["rc"]] or runs))   # the median run
+            row.update(tool="fastmerge", method=method, backend=backend,
+                       runs_wall_s=[r["wall_s"] for r in runs],
+                       runs_peak_rss_mib=[r["peak_rss_mib"] for r in runs])
             results.append(row)
-            print(json.dumps(row), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
         if args.mergekit and method == "ties":
             out = work / "out-mergekit"
             shutil.rmtree(out, ignore_errors=True)
-            warm(files)
-            row = timed([args.mergekit, str(cfg), str(out)], env)
-            row.update(tool="mergekit", method="ties", backend="mergekit")
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            results.append(run([args.mergekit, str(cfg), str(out)], tool="mergekit",
+                               method="ties", backend="mergekit"))
             shutil.rmtree(out, ignore_errors=True)
 
     mk = next((r for r in results if r["tool"] == "mergekit" and not r["rc"]), None)
     for r in results:
         if r["tool"] == "fastmerge" and not r["rc"]:
             r["x_io_floor"] = round(r["wall_s"] / rows["io_floor_s"], 2)
+            r["x_io_floor_writeback"] = round(r["wall_s"] / rows["io_floor_writeback_s"], 2)
             if mk and r["method"] == "ties":
                 r["speedup_vs_mergekit"] = round(mk["wall_s"] / r["wall_s"], 1)
     doc = {
@@ -156,7 +196,12 @@ def main() -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc["io"]), flush=True)
+    print(json.dumps({k: v for k, v in doc["io"].items() if k != "samples"}), flush=True)
+    for r in results:
+        print(f"{r['tool']:9s} {r['method']:8s} {r['backend']:8s} wall {r['wall_s']:7.2f} s  "
+              f"rss {r['peak_rss_mib']} MiB  x floor {r.get('x_io_floor', '-')} "
+              f"(writeback floor {r.get('x_io_floor_writeback', '-')})  "
+              f"vs mergekit {r.get('speedup_vs_mergekit', '-')}", flush=True)
     if not args.keep:
         shutil.rmtree(inputs, ignore_errors=True)
     return 0
