@@ -146,15 +146,24 @@ KEY_MAX = (1 << 32) - 1
 
 
 def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZE) -> np.ndarray:
-    """int32 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at every (N // size)-th position
-    (so size <= s < 2·size; every entry when N < 2·size), unordered. Bit-exact with the
-    kernels' keys: an fp32 subtraction, then the sign bit cleared."""
+    """int32 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at every step-th position, unordered
+    (every entry when N < 2·size). The step is the first prime >= N // size, so that it
+    shares no factor with a weight matrix's row length: every column gets sampled (a step
+    of 688 over rows of 4096 would see only 256 columns of a matrix whose columns differ
+    in scale). Bit-exact with the kernels' keys: an fp32 subtraction, then the sign bit
+    cleared."""
     b = base.reshape(-1)
-    step = max(1, b.numel() // size)
-    if step > 1:
+    if b.numel() >= 2 * size:
+        step = _prime_at_least(b.numel() // size)
         b, models = b[step // 2::step], models[:, step // 2::step]
     keys = (models.float() - b.float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
     return keys.cpu().numpy()
+
+
+def _prime_at_least(x: int) -> int:
+    while any(x % p == 0 for p in range(2, math.isqrt(x) + 1)):
+        x += 1
+    return x
 
 
 def kth_largest_keys(keys: np.ndarray, ranks: list[int]) -> list[int]:

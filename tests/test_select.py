@@ -1,4 +1,5 @@
 """Radix selection (fastmerge.select) equals brute-force sorting, per tensor and per model."""
+import numpy as np
 import pytest
 import torch
 
@@ -136,13 +137,21 @@ def test_bracket_miss_returns_none(monkeypatch):
     N = 3 * S.SAMPLE_SIZE + 5
     base = torch.zeros(N)
     models = torch.randn(2, N, generator=torch.Generator().manual_seed(1))
-    step = N // S.SAMPLE_SIZE
+    step = S._prime_at_least(N // S.SAMPLE_SIZE)
     models[:, step // 2::step] = 0.0      # the sample sees only zeros
     assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
     models = torch.randn(2, N, generator=torch.Generator().manual_seed(2))
     bounds = S.bracket_bounds
     monkeypatch.setattr(S, "bracket_bounds", lambda *a: (bounds(*a)[0], 10))
     assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
+
+
+def test_sample_steps_are_prime():
+    assert [S._prime_at_least(x) for x in (2, 4, 688, 1000, 7919)] == [2, 5, 691, 1009, 7919]
+    base = torch.zeros(4096 * 64)
+    cols = torch.arange(4096).repeat(64).float()       # each entry holds its column index
+    sample = S.sample_keys(base, cols.unsqueeze(0), size=1024)
+    assert len(set(sample[0].view(np.float32).astype(int).tolist())) > 1000   # not 4096/gcd
 
 
 def test_sample_keys_are_the_kernel_keys():

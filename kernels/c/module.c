@@ -135,6 +135,16 @@ static int take_models(bufset *bs, PyObject *obj, int n, long long N, int dt,
     return 0;
 }
 
+/* base (N items) and models (as take_models): the inputs of the passes over keys */
+static int take_inputs(bufset *bs, PyObject *base_o, PyObject *models_o, int n, long long N,
+                       int bdt, int mdt, const void **base, const void **models)
+{
+    Py_buffer *bv = take_buffer(bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+    if (!bv) return -1;
+    *base = bv->buf;
+    return take_models(bs, models_o, n, N, mdt, models);
+}
+
 /* n floats from a sequence; finite_only: reject NaN / inf / beyond fp32 range */
 static int take_floats(PyObject *obj, const char *what, int n, float *dst, double *sum,
                        int finite_only)
@@ -230,10 +240,7 @@ static PyObject *py_histogram(PyObject *self, PyObject *args, PyObject *kw)
     a.base_dt = bdt;
     a.models_dt = mdt;
 
-    Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
-    if (!bv) goto fail;
-    a.base = bv->buf;
-    if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+    if (take_inputs(&bs, base_o, models_o, n, N, bdt, mdt, &a.base, a.models)) goto fail;
 
     /* prefixes: int32 or int64, n*2 */
     {
@@ -328,10 +335,7 @@ static PyObject *py_bracket(PyObject *self, PyObject *args, PyObject *kw)
     a.models_dt = mdt;
     a.cap = cap;
 
-    Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
-    if (!bv) goto fail;
-    a.base = bv->buf;
-    if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+    if (take_inputs(&bs, base_o, models_o, n, N, bdt, mdt, &a.base, a.models)) goto fail;
 
     Py_buffer *qv = take_buffer(&bs, bounds_o, "bounds", (long long)n * 4, 8, 0);
     if (!qv || check_int64(qv, "bounds")) goto fail;
