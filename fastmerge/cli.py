@@ -12,11 +12,6 @@ from pathlib import Path
 
 from .errors import FastmergeError
 
-# This process runs fastmerge's kernels and little else: OpenMP threads that spin after
-# every parallel region (libgomp's default) only take CPU from the reader and writer
-# threads. OpenMP reads this once, when PyTorch loads it; a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda[:i]")
@@ -113,6 +108,11 @@ def cmd_verify(args) -> int:
 
 
 def main(argv=None) -> int:
+    # This process runs fastmerge's kernels and little else: OpenMP threads that spin after
+    # every parallel region (libgomp's default) only take CPU from the reader and writer
+    # threads. OpenMP reads this once, when PyTorch loads it (not yet: fastmerge and this
+    # module import it lazily); a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
     try:
         return {"merge": cmd_merge, "demo": cmd_demo, "verify": cmd_verify}[args.command](args)

@@ -106,3 +106,28 @@ def make_inputs(n, N, dtype, seed=0, kind="normal", base_dtype=None):
     zeros = torch.rand(n, N, generator=g) < 0.03
     models[zeros] = base.to(dtype).expand(n, N)[zeros]
     return base, models
+
+
+WEIGHTS = (1.0, 0.5, 1.25, 2.0, 0.75, 1.5, 0.25, 1.0)   # dyadic: fp32 sums are exact
+
+
+def ties_cfg(n, t, u, *, elect_count=False, normalize=True, scale=1.0, weights=None):
+    """A 'ties' KernelConfig for n models with the dyadic WEIGHTS unless given."""
+    from fastmerge.kernel_api import KernelConfig
+    return KernelConfig("ties", tuple(weights or WEIGHTS[:n]), tuple(t), tuple(u), scale,
+                        normalize, elect_count)
+
+
+def check_merge(merge, base, models, cfg, out_dtype):
+    """Run ``merge`` (a backend's fused pass) and the reference: counts equal, outputs
+    within one ulp, every output entry written; return (out, counts)."""
+    from fastmerge import reference as R
+    N = models.shape[1]
+    expected = torch.empty(N, dtype=out_dtype)
+    want = R.merge(base, models, expected, cfg)
+    actual = torch.full((N,), 7.0, dtype=out_dtype)   # garbage: every entry must be written
+    got = merge(base, models, actual, cfg)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert_counts_equal(got, want)
+    assert_ulp_close(actual, expected, operand_scale=operand_scale(base, models, cfg))
+    return actual, got

@@ -18,8 +18,8 @@ from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import COUNTERS, NBINS, KernelConfig
 from fastmerge.select import RadixSelect, find_thresholds
-from tests.checks import (assert_counts_equal, assert_ulp_close, make_inputs,
-                          operand_scale, thresholds_checked)
+from tests import checks
+from tests.checks import WEIGHTS, make_inputs, thresholds_checked, ties_cfg
 
 _reason = C.unavailable_reason()
 if _reason and os.environ.get("FASTMERGE_REQUIRE_EXTENSION", "") not in ("", "0"):
@@ -30,7 +30,6 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DTYPES = [F16, BF16, F32]
 NAME = {F16: "fp16", BF16: "bf16", F32: "fp32"}
 INF = float("inf")
-WEIGHTS = (1.0, 0.5, 1.25, 2.0, 0.75, 1.5, 0.25, 1.0)   # dyadic: fp32 sums are exact
 
 
 def ids(name):
@@ -54,20 +53,7 @@ def thresholds(base, models, density, slack):
 
 
 def check_merge(base, models, cfg, out_dtype):
-    """Run both backends, assert counts equal and outputs within one ulp; return (out, counts)."""
-    N = models.shape[1]
-    expected = torch.empty(N, dtype=out_dtype)
-    want = R.merge(base, models, expected, cfg)
-    actual = torch.full((N,), 7.0, dtype=out_dtype)   # garbage: every entry must be written
-    got = C.merge(base, models, actual, cfg)
-    assert_counts_equal(got, want)
-    assert_ulp_close(actual, expected, operand_scale=operand_scale(base, models, cfg))
-    return actual, got
-
-
-def ties_cfg(n, t, u, *, elect_count=False, normalize=True, scale=1.0, weights=None):
-    return KernelConfig("ties", tuple(weights or WEIGHTS[:n]), tuple(t), tuple(u), scale,
-                        normalize, elect_count)
+    return checks.check_merge(C.merge, base, models, cfg, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,6 +421,30 @@ def test_histogram_rejects_bad_arguments(bad, match):
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         ext.histogram(**kw)
+
+
+def test_outputs_must_not_overlap_inputs():
+    """histogram's out, bracket's cand / counts and merge's counts: no aliasing allowed."""
+    ext = C._module()
+    base, models = np.zeros(10, np.float32), np.zeros((2, 10), np.float32)
+    kw = dict(n=2, N=10, base_dtype=ext.F32, models_dtype=ext.F32)
+    bounds = np.array([0, 1] * 4, np.int64)
+    with pytest.raises(ValueError, match="counts: overlaps another buffer"):
+        ext.bracket(base=base, models=models, bounds=bounds, cand=np.zeros(4, np.int32), cap=1,
+                    counts=bounds, **kw)
+    cand = np.zeros(16, np.int32)
+    with pytest.raises(ValueError, match="counts: overlaps another buffer"):
+        ext.bracket(base=base, models=models, bounds=bounds, cand=cand[:4], cap=1,
+                    counts=cand.view(np.int64), **kw)
+    counts = np.zeros((2, 7), np.int64)
+    with pytest.raises(ValueError, match="counts: overlaps another buffer"):
+        ext.merge(base=counts.view(np.float32)[0, :10], models=models, out=np.zeros(10, np.float32),
+                  out_dtype=ext.F32, mode="ties", weights=(1.0, 1.0), t=(0.0, 0.0), u=(INF, INF),
+                  scale=1.0, normalize=True, elect_count=False, counts=counts, **kw)
+    hist = np.zeros((2, 2, NBINS), np.int64)
+    with pytest.raises(ValueError, match="out: overlaps another buffer"):
+        ext.histogram(base=hist.view(np.float32).reshape(-1)[:10], models=models,
+                      prefixes=np.zeros(4, np.int64), level=0, out=hist, **kw)
 
 
 def test_backend_rejects_bad_tensors():

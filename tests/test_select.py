@@ -115,9 +115,10 @@ def test_bracket_equals_sort(case, dtype, N):
     found = bracket_thresholds(bracket, base, models, density, slack)
     assert bracket.calls == (0 if N < 2 * S.SAMPLE_SIZE else 1)
     want = brute(base, models, density, slack)
-    if case == "random" or N < 2 * S.SAMPLE_SIZE:
-        assert found is not None, "a bracket missed on a plain random tensor"
-    if found is not None:
+    # one known miss: fp16 'wide' at the 1/N and 0.9999 ranks, where the tail holds a
+    # handful of heavily tied keys and the binomial width is too narrow (radix takes over)
+    if (case, dtype, N) != ("wide", torch.float16, 2 * S.SAMPLE_SIZE):
+        assert found is not None, "a bracket missed"
         assert found == ([w[0] for w in want], [w[1] for w in want])
 
 

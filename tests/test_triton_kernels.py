@@ -29,8 +29,8 @@ from fastmerge.kernel_api import (DIGIT_BITS, NBINS, NONFINITE, NONFINITE_BIN,  
                                   SHIFT, KernelConfig)
 from fastmerge.kernels import triton_merge as T  # noqa: E402
 from fastmerge.select import RadixSelect  # noqa: E402
-from tests.checks import (assert_counts_equal, assert_ulp_close, make_inputs,  # noqa: E402
-                          operand_scale, thresholds_checked)
+from tests import checks  # noqa: E402
+from tests.checks import make_inputs, thresholds_checked, ties_cfg  # noqa: E402
 
 pytestmark = [pytest.mark.interpreter,
               # NaN / inf inputs on purpose: numpy warns inside the interpreter
@@ -45,7 +45,6 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DTYPES = [F16, BF16, F32]
 NAME = {F16: "fp16", BF16: "bf16", F32: "fp32"}
 INF = float("inf")
-WEIGHTS = (1.0, 0.5, 1.25, 2.0, 0.75, 1.5, 0.25, 1.0)   # dyadic
 SMALL = dict(block=256, programs=2)                      # several blocks and iterations
 
 
@@ -66,21 +65,8 @@ def thresholds(base, models, density, slack, **launch):
 
 
 def check_merge(base, models, cfg, out_dtype, **launch):
-    """Run kernel and reference: counts equal, outputs within one ulp; return (out, counts)."""
-    N = models.shape[1]
-    expected = torch.empty(N, dtype=out_dtype)
-    want = R.merge(base, models, expected, cfg)
-    actual = torch.full((N,), 7.0, dtype=out_dtype)   # every entry must be written
-    got = T.merge(base, models, actual, cfg, **launch)
-    assert got.dtype == torch.int64 and got.shape == want.shape
-    assert_counts_equal(got, want)
-    assert_ulp_close(actual, expected, operand_scale=operand_scale(base, models, cfg))
-    return actual, got
-
-
-def ties_cfg(n, t, u, *, elect_count=False, normalize=True, scale=1.0, weights=None):
-    return KernelConfig("ties", tuple(weights or WEIGHTS[:n]), tuple(t), tuple(u), scale,
-                        normalize, elect_count)
+    return checks.check_merge(lambda b, m, o, c: T.merge(b, m, o, c, **launch),
+                              base, models, cfg, out_dtype)
 
 
 def reference_prefixes(base, models, density, slack):

@@ -431,12 +431,7 @@ class SafetensorsFile:
         self.close()
 
     def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(getattr(self, "_fd", None))
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self._where!r}, {len(self.tensors)} tensors)"
@@ -482,6 +477,15 @@ def _build_header(entries, metadata) -> tuple[bytes, list[tuple[str, torch.dtype
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw, plan
+
+
+def _close_quietly(fd: int | None) -> None:
+    """Close a descriptor an object still held when it was collected (errors ignored)."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class SafetensorsWriter:
@@ -597,9 +601,4 @@ class SafetensorsWriter:
             self.abort()
 
     def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(getattr(self, "_fd", None))

@@ -61,17 +61,39 @@ static Py_buffer *take_buffer(bufset *bs, PyObject *obj, const char *what, long 
     return v;
 }
 
-/* format of an int64 buffer ('q' / 'l' with 8-byte items, optionally '<' '=' '@') */
-static int check_int64(const Py_buffer *v, const char *what)
+static int overlaps(const void *p, size_t plen, const void *q, size_t qlen)
+{
+    const char *a = p, *b = q;
+    return plen && qlen && a < b + qlen && b < a + plen;
+}
+
+/* format of an integer buffer: int64 ('q' / 'l', 8-byte items) or int32 ('i'), optionally
+ * prefixed by '<' '=' '@' */
+static int check_int(const Py_buffer *v, const char *what, int itemsize)
 {
     const char *f = v->format ? v->format : "B";
     if (*f == '<' || *f == '=' || *f == '@') f++;
-    if (!((*f == 'q' || *f == 'l') && f[1] == '\0')) {
-        PyErr_Format(PyExc_ValueError, "%s: an int64 buffer is needed, got format %.10s",
-                     what, v->format ? v->format : "B");
+    const int ok = itemsize == 8 ? (*f == 'q' || *f == 'l') : *f == 'i';
+    if (!(ok && f[1] == '\0')) {
+        PyErr_Format(PyExc_ValueError, "%s: an int%d buffer is needed, got format %.10s",
+                     what, 8 * itemsize, v->format ? v->format : "B");
         return -1;
     }
     return 0;
+}
+
+/* A writable output of `count` int32 / int64 items that overlaps no buffer taken before. */
+static Py_buffer *take_int_output(bufset *bs, PyObject *obj, const char *what, long long count,
+                                  int itemsize)
+{
+    Py_buffer *v = take_buffer(bs, obj, what, count, itemsize, 1);
+    if (!v || check_int(v, what, itemsize)) return NULL;
+    for (int k = 0; k < bs->count - 1; k++)
+        if (overlaps(v->buf, (size_t)v->len, bs->views[k].buf, (size_t)bs->views[k].len)) {
+            PyErr_Format(PyExc_ValueError, "%s: overlaps another buffer", what);
+            return NULL;
+        }
+    return v;
 }
 
 static int check_dtype(int dt, const char *what)
@@ -185,12 +207,6 @@ static int take_floats(PyObject *obj, const char *what, int n, float *dst, doubl
     return 0;
 }
 
-static int overlaps(const void *p, size_t plen, const void *q, size_t qlen)
-{
-    const char *a = p, *b = q;
-    return plen && qlen && a < b + qlen && b < a + plen;
-}
-
 static int resolve_threads(int threads)
 {
     if (threads < 0) {
@@ -275,14 +291,9 @@ static PyObject *py_histogram(PyObject *self, PyObject *args, PyObject *kw)
             }
     }
 
-    Py_buffer *ov = take_buffer(&bs, out_o, "out", (long long)n * 2 * FM_NBINS, 8, 1);
-    if (!ov || check_int64(ov, "out")) goto fail;
+    Py_buffer *ov = take_int_output(&bs, out_o, "out", (long long)n * 2 * FM_NBINS, 8);
+    if (!ov) goto fail;
     a.hist = ov->buf;
-    for (int k = 0; k < bs.count - 1; k++)
-        if (overlaps(ov->buf, ov->len, bs.views[k].buf, bs.views[k].len)) {
-            PyErr_SetString(PyExc_ValueError, "out: overlaps an input buffer");
-            goto fail;
-        }
 
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -338,7 +349,7 @@ static PyObject *py_bracket(PyObject *self, PyObject *args, PyObject *kw)
     if (take_inputs(&bs, base_o, models_o, n, N, bdt, mdt, &a.base, a.models)) goto fail;
 
     Py_buffer *qv = take_buffer(&bs, bounds_o, "bounds", (long long)n * 4, 8, 0);
-    if (!qv || check_int64(qv, "bounds")) goto fail;
+    if (!qv || check_int(qv, "bounds", 8)) goto fail;
     for (int i = 0; i < n; i++)
         for (int j = 0; j < 2; j++) {
             const int64_t lo = ((const int64_t *)qv->buf)[4 * i + 2 * j];
@@ -358,28 +369,12 @@ static PyObject *py_bracket(PyObject *self, PyObject *args, PyObject *kw)
             a.hi[i][j] = hi;
         }
 
-    Py_buffer *cv = take_buffer(&bs, cand_o, "cand", (long long)n * 2 * cap, 4, 1);
+    Py_buffer *cv = take_int_output(&bs, cand_o, "cand", (long long)n * 2 * cap, 4);
     if (!cv) goto fail;
-    {
-        const char *f = cv->format ? cv->format : "B";
-        if (*f == '<' || *f == '=' || *f == '@') f++;
-        if (!(*f == 'i' && f[1] == '\0')) {
-            PyErr_Format(PyExc_ValueError, "cand: an int32 buffer is needed, got format %.10s",
-                         cv->format ? cv->format : "B");
-            goto fail;
-        }
-    }
     a.cand = cv->buf;
-    Py_buffer *ov = take_buffer(&bs, counts_o, "counts", (long long)n * 4, 8, 1);
-    if (!ov || check_int64(ov, "counts")) goto fail;
+    Py_buffer *ov = take_int_output(&bs, counts_o, "counts", (long long)n * 4, 8);
+    if (!ov) goto fail;
     a.counts = ov->buf;
-    for (int k = 0; k < bs.count - 1; k++) {
-        if (overlaps(ov->buf, ov->len, bs.views[k].buf, bs.views[k].len) ||
-            (k < bs.count - 2 && overlaps(cv->buf, cv->len, bs.views[k].buf, bs.views[k].len))) {
-            PyErr_SetString(PyExc_ValueError, "cand / counts: overlaps another buffer");
-            goto fail;
-        }
-    }
 
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -483,14 +478,9 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
             goto fail;
         }
     }
-    Py_buffer *cv = take_buffer(&bs, counts_o, "counts", (long long)n * FM_NCOUNTERS, 8, 1);
-    if (!cv || check_int64(cv, "counts")) goto fail;
+    Py_buffer *cv = take_int_output(&bs, counts_o, "counts", (long long)n * FM_NCOUNTERS, 8);
+    if (!cv) goto fail;
     a.counts = cv->buf;
-    for (int k = 0; k < bs.count - 1; k++)
-        if (overlaps(cv->buf, cv->len, bs.views[k].buf, bs.views[k].len)) {
-            PyErr_SetString(PyExc_ValueError, "counts: overlaps another buffer");
-            goto fail;
-        }
 
     int rc;
     Py_BEGIN_ALLOW_THREADS
