@@ -23,8 +23,9 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     The fused pass of SPEC §4-§6 (and §8's counters) writing ``out`` (its dtype is the
     output dtype, rounded to nearest even). ``base`` is None only for ``linear``.
 
-``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype); ``base``/``out``
-have N elements. Thresholds arrive as fp32 values: ``t = 0`` keeps every entry,
+``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype) or a sequence of n
+contiguous 1-D tensors of N entries and one dtype (the pipeline passes the rows mapped
+from n files this way, without stacking them); ``base``/``out`` have N elements. Thresholds arrive as fp32 values: ``t = 0`` keeps every entry,
 ``t = inf`` keeps none, ``u = inf`` protects none.
 """
 from __future__ import annotations

@@ -10,8 +10,10 @@ For every merged tensor (SPEC §1-§8):
 Memory is bounded by the chunk budget, not the model: a tensor whose inputs fit in
 ``resident_bytes`` is read from disk once and kept for all passes (and the next one is
 prefetched on a thread while this one computes); a larger tensor is streamed in chunks of
-``chunk_elems`` entries and re-read for each pass. Reads use pread into reused buffers
-(no mmap), so page-cache pages never count against the process.
+``chunk_elems`` entries and re-read for each pass. On the CPU the kernels read the
+inputs' page-cache pages in place (``Checkpoint.view``: a mapping per chunk, dropped with
+it), so no byte is copied on the way in; for a GPU, or a stored dtype the kernels don't
+take, chunks are read (pread) into reused or pinned buffers.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class BufferPool:
 
     def give(self, view: torch.Tensor | None) -> None:
         """Return a buffer from ``take`` (anything else is ignored)."""
-        if view is None or view.device.type != "cpu":
+        if not isinstance(view, torch.Tensor) or view.device.type != "cpu":
             return
         with self._lock:
             buf = self._owner.pop(view.data_ptr(), None)
@@ -113,7 +115,8 @@ class BufferPool:
 
 class ChunkReader:
     """Reads [start, start+count) of one tensor from base and every model into the kernel
-    layout: base [count] and models [n, count] (one dtype), on the compute device."""
+    layout: base [count] and models (one dtype) on the compute device, as n mapped rows
+    [count] where the stored dtypes allow it on the CPU, else one [n, count] buffer."""
 
     def __init__(self, inputs: Inputs, device: torch.device):
         self.inputs = inputs
@@ -143,8 +146,19 @@ class ChunkReader:
             ckpt.read_into(name, tmp, start, count)
             dst.copy_(tmp)
 
+    def _mappable(self, task: TensorTask) -> bool:
+        """Every input stored in the kernels' dtype, the models in one (CPU only)."""
+        if self.pin:
+            return False
+        dtypes = [c.info(task.name).dtype for c in self.inputs.all]
+        return (all(kernel_dtype(d) == d for d in dtypes)
+                and len({c.info(task.name).dtype for c in self.inputs.models}) == 1)
+
     def read(self, task: TensorTask, start: int, count: int):
         base_ckpt, models = self.inputs.base, self.inputs.models
+        if self._mappable(task):
+            base = None if base_ckpt is None else base_ckpt.view(task.name, start, count)
+            return base, [m.view(task.name, start, count) for m in models], None
         base = None
         if base_ckpt is not None:
             base = self._empty(count, kernel_dtype(base_ckpt.info(task.name).dtype))
@@ -317,11 +331,8 @@ class StreamMerge:
         """Non-merged tensors (integer buffers, scalars) are copied from the base unchanged."""
         base = self.inputs.base
         self.sink.begin(task)
-        info = base.info(task.name)
         for start, count in chunk_ranges(task.numel, self.chunk_elems):
-            buf = torch.empty(count, dtype=info.dtype)
-            base.read_into(task.name, buf, start, count)
-            self.sink.write(task, start, buf)
+            self.sink.write(task, start, base.view(task.name, start, count))
         self.sink.end(task, None)
 
     def _merge(self, task: TensorTask, src: TensorSource) -> None:

@@ -14,6 +14,12 @@ from .kernel_api import (COUNTERS, DIGIT_BITS, DROPPED_BY_SIGN, IMPORTANT_DROPPE
                          TIES_IMPORTANT_DROPPED, KernelConfig)
 
 
+def model_matrix(models) -> torch.Tensor:
+    """The models as one [n, N] tensor: a 2-D tensor as is, a sequence of n 1-D tensors
+    stacked (kernel_api accepts both)."""
+    return models if isinstance(models, torch.Tensor) else torch.stack(list(models))
+
+
 def task_vectors(base: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
     """τ_i = f32(θ_i) − f32(θ_b), shape [n, N] (SPEC §1)."""
     return models.float() - base.float().unsqueeze(0)
@@ -27,6 +33,7 @@ def abs_keys(tau: torch.Tensor) -> torch.Tensor:
 def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
               level: int) -> torch.Tensor:
     """Radix-select histogram of kernel_api's contract, by torch.bincount."""
+    models = model_matrix(models)
     keys = abs_keys(task_vectors(base, models))
     shift, bits = SHIFT[level], DIGIT_BITS[level]
     digits = (keys >> shift) & ((1 << bits) - 1)
@@ -47,6 +54,7 @@ def bracket(base: torch.Tensor, models: torch.Tensor, bounds: torch.Tensor,
             cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bracketed-selection counting pass of kernel_api's contract: (above, inside) counts
     [n, 2, 2] and the keys inside each bracket (cand [n, 2, cap], sorted descending)."""
+    models = model_matrix(models)
     keys = abs_keys(task_vectors(base, models))
     n = models.shape[0]
     counts = torch.zeros(n, 2, 2, dtype=torch.int64)
@@ -85,6 +93,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
 
     Writes ``out`` and returns int64 counters ``[n, len(COUNTERS)]``.
     """
+    models = model_matrix(models)
     n = models.shape[0]
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     w = torch.tensor(cfg.weights, dtype=torch.float64, device=models.device).unsqueeze(1)

@@ -145,7 +145,7 @@ BRACKET_SIGMAS = 3.5   # half-width of a bracket in binomial standard deviations
 KEY_MAX = (1 << 32) - 1
 
 
-def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZE) -> np.ndarray:
+def sample_keys(base: torch.Tensor, models, size: int = SAMPLE_SIZE) -> np.ndarray:
     """int32 [n, s]: the keys bits(|f32(θ_i) − f32(θ_b)|) at every step-th position, unordered
     (every entry when N < 2·size). The step is the first prime >= N // size, so that it
     shares no factor with a weight matrix's row length: every column gets sampled (a step
@@ -153,10 +153,12 @@ def sample_keys(base: torch.Tensor, models: torch.Tensor, size: int = SAMPLE_SIZ
     in scale). Bit-exact with the kernels' keys: an fp32 subtraction, then the sign bit
     cleared."""
     b = base.reshape(-1)
+    pick = slice(None)
     if b.numel() >= 2 * size:
         step = _prime_at_least(b.numel() // size)
-        b, models = b[step // 2::step], models[:, step // 2::step]
-    keys = (models.float() - b.float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
+        pick = slice(step // 2, None, step)
+    rows = torch.stack([m.reshape(-1)[pick] for m in models])   # [n, s]: rows of a matrix or a sequence
+    keys = (rows.float() - b[pick].float().unsqueeze(0)).view(torch.int32) & 0x7FFFFFFF
     return keys.cpu().numpy()
 
 
@@ -198,7 +200,7 @@ def bracket_bounds(sample: np.ndarray, ks, population: int):
     return bounds, cap
 
 
-def bracket_thresholds(bracket, base: torch.Tensor, models: torch.Tensor, density, slack):
+def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack):
     """(t, u) for one tensor held in memory by bracketing; None if a bracket missed (the
     caller then runs RadixSelect). ``bracket`` is a backend's counting pass."""
     population = base.numel()

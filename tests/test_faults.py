@@ -700,27 +700,33 @@ def _plant_nan(family, tmp_path, monkeypatch):
 
 
 def _input_read_eio(family, tmp_path, monkeypatch):
-    """The disk under the inputs fails half way through the merge."""
-    counter = {"n": 0}
+    """The disk under the inputs fails half way through the merge: a pread (header, copied
+    reads) or the page-in of a mapped view (the CPU merge's reads) fails from then on."""
+    counter = {"n": 0, "fail_at": None, "mapped": 0}
+    populate = safetensors_file._populate
 
-    def counting(fd, bufs, offset):
+    def fails():
         counter["n"] += 1
-        return os.preadv(fd, bufs, offset)
-
-    monkeypatch.setattr(safetensors_file, "os", OsProxy(preadv=counting))
-    tiny_merge(family, tmp_path / "count")
-    shutil.rmtree(tmp_path / "count")
-    fail_at = counter["n"] * 2 // 3
-    counter["n"] = 0
+        return counter["fail_at"] is not None and counter["n"] >= counter["fail_at"]
 
     def preadv(fd, bufs, offset):
-        counter["n"] += 1
-        if counter["n"] >= fail_at:
+        if fails():
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return os.preadv(fd, bufs, offset)
 
+    def page_in(mapped):
+        counter["mapped"] += 1
+        if fails():
+            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        populate(mapped)
+
     monkeypatch.setattr(safetensors_file, "os", OsProxy(preadv=preadv))
-    return r"read failed at byte \d+: Input/output error"
+    monkeypatch.setattr(safetensors_file, "_populate", page_in)
+    tiny_merge(family, tmp_path / "count")
+    shutil.rmtree(tmp_path / "count")
+    assert counter["mapped"] > 0   # the merge reads through views
+    counter["fail_at"], counter["n"] = counter["n"] * 2 // 3, 0
+    return r"read failed (at byte \d+: Input/output error|for bytes \d+\.\.\d+: Bad address)"
 
 
 @pytest.mark.parametrize("fault", [_plant_nan, _input_read_eio], ids=["nan", "read-EIO"])

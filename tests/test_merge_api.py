@@ -317,3 +317,51 @@ def test_backends_through_pipeline_match_reference(family, tmp_path, backend, sc
     for name in b:
         scale = base_sd[name].abs().float() + (b[name].float() - base_sd[name].float()).abs()
         assert_ulp_close(a[name], b[name], operand_scale=scale, what=name)
+
+
+# -- how the CPU pipeline reads ----------------------------------------------------------
+
+def test_cpu_reads_map_the_inputs_unless_their_dtypes_need_converting(family, tmp_path):
+    """Inputs stored in the kernels' dtypes reach the backend as mapped rows (no copy);
+    models stored in different dtypes are read into one fp32 buffer. The merge is the same."""
+    from fastmerge.io import Checkpoint
+    from fastmerge.plan import TensorTask
+    from tests.test_safetensors_io import write_tensors
+    base_sd, model_sds = read_family(family)
+    sft32 = tmp_path / "sft32.safetensors"
+    write_tensors(sft32, {n: t.float() if t.is_floating_point() else t
+                          for n, t in model_sds[1].items()})
+    name = "model.layers.0.mlp.up_proj.weight"
+    task = TensorTask(name, tuple(base_sd[name].shape), base_sd[name].dtype, True)
+    for models, mapped in [(family["models"], True), ([family["models"][0], sft32], False)]:
+        inputs = pipeline.Inputs(Checkpoint.open(family["base"]),
+                                 [Checkpoint.open(m) for m in models])
+        reader = pipeline.ChunkReader(inputs, torch.device("cpu"))
+        base, rows, _ = reader.read(task, 100, 5000)
+        assert isinstance(rows, list) == mapped
+        want = torch.stack([sd[name].reshape(-1)[100:5100].float() for sd in model_sds])
+        assert torch.equal(base, base_sd[name].reshape(-1)[100:5100])
+        assert torch.equal(torch.stack(list(rows)).float(), want)
+    kw = dict(method="ties_sv", density=0.3, slack=0.05, backend="c", progress=False)
+    a = fastmerge.merge(family["base"], family["models"], output=tmp_path / "a", **kw)
+    b = fastmerge.merge(family["base"], [family["models"][0], sft32], output=tmp_path / "b", **kw)
+    ga, gb = load_dir(a.path), load_dir(b.path)
+    assert a.report["tensors"] == b.report["tensors"]
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def test_reference_takes_models_as_rows_or_a_matrix():
+    from tests.checks import make_inputs, ties_cfg
+    base, models = make_inputs(3, 2000, torch.bfloat16, seed=4)
+    rows = list(models)
+    prefixes = torch.tensor([[0, 0]] * 3)
+    assert torch.equal(reference.histogram(base, rows, prefixes, 0),
+                       reference.histogram(base, models, prefixes, 0))
+    bounds = torch.tensor([[[0, 2**31 - 1], [-1, -1]]] * 3)
+    for x, y in zip(reference.bracket(base, rows, bounds, 100),
+                    reference.bracket(base, models, bounds, 100)):
+        assert torch.equal(x, y)
+    cfg = ties_cfg(3, [1e-3] * 3, [5e-3] * 3)
+    o1, o2 = torch.empty_like(base), torch.empty_like(base)
+    assert torch.equal(reference.merge(base, rows, o1, cfg), reference.merge(base, models, o2, cfg))
+    assert torch.equal(o1.view(torch.int16), o2.view(torch.int16))

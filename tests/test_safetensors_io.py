@@ -1,6 +1,7 @@
 """fastmerge.io round trips: SafetensorsWriter -> safetensors.torch.load_file and
 SafetensorsFile, every dtype and edge shape, chunked reads, hashing; Checkpoint on
 folders, shards and state dicts (storage order, bounded descriptors, thread safety)."""
+import gc
 import hashlib
 import json
 import os
@@ -159,6 +160,75 @@ def test_reads_do_not_map_the_file(tmp_path):
         assert str(path) not in Path("/proc/self/maps").read_text()
 
 
+def _mapped(path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.int64],
+                         ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+def test_view_maps_the_range_privately_and_unmaps_when_freed(tmp_path, dtype):
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc")
+    path = tmp_path / "map.safetensors"
+    big = sample((70_001,), dtype, seed=3)   # spans many pages; ranges start mid-page
+    write_tensors(path, {"pad": sample((8,), torch.float64), "w": big})
+    before = path.read_bytes()
+    f = SafetensorsFile(path)
+    for start, count in [(0, None), (0, 1), (1, 4096), (12_345, 50_000), (70_000, 1)]:
+        v = f.view("w", start, count)
+        end = big.numel() if count is None else start + count
+        assert v.is_contiguous() and v.dim() == 1
+        assert_same(v, big[start:end], f"view({start}, {count})")
+        assert _mapped(path)
+        v.fill_(0)                          # private: nothing reaches the file or others
+        assert_same(f.view("w", start, count), big[start:end], "after a write")
+        del v
+    assert_same(f.view("w", 5, 0), big[:0], "empty")
+    gc.collect()
+    assert not _mapped(path)
+    kept = f.view("w", 100, 10)
+    f.close()                               # a view outlives the file object
+    assert_same(kept, big[100:110], "after close")
+    del kept
+    gc.collect()
+    assert not _mapped(path) and path.read_bytes() == before
+
+
+def test_view_at_an_unaligned_offset_reads_a_copy(tmp_path):
+    """safetensors does not align tensors: an fp32 tensor at an odd offset is read, not
+    mapped (the kernels load whole elements)."""
+    path = tmp_path / "odd.safetensors"
+    odd, w = sample((3,), torch.int8), sample((5000,), torch.float32)
+    write_tensors(path, {"odd": odd, "w": w})
+    with SafetensorsFile(path) as f:
+        assert f.info("w").offset % 4 != 0
+        assert_same(f.view("w", 7, 4000), w[7:4007], "unaligned")
+        assert_same(f.view("odd"), odd, "int8")
+    with pytest.raises(ValueError, match="runs past"):
+        SafetensorsFile(path).view("w", 10, 5000)
+
+
+def test_view_reports_truncation_and_read_errors(tmp_path, monkeypatch):
+    import errno
+
+    from fastmerge.io import safetensors_file
+    path = tmp_path / "shrinks.safetensors"
+    write_tensors(path, {"a": sample((8,), torch.float32), "b": sample((4096,), torch.float32)})
+    with SafetensorsFile(path) as f:
+        def failing(mapped):
+            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        monkeypatch.setattr(safetensors_file, "_populate", failing)
+        with pytest.raises(InputError, match=r"shrinks.safetensors: tensor 'b': read failed "
+                                             r"for bytes \d+\.\.\d+: Bad address"):
+            f.view("b", 1, 4000)
+        monkeypatch.undo()
+        os.truncate(path, path.stat().st_size - 4)
+        assert_same(f.view("a"), sample((8,), torch.float32), "a")
+        with pytest.raises(InputError, match=r"shrinks.safetensors: tensor 'b': file is "
+                                             r"truncated"):
+            f.view("b", 4000)
+
+
 def test_file_truncated_after_open_is_reported(tmp_path):
     path = tmp_path / "shrinks.safetensors"
     write_tensors(path, {"a": sample((8,), torch.float32), "b": sample((8,), torch.float32)})
@@ -171,6 +241,17 @@ def test_file_truncated_after_open_is_reported(tmp_path):
 
 
 # -- writer errors ----------------------------------------------------------------------------
+
+def test_writer_hashes_and_writes_large_writes_in_pieces(tmp_path, monkeypatch):
+    from fastmerge.io import safetensors_file
+    monkeypatch.setattr(safetensors_file, "_WRITE_PIECE", 4096)
+    big = sample((3 * 4096 + 7,), torch.float32, seed=9)     # 12 pieces and a tail
+    path = tmp_path / "big.safetensors"
+    digest = write_tensors(path, {"s": sample((3,), torch.int8), "big": big})
+    assert digest == sha256_of(path)
+    with SafetensorsFile(path) as f:
+        assert_same(f.read("big"), big, "big")
+
 
 def test_writer_accepts_bytes_and_checks_completeness(tmp_path):
     t = sample((4,), torch.float32)
@@ -271,6 +352,10 @@ def test_checkpoint_single_file_and_folder(tmp_path):
         assert c.root == tmp_path / "d" and c.config is None
         for n, t in read_all(c).items():
             assert_same(t, tensors[n], n)
+            assert_same(c.view(n).reshape(t.shape), t, f"view of {n}")
+        assert_same(c.view("b", 1, 3), tensors["b"][1:4], "view of a range")
+        with pytest.raises(InputError, match="no tensor 'x'"):
+            c.view("x")
 
 
 def test_checkpoint_state_dict_read_into_slices():
@@ -287,6 +372,12 @@ def test_checkpoint_state_dict_read_into_slices():
         assert_same(out[n], sd[n].contiguous(), n)
     with pytest.raises(InputError, match="'x' holds a int, not a tensor"):
         Checkpoint.open({"x": 3}, label="sd")
+    v = c.view("w", 11, 7)                  # in memory: a slice, no copy
+    assert_same(v, sd["w"].reshape(-1)[11:18], "view")
+    assert v.data_ptr() == sd["w"].data_ptr() + 11 * 2
+    assert_same(c.view("t"), sd["t"].contiguous().reshape(-1), "non-contiguous view")
+    with pytest.raises(ValueError, match="runs past"):
+        c.view("w", 25, 10)
 
 
 def test_checkpoint_keeps_few_descriptors_and_reads_from_threads(tmp_path, monkeypatch):

@@ -159,3 +159,7 @@ def test_sample_keys_are_the_kernel_keys():
     base, models = big_case("wide", torch.bfloat16, 5000)
     keys = R.abs_keys(R.task_vectors(base, models))
     assert torch.equal(torch.from_numpy(S.sample_keys(base, models)).long(), keys)
+    assert np.array_equal(S.sample_keys(base, list(models)), S.sample_keys(base, models))
+    base, models = big_case("random", torch.float16, 300_007)   # strided: rows as a matrix or a list
+    assert np.array_equal(S.sample_keys(base, list(models), size=1000),
+                          S.sample_keys(base, models, size=1000))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import model_matrix
 from . import triton_interpreted
 
 NAME = "triton"
@@ -38,9 +39,9 @@ def _kernels():
 def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
               level: int) -> torch.Tensor:
     """Radix-select histogram of kernel_api's contract: int64 [n, 2, NBINS] (on the device)."""
-    return _kernels().histogram(base, models, prefixes, level)
+    return _kernels().histogram(base, model_matrix(models), prefixes, level)
 
 
 def merge(base, models: torch.Tensor, out: torch.Tensor, cfg) -> torch.Tensor:
     """Fused merge pass of kernel_api's contract: writes ``out``, returns int64 [n, 7]."""
-    return _kernels().merge(base, models, out, cfg)
+    return _kernels().merge(base, model_matrix(models), out, cfg)

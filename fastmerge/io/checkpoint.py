@@ -244,6 +244,19 @@ class Checkpoint:
             dst.copy_(part.view(torch.uint8))
         return out
 
+    def view(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements [start, start+count) of ``name`` as a flat CPU tensor of its stored dtype,
+        without a copy where possible: a mapped range of a safetensors file
+        (``SafetensorsFile.view``) or a slice of an in-memory tensor. Read it, don't write it."""
+        src = self._sources.get(name)
+        if src is None:
+            self.info(name)  # raises
+        if isinstance(src, SafetensorsFile):
+            self._touch(src)
+            return src.view(name, start, count)
+        start, count = check_range(self.label, self._infos[name], start, count)
+        return src.detach().cpu().reshape(-1)[start:start + count].contiguous()
+
     def _touch(self, f: SafetensorsFile) -> None:
         """Mark ``f`` as recently used; close the descriptors of idle older files."""
         with self._lock:
