@@ -27,7 +27,7 @@ import torch
 from .errors import InputError
 from .kernel_api import COUNTERS, NONFINITE, KernelConfig
 from .plan import TensorTask, kernel_dtype
-from .select import bracket_thresholds, find_thresholds
+from .select import bracket_thresholds, find_thresholds, sample_keys
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
@@ -203,6 +203,7 @@ class TensorSource:
         self.reader, self.task = reader, task
         self.ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
         self.cached = [reader.read(task, s, c) for s, c in self.ranges] if resident else None
+        self.sample = None   # select.sample_keys of the whole tensor, when taken ahead
 
     def chunks(self):
         """Yield (start, count, base, models) for every chunk, in order."""
@@ -274,7 +275,7 @@ class StreamMerge:
         p = self.params
         bracket, whole = getattr(self.backend, "bracket", None), src.whole()
         if bracket is not None and whole is not None:
-            found = bracket_thresholds(bracket, *whole, p.density, p.slack)
+            found = bracket_thresholds(bracket, *whole, p.density, p.slack, src.sample)
             if found is not None:
                 return found
         return self._thresholds(lambda: ((b, m) for _, _, b, m in src.chunks()), task.numel)
@@ -324,8 +325,19 @@ class StreamMerge:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _prepare(self, task: TensorTask):
-        """Open (and, when it fits, read) the next merged tensor; None for a copied one."""
-        return self._source(task) if task.merged else None
+        """Open (and, when it fits, read) the next merged tensor; None for a copied one.
+        Runs on the read thread, so it also takes the bracketing sample there: its ~10^5
+        scattered loads (a cache and TLB miss each) then overlap the current tensor's
+        kernels instead of following them."""
+        if not task.merged:
+            return None
+        src = self._source(task)
+        p = self.params
+        if p.trims and p.scope == "tensor" and hasattr(self.backend, "bracket"):
+            whole = src.whole()
+            if whole is not None:
+                src.sample = sample_keys(*whole)
+        return src
 
     def _copy(self, task: TensorTask) -> None:
         """Non-merged tensors (integer buffers, scalars) are copied from the base unchanged."""

@@ -175,6 +175,18 @@ def kth_largest_keys(keys: np.ndarray, ranks: list[int]) -> list[int]:
     return [int(part[m - r]) for r in ranks]
 
 
+def kth_largest_in(keys: np.ndarray, lo: int, hi: int, r: int) -> int:
+    """The r-th largest (1-based) of the 1-D ``keys``, all of them in [lo, hi]. Keys from
+    fp16/bf16 weights repeat a lot (a bracket of 600k keys may hold 500 values), which
+    makes a partial sort ~7× slower than on distinct keys; counting the values in the
+    range costs O(len + span) whatever the ties, so it is used when the span is small."""
+    span = hi - lo + 1
+    if span > max(4 * keys.size, 1 << 16):
+        return kth_largest_keys(keys, [r])[0]
+    from_top = np.cumsum(np.bincount(keys - lo, minlength=span)[::-1])   # #{key >= hi - i}
+    return hi - int(np.searchsorted(from_top, r))
+
+
 def bracket_bounds(sample: np.ndarray, ks, population: int):
     """(bounds int64 [n, 2, 2], cap): per slot a key range [lo, hi] expected to hold the
     ks[i][j]-th largest of ``population`` keys, from their sample; lo = -1 when the slot
@@ -200,15 +212,17 @@ def bracket_bounds(sample: np.ndarray, ks, population: int):
     return bounds, cap
 
 
-def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack):
+def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack, sample=None):
     """(t, u) for one tensor held in memory by bracketing; None if a bracket missed (the
-    caller then runs RadixSelect). ``bracket`` is a backend's counting pass."""
+    caller then runs RadixSelect). ``bracket`` is a backend's counting pass; ``sample`` is
+    ``sample_keys(base, models)`` when the caller took it already."""
     population = base.numel()
     ks, fixed = ranks(density, slack, population)
     out = [list(col) for col in zip(*fixed)]   # [slot][model]
     if all(k == 0 for row in ks for k in row):
         return out[0], out[1]
-    sample = sample_keys(base, models)
+    if sample is None:
+        sample = sample_keys(base, models)
     if sample.shape[1] == population:                # the sample is the whole tensor
         for i, row in enumerate(ks):
             want = [k for k in row if k]
@@ -232,5 +246,5 @@ def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack):
             elif inside > cap:
                 return None
             else:                                    # the (k − above)-th largest inside
-                out[j][i] = key_to_float(kth_largest_keys(cand[i, j, :inside], [k - above])[0])
+                out[j][i] = key_to_float(kth_largest_in(cand[i, j, :inside], lo, hi, k - above))
     return out[0], out[1]

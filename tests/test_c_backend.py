@@ -206,12 +206,13 @@ def test_bracket_rejects_bad_arguments(bad, match):
 # ---------------------------------------------------------------------------------------
 # the fused merge
 
-@pytest.mark.parametrize("N", [0, 1, 17, 1000, 1023, 1024, 1025, 4099], ids=ids("N"))
+@pytest.mark.parametrize("N", [0, 1, 17, 255, 257, 1000, 1023, 1024, 1025, 4099], ids=ids("N"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
-def test_merge_sizes(N, dtype, threads):
-    base, models = make_inputs(3, N, dtype, seed=N)
-    t, u = thresholds(base, models, 0.2, 0.05) if N else ([INF] * 3, [INF] * 3)
-    check_merge(base, models, ties_cfg(3, t, u), dtype)
+@pytest.mark.parametrize("n", [2, 3], ids=ids("n_models"))   # 2: the fused loop, 3: general
+def test_merge_sizes(N, dtype, n, threads):
+    base, models = make_inputs(n, N, dtype, seed=N)
+    t, u = thresholds(base, models, 0.2, 0.05) if N else ([INF] * n, [INF] * n)
+    check_merge(base, models, ties_cfg(n, t, u), dtype)
 
 
 @pytest.mark.parametrize("mode", ["ties", "task_arithmetic", "linear"], ids=ids("mode"))
@@ -253,11 +254,12 @@ def test_merge_many_models(n):
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0], ids=ids("density"))
 @pytest.mark.parametrize("slack", [0.0, 0.1], ids=ids("slack"))
 @pytest.mark.parametrize("elect", ["sum", "count"], ids=ids("elect"))
-def test_merge_ties_at_threshold_and_zeros(dtype, density, slack, elect, threads):
+@pytest.mark.parametrize("n", [2, 4], ids=ids("n_models"))
+def test_merge_ties_at_threshold_and_zeros(dtype, density, slack, elect, n, threads):
     """Grid data: |τ| ties at t and u (all tied entries kept), many τ == 0 (θ_i == θ_b)."""
-    base, models = make_inputs(4, 3001, dtype, seed=2, kind="grid")
+    base, models = make_inputs(n, 3001, dtype, seed=2, kind="grid")
     t, u = thresholds(base, models, density, min(slack, density))
-    _, counts = check_merge(base, models, ties_cfg(4, t, u, elect_count=elect == "count"), dtype)
+    _, counts = check_merge(base, models, ties_cfg(n, t, u, elect_count=elect == "count"), dtype)
     if 0 < density < 1:
         assert (counts[:, COUNTERS.index("kept")] > int(density * 3001)).any(), "no ties at t"
 
@@ -310,16 +312,17 @@ def test_slack_flips_election():
 @pytest.mark.parametrize("mode", ["ties", "task_arithmetic", "linear"], ids=ids("mode"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
 @pytest.mark.parametrize("slack", [False, True], ids=ids("slack"))
-def test_merge_nonfinite_counted(mode, dtype, slack, threads):
+@pytest.mark.parametrize("n", [2, 3], ids=ids("n_models"))
+def test_merge_nonfinite_counted(mode, dtype, slack, n, threads):
     """NaN / ±inf in models and base: counted per model, propagated as the reference does."""
-    base, models = make_inputs(3, 3000, dtype, seed=1)
+    base, models = make_inputs(n, 3000, dtype, seed=1)
     t, u = thresholds(base, models, 0.2, 0.05)
-    models[0, 5], models[1, 5], models[2, 1500] = float("nan"), INF, -INF
+    models[0, 5], models[1, 5], models[n - 1, 1500] = float("nan"), INF, -INF
     models[1, 2999], base[2100] = float("nan"), INF
-    cfg = KernelConfig(mode, WEIGHTS[:3], tuple(t), tuple(u) if slack else (INF,) * 3)
+    cfg = KernelConfig(mode, WEIGHTS[:n], tuple(t), tuple(u) if slack else (INF,) * n)
     _, counts = check_merge(None if mode == "linear" else base, models, cfg, dtype)
-    assert counts[:, COUNTERS.index("nonfinite")].tolist() == \
-        ([1, 2, 1] if mode == "linear" else [2, 3, 2])
+    want = {2: [1, 3], 3: [1, 2, 1]}[n] if mode == "linear" else {2: [2, 4], 3: [2, 3, 2]}[n]
+    assert counts[:, COUNTERS.index("nonfinite")].tolist() == want
 
 
 def test_threads_are_deterministic():

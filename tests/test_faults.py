@@ -714,11 +714,11 @@ def _input_read_eio(family, tmp_path, monkeypatch):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return os.preadv(fd, bufs, offset)
 
-    def page_in(mapped):
+    def page_in(mapped, address, length):
         counter["mapped"] += 1
         if fails():
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
-        populate(mapped)
+        populate(mapped, address, length)
 
     monkeypatch.setattr(safetensors_file, "os", OsProxy(preadv=preadv))
     monkeypatch.setattr(safetensors_file, "_populate", page_in)

@@ -215,7 +215,7 @@ def test_view_reports_truncation_and_read_errors(tmp_path, monkeypatch):
     path = tmp_path / "shrinks.safetensors"
     write_tensors(path, {"a": sample((8,), torch.float32), "b": sample((4096,), torch.float32)})
     with SafetensorsFile(path) as f:
-        def failing(mapped):
+        def failing(mapped, address, length):
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         monkeypatch.setattr(safetensors_file, "_populate", failing)
         with pytest.raises(InputError, match=r"shrinks.safetensors: tensor 'b': read failed "

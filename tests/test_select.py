@@ -163,3 +163,17 @@ def test_sample_keys_are_the_kernel_keys():
     base, models = big_case("random", torch.float16, 300_007)   # strided: rows as a matrix or a list
     assert np.array_equal(S.sample_keys(base, list(models), size=1000),
                           S.sample_keys(base, models, size=1000))
+
+
+@pytest.mark.parametrize("values", [7, 500, 100_000], ids=lambda v: f"distinct={v}")
+@pytest.mark.parametrize("spread", [1, 3, 40_000], ids=lambda s: f"spread={s}")
+def test_kth_largest_in_a_range_equals_sorting(values, spread):
+    """Both ways (counting over a small span, partial sort over a wide one), ties included."""
+    rng = np.random.default_rng(values + spread)
+    lo = 1_000_000
+    keys = (lo + spread * rng.integers(0, values, 20_000)).astype(np.int32)
+    hi = int(keys.max())
+    desc = np.sort(keys)[::-1]
+    for r in [1, 2, 777, 10_000, 19_999, 20_000]:
+        assert S.kth_largest_in(keys, lo, hi, r) == desc[r - 1]
+        assert S.kth_largest_in(keys, lo - 5, hi + 9, r) == desc[r - 1]   # looser range

@@ -26,6 +26,7 @@ Byte order is the host's, which must be little-endian like the format.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import hashlib
 import json
@@ -302,15 +303,37 @@ def _open_regular(path: Path, where: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def _populate(mapped: mmap.mmap) -> None:
-    """Fill the page tables of a fresh mapping (reading pages from disk as needed); an
-    OSError (EFAULT) when a page cannot be read. Older kernels refuse the advice (EINVAL):
-    their pages are mapped on first touch instead."""
+def _libc_madvise():
     try:
-        mapped.madvise(_MADV_POPULATE_READ)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise() if sys.platform.startswith("linux") else None
+
+
+def _populate(mapped: mmap.mmap, address: int, length: int) -> None:
+    """Fill the page tables of the fresh mapping at [address, address+length), reading pages
+    from disk as needed; an OSError (EFAULT) when a page cannot be read. Through ctypes,
+    which releases the GIL (mmap.madvise holds it for the whole call, stalling the merge
+    thread while a prefetch thread populates). Older kernels refuse the advice (EINVAL):
+    their pages are mapped on first touch instead."""
+    if _MADVISE is not None:
+        if _MADVISE(address, length, _MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+    else:
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+            return
+        except OSError as exc:
+            err = exc.errno
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, where: str) -> None:
@@ -465,14 +488,16 @@ class SafetensorsFile:
                                  f"{offset}..{offset + nbytes}: {exc.strerror or exc}") from None
         finally:
             self._release()
+        tensor = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=lead)
         try:
-            _populate(mapped)
+            _populate(mapped, tensor.data_ptr() - lead, lead + nbytes)
         except OSError as exc:
+            del tensor
             mapped.close()
             raise InputError(f"{self._where}: tensor {name!r}: read failed for bytes {offset}.."
                              f"{offset + nbytes}: {exc.strerror or exc} (an I/O error, or the "
                              "file shrank)") from None
-        return torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=lead)
+        return tensor
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, in a new CPU tensor of its dtype and shape."""
