@@ -440,17 +440,23 @@ class SafetensorsFile:
             return out
         offset = info.offset + start * info.itemsize
         where = f"{self._where}: tensor {name!r}"
-        fd = self._acquire()
+        fd = self._acquire_for(where, offset + nbytes)
         try:
-            size = os.fstat(fd).st_size
-            if offset + nbytes > size:
-                raise InputError(f"{where}: file is truncated: it now has {size} bytes but the "
-                                 f"read needs bytes up to {offset + nbytes} (the file shrank "
-                                 "after it was opened)")
             _pread_into(fd, memoryview(dst.numpy()), offset, where)
         finally:
             self._release()
         return out
+
+    def _acquire_for(self, where: str, end: int) -> int:
+        """``_acquire`` after checking the file still has ``end`` bytes (InputError if not)."""
+        fd = self._acquire()
+        size = os.fstat(fd).st_size
+        if end > size:
+            self._release()
+            raise InputError(f"{where}: file is truncated: it now has {size} bytes but the "
+                             f"read needs bytes up to {end} (the file shrank after it was "
+                             "opened)")
+        return fd
 
     def view(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start+count) of tensor ``name`` as a flat CPU tensor of its dtype
@@ -473,19 +479,13 @@ class SafetensorsFile:
         if nbytes == 0 or offset % info.itemsize or not _CAN_MAP:
             return self.read_into(name, torch.empty(count, dtype=info.dtype), start, count)
         lead = offset % mmap.ALLOCATIONGRANULARITY
-        fd = self._acquire()
+        fd = self._acquire_for(f"{self._where}: tensor {name!r}", offset + nbytes)
         try:
-            size = os.fstat(fd).st_size
-            if offset + nbytes > size:
-                raise InputError(f"{self._where}: tensor {name!r}: file is truncated: it now "
-                                 f"has {size} bytes but the read needs bytes up to "
-                                 f"{offset + nbytes} (the file shrank after it was opened)")
-            try:
-                mapped = mmap.mmap(fd, lead + nbytes, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
-            except OSError as exc:
-                raise InputError(f"{self._where}: tensor {name!r}: cannot map bytes "
-                                 f"{offset}..{offset + nbytes}: {exc.strerror or exc}") from None
+            mapped = mmap.mmap(fd, lead + nbytes, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
+        except OSError as exc:
+            raise InputError(f"{self._where}: tensor {name!r}: cannot map bytes "
+                             f"{offset}..{offset + nbytes}: {exc.strerror or exc}") from None
         finally:
             self._release()
         tensor = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=lead)
