@@ -27,7 +27,7 @@ import torch
 from .errors import InputError
 from .kernel_api import COUNTERS, NONFINITE, KernelConfig
 from .plan import TensorTask, kernel_dtype
-from .select import bracket_thresholds, find_thresholds, sample_keys
+from .select import bracket_thresholds, find_thresholds, ranks, sample_keys
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
@@ -151,8 +151,8 @@ class ChunkReader:
         if self.pin:
             return False
         dtypes = [c.info(task.name).dtype for c in self.inputs.all]
-        return (all(kernel_dtype(d) == d for d in dtypes)
-                and len({c.info(task.name).dtype for c in self.inputs.models}) == 1)
+        models = dtypes[len(dtypes) - len(self.inputs.models):]
+        return all(kernel_dtype(d) == d for d in dtypes) and len(set(models)) == 1
 
     def read(self, task: TensorTask, start: int, count: int):
         base_ckpt, models = self.inputs.base, self.inputs.models
@@ -335,7 +335,8 @@ class StreamMerge:
         p = self.params
         if p.trims and p.scope == "tensor" and hasattr(self.backend, "bracket"):
             whole = src.whole()
-            if whole is not None:
+            searched = any(k for row in ranks(p.density, p.slack, task.numel)[0] for k in row)
+            if whole is not None and searched:   # else every threshold is fixed (density 0, 1)
                 src.sample = sample_keys(*whole)
         return src
 

@@ -50,15 +50,30 @@ const int FM_SHIFT[FM_LEVELS] = {20, 9, 0};
 #define FM_FLUSH_BLOCKS ((int64_t)1024)
 #define FM_MERGE_CHUNK_BLOCKS ((int64_t)64)
 
-/* Threads take chunks of blocks from a shared counter (dynamic scheduling): on a busy
- * machine a descheduled thread no longer holds up the whole parallel region. */
-static inline int64_t take_chunk(int64_t *next) {
+/* The blocks of a tensor, handed out in chunks of `per` blocks. Threads take chunks from
+ * a shared counter (dynamic scheduling): on a busy machine a descheduled thread no longer
+ * holds up the whole parallel region. */
+typedef struct {
+    int64_t nblk, per, next;
+} work;
+
+static work work_for(int64_t N, int64_t per)
+{
+    work w = {(N + FM_BLOCK - 1) / FM_BLOCK, per, 0};
+    return w;
+}
+
+/* Next chunk [*b0, *b1) of blocks; 0 when none is left. */
+static inline int take_chunk(work *w, int64_t *b0, int64_t *b1)
+{
     int64_t c;
 #ifdef _OPENMP
 #pragma omp atomic capture
 #endif
-    c = (*next)++;
-    return c;
+    c = w->next++;
+    *b0 = c * w->per;
+    *b1 = *b0 + w->per < w->nblk ? *b0 + w->per : w->nblk;
+    return *b0 < w->nblk;
 }
 
 #define FM_INLINE static inline __attribute__((always_inline))
@@ -299,11 +314,9 @@ int fm_histogram(const fm_hist_args *a)
     }
     if (a->N == 0) return 0;
 
-    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
-    const int nt = pick_threads(a->threads, nblk);
+    work w = work_for(a->N, FM_FLUSH_BLOCKS);
+    const int nt = pick_threads(a->threads, w.nblk);
     int failed = 0;
-    int64_t next = 0;
-    const int64_t nchunk = (nblk + FM_FLUSH_BLOCKS - 1) / FM_FLUSH_BLOCKS;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
@@ -321,9 +334,7 @@ int fm_histogram(const fm_hist_args *a)
             s.flag = arena_take(&ar, FM_BLOCK + 8);
             s.loc = arena_take(&ar, loc_bytes);
             memset(s.loc, 0, loc_bytes);
-            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
-                const int64_t c0 = ci * FM_FLUSH_BLOCKS;
-                const int64_t c1 = c0 + FM_FLUSH_BLOCKS < nblk ? c0 + FM_FLUSH_BLOCKS : nblk;
+            for (int64_t c0, c1; take_chunk(&w, &c0, &c1);) {
                 hist_range(a, plan, &s, c0, c1);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_hist)
@@ -462,11 +473,9 @@ int fm_bracket(const fm_bracket_args *a)
     }
     if (a->N == 0) return 0;
 
-    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
-    const int nt = pick_threads(a->threads, nblk);
+    work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
+    const int nt = pick_threads(a->threads, w.nblk);
     int failed = 0;
-    int64_t next = 0;
-    const int64_t nchunk = (nblk + FM_MERGE_CHUNK_BLOCKS - 1) / FM_MERGE_CHUNK_BLOCKS;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
@@ -489,9 +498,7 @@ int fm_bracket(const fm_bracket_args *a)
             s.above = arena_take(&ar, (size_t)n * 2 * sizeof(int64_t));
             memset(s.fill, 0, (size_t)n * 2 * sizeof(int));
             memset(s.above, 0, (size_t)n * 2 * sizeof(int64_t));
-            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
-                const int64_t b0 = ci * FM_MERGE_CHUNK_BLOCKS;
-                const int64_t b1 = b0 + FM_MERGE_CHUNK_BLOCKS < nblk ? b0 + FM_MERGE_CHUNK_BLOCKS : nblk;
+            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);) {
                 bracket_range(a, plan, &s, b0, b1);
             }
             for (int ij = 0; ij < 2 * n; ij++) bracket_publish(a, &s, ij);
@@ -758,11 +765,9 @@ int fm_merge(const fm_merge_args *a)
     if (a->N == 0) return 0;
     for (int i = 0; i < n; i++) has_slack |= a->u[i] != INFINITY;   /* NaN counts as slack */
 
-    const int64_t nblk = (a->N + FM_BLOCK - 1) / FM_BLOCK;
-    const int nt = pick_threads(a->threads, nblk);
+    work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
+    const int nt = pick_threads(a->threads, w.nblk);
     int failed = 0;
-    int64_t next = 0;
-    const int64_t nchunk = (nblk + FM_MERGE_CHUNK_BLOCKS - 1) / FM_MERGE_CHUNK_BLOCKS;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
@@ -785,9 +790,7 @@ int fm_merge(const fm_merge_args *a)
             s.gamt = arena_take(&ar, row);
             s.d = arena_take(&ar, row);
             s.ws = arena_take(&ar, row);
-            for (int64_t ci; (ci = take_chunk(&next)) < nchunk;) {
-                const int64_t b0 = ci * FM_MERGE_CHUNK_BLOCKS;
-                const int64_t b1 = b0 + FM_MERGE_CHUNK_BLOCKS < nblk ? b0 + FM_MERGE_CHUNK_BLOCKS : nblk;
+            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);) {
                 if (a->mode == FM_MODE_TIES)
                     ties_range(a, &s, b0, b1, cnt, has_slack);
                 else

@@ -29,6 +29,15 @@ static void bufset_release(bufset *bs)
     bs->count = 0;
 }
 
+/* A wrapper's result once its kernel has run: the buffers released, then None, or
+ * MemoryError when the kernel could not allocate its scratch (rc != 0). */
+static PyObject *kernel_done(bufset *bs, int rc)
+{
+    bufset_release(bs);
+    if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Take a C-contiguous view of `obj` holding exactly `count` items of `itemsize` bytes. */
 static Py_buffer *take_buffer(bufset *bs, PyObject *obj, const char *what, long long count,
                               int itemsize, int writable)
@@ -299,9 +308,7 @@ static PyObject *py_histogram(PyObject *self, PyObject *args, PyObject *kw)
     Py_BEGIN_ALLOW_THREADS
     rc = fm_histogram(&a);
     Py_END_ALLOW_THREADS
-    bufset_release(&bs);
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return kernel_done(&bs, rc);
 fail:
     bufset_release(&bs);
     return NULL;
@@ -380,9 +387,7 @@ static PyObject *py_bracket(PyObject *self, PyObject *args, PyObject *kw)
     Py_BEGIN_ALLOW_THREADS
     rc = fm_bracket(&a);
     Py_END_ALLOW_THREADS
-    bufset_release(&bs);
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return kernel_done(&bs, rc);
 fail:
     bufset_release(&bs);
     return NULL;
@@ -486,9 +491,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     Py_BEGIN_ALLOW_THREADS
     rc = fm_merge(&a);
     Py_END_ALLOW_THREADS
-    bufset_release(&bs);
-    if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return kernel_done(&bs, rc);
 fail:
     bufset_release(&bs);
     return NULL;
