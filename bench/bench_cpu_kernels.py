@@ -49,8 +49,10 @@ sys.path.insert(0, str(ROOT))
 
 from fastmerge import reference  # noqa: E402
 from fastmerge.backends import c_backend  # noqa: E402
-from fastmerge.kernel_api import KernelConfig  # noqa: E402
-from fastmerge.select import bracket_thresholds, find_thresholds  # noqa: E402
+from fastmerge.methods import METHODS  # noqa: E402
+
+TIES_SV = METHODS["ties_sv"]
+from fastmerge import select  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "32000x4096": (32000, 4096)}
 DENSITY, SLACK, N_MODELS, DTYPE = 0.2, 0.05, 2, torch.float16
@@ -63,17 +65,15 @@ def thresholds(backend, base, models):
     """Exact (t, u) as the pipeline finds them: bracketing if the backend has it, else
     (or when a bracket misses) radix select."""
     n, N = models.shape
-    bracket = getattr(backend, "bracket", None)
-    found = bracket and bracket_thresholds(bracket, base, models, [DENSITY] * n, [SLACK] * n)
-    return found or find_thresholds(backend.histogram, lambda: [(base, models)],
-                                    [DENSITY] * n, [SLACK] * n, N)
+    return select.thresholds(backend, select.Targets.of([DENSITY] * n, [SLACK] * n, N),
+                             lambda: [(base, models)], (base, models))
 
 
 def fastmerge_ties_sv(backend, base, models, out):
     """Exact thresholds, then the fused merge pass."""
     n, N = models.shape
     t, u = thresholds(backend, base, models)
-    cfg = KernelConfig("ties", (1.0,) * n, tuple(t), tuple(u))
+    cfg = TIES_SV.kernel_config((1.0,) * n, 1.0, True, "sum", t, u)
     return backend.merge(base, models, out, cfg)
 
 
@@ -167,16 +167,16 @@ def bench_shape(name: str, repeats: int, skip: set[str]) -> dict:
     contenders = {
         "c": lambda: fastmerge_ties_sv(c_backend, flat_base, flat_models, out),
         "c_thresholds": lambda: thresholds(c_backend, flat_base, flat_models),
-        "c_thresholds_radix": lambda: find_thresholds(
-            c_backend.histogram, lambda: [(flat_base, flat_models)], [DENSITY] * N_MODELS,
-            [SLACK] * N_MODELS, N),
+        "c_thresholds_radix": lambda: select.find_thresholds(
+            c_backend.histogram, lambda: [(flat_base, flat_models)],
+            select.Targets.of([DENSITY] * N_MODELS, [SLACK] * N_MODELS, N)),
         "c_merge_pass": None,   # filled below with the real thresholds
         "reference": lambda: fastmerge_ties_sv(reference, flat_base, flat_models, out),
         "incumbent": lambda: incumbent_ties(base, models),
     }
     t, u = contenders["c_thresholds"]()
     assert (t, u) == contenders["c_thresholds_radix"](), "bracketing and radix select disagree"
-    cfg = KernelConfig("ties", (1.0,) * N_MODELS, tuple(t), tuple(u))
+    cfg = TIES_SV.kernel_config((1.0,) * N_MODELS, 1.0, True, "sum", t, u)
     contenders["c_merge_pass"] = lambda: c_backend.merge(flat_base, flat_models, out, cfg)
 
     row = {"shape": [rows, cols], "numel": N, "dtype": "float16", "n_models": N_MODELS,

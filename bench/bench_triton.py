@@ -99,9 +99,10 @@ class Contenders:
 
         from fastmerge import reference as R
         from fastmerge.backends import torch_backend
-        from fastmerge.kernel_api import KernelConfig
+        from fastmerge.methods import METHODS
+        TIES_SV = METHODS["ties_sv"]
         from fastmerge.kernels import triton_merge as T
-        from fastmerge.select import RadixSelect, find_thresholds
+        from fastmerge.select import RadixSelect, Targets, find_thresholds
 
         self.T, self.R, self.torch = T, R, torch
         self.base, self.models = base, models
@@ -112,9 +113,9 @@ class Contenders:
         self.chunk = torch_backend.CHUNK_ELEMS
         t, u = self.thresholds_triton()
         self.t, self.u = t, u
-        self.cfg = KernelConfig("ties", WEIGHTS[:self.n], tuple(t), tuple(u), 1.0, True, False)
+        self.cfg = TIES_SV.kernel_config(WEIGHTS[:self.n], 1.0, True, "sum", t, u)
         # the prefixes of each level of this selection, for kernel-only histogram timing
-        sel = RadixSelect.from_params(self.dens, self.slk, self.N)
+        sel = RadixSelect.of(Targets.of(self.dens, self.slk, self.N))
         self.levels = []
         while not sel.done:
             p = sel.prefixes()
@@ -124,7 +125,7 @@ class Contenders:
     # triton
     def thresholds_triton(self):
         return self.find_thresholds(self.T.histogram, lambda: [(self.base, self.models)],
-                                    self.dens, self.slk, self.N)
+                                    Targets.of(self.dens, self.slk, self.N))
 
     def hist_triton(self, **launch):
         for level, p in self.levels:
@@ -134,9 +135,10 @@ class Contenders:
         return self.T.merge(self.base, self.models, self.out, self.cfg, **launch)
 
     def total_triton(self):
-        from fastmerge.kernel_api import KernelConfig
+        from fastmerge.methods import METHODS
+        TIES_SV = METHODS["ties_sv"]
         t, u = self.thresholds_triton()
-        cfg = KernelConfig("ties", WEIGHTS[:self.n], tuple(t), tuple(u), 1.0, True, False)
+        cfg = TIES_SV.kernel_config(WEIGHTS[:self.n], 1.0, True, "sum", t, u)
         return self.T.merge(self.base, self.models, self.out, cfg)
 
     # reference, in the pipeline's chunks
@@ -145,9 +147,10 @@ class Contenders:
                 for s in range(0, self.N, self.chunk)]
 
     def total_reference(self):
-        from fastmerge.kernel_api import KernelConfig
-        t, u = self.find_thresholds(self.R.histogram, self._chunks, self.dens, self.slk, self.N)
-        cfg = KernelConfig("ties", WEIGHTS[:self.n], tuple(t), tuple(u), 1.0, True, False)
+        from fastmerge.methods import METHODS
+        TIES_SV = METHODS["ties_sv"]
+        t, u = self.find_thresholds(self.R.histogram, self._chunks, Targets.of(self.dens, self.slk, self.N))
+        cfg = TIES_SV.kernel_config(WEIGHTS[:self.n], 1.0, True, "sum", t, u)
         for s in range(0, self.N, self.chunk):
             self.R.merge(self.base[s:s + self.chunk], self.models[:, s:s + self.chunk],
                          self.out[s:s + self.chunk], cfg)
@@ -189,9 +192,10 @@ def correctness_check():
 
     sys.path.insert(0, str(REPO))
     from fastmerge import reference as R
-    from fastmerge.kernel_api import KernelConfig
+    from fastmerge.methods import METHODS
+    TIES_SV = METHODS["ties_sv"]
     from fastmerge.kernels import triton_merge as T
-    from fastmerge.select import find_thresholds
+    from fastmerge.select import Targets, find_thresholds
     from tests.checks import assert_counts_equal, assert_ulp_close
 
     results = []
@@ -207,11 +211,11 @@ def correctness_check():
                       ).to(dtype)
             dens, slk = [0.2] * n, [0.05] * n
             chunks = lambda: [(base, models)]  # noqa: E731
-            t, u = find_thresholds(T.histogram, chunks, dens, slk, N)
-            tr, ur = find_thresholds(R.histogram, chunks, dens, slk, N)
+            t, u = find_thresholds(T.histogram, chunks, Targets.of(dens, slk, N))
+            tr, ur = find_thresholds(R.histogram, chunks, Targets.of(dens, slk, N))
             assert (t, u) == (tr, ur), f"thresholds differ: {(t, u)} vs {(tr, ur)}"
             w = (1.0, 0.5, 1.25)
-            cfg = KernelConfig("ties", w, tuple(t), tuple(u), 1.0, True, False)
+            cfg = TIES_SV.kernel_config(w, 1.0, True, "sum", t, u)
             out, ref = torch.empty_like(base), torch.empty_like(base)
             counts = T.merge(base, models, out, cfg)
             want = R.merge(base, models, ref, cfg)

@@ -4,7 +4,7 @@
     result = fastmerge.merge("base", ["ct", "sft"], method="ties_sv", density=0.2,
                              slack=0.05, output="merged")
 
-The algebra is SPEC.md's; backends (Triton on CUDA, C on CPU, the PyTorch reference)
+The algebra is docs/spec.md's; backends (Triton on CUDA, C on CPU, the PyTorch reference)
 are chosen in ``fastmerge.backends``.
 """
 __version__ = "0.1.0"

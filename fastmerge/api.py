@@ -19,18 +19,23 @@ class MergeResult:
     report: dict
 
 
-def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, slack=0.0,
-          scale: float = 1.0, normalize: bool | None = None, elect: str = "sum",
+def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, slack=None,
+          scale=None, normalize: bool | None = None, elect: str = "sum",
           scope: str = "tensor", output=None, dtype=None, device="auto", backend="auto",
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           resume: bool = False):
-    """Merge ``models`` into ``base`` (SPEC §1-§8), streaming tensor by tensor.
+    """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
     base, models: Hugging Face model folders, ``.safetensors`` files, hub ids, or
         in-memory state dicts (``base`` may be None for ``method="linear"``).
-    weights, density, slack: one number, or one number per model (w_i, d_i, s_i).
-    scale: λ; normalize: disjoint mean (None: the method's default); elect: "sum" or
+    method: one of fastmerge.methods.METHODS (linear, task_arithmetic, ties, ties_sv).
+    weights, density, slack: one value, or one value per model (w_i, d_i, s_i); a value
+        is a number, or as in mergekit a gradient over the layers ([0, 0.5, 1]) or a
+        list of {"filter": substring, "value": ...} entries. Omitted: weights 1.0,
+        density 0.2, slack 0.0 (the API's defaults; a YAML config takes mergekit's).
+    scale: λ (default 1.0; a number, gradient or filter list too);
+        normalize: divide by the selected weights (None: the method's default); elect: "sum" or
         "count"; scope: "tensor" (per-tensor top-k) or "model" (one global top-k per model).
     output: folder to write a sharded checkpoint to; returns ``MergeResult(path, report)``.
         Without it, returns ``(state_dict, report)``.
@@ -53,9 +58,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
     params = make_params(method, len(models), weights=weights, density=density, slack=slack,
                          scale=scale, normalize=normalize, elect=elect, scope=scope,
                          dtype=dtype, allow_nonfinite=allow_nonfinite)
-    if base is None and method != "linear":
-        raise ParameterError(f"method {method!r} needs a base model; only 'linear' works "
-                             "without one")
+    if base is None and params.spec.needs_base:
+        raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
+                             "works without one")
     if config_from is not None and (isinstance(config_from, bool) or
                                     not isinstance(config_from, int) or
                                     not 0 <= config_from < len(models)):
@@ -68,6 +73,7 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
     elif resume:
         raise ParameterError("resume=True needs an output folder")
     module, dev = backends.resolve(backend, device)
+    backends.check_supported(module, params)
 
     opened = []
     try:
@@ -80,6 +86,7 @@ def merge(base, models, *, method: str = "ties_sv", weights=1.0, density=0.2, sl
             model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle))
             opened.append(model_ckpts[-1])
         tasks = plan_merge(base_ckpt, model_ckpts, params)
+        backends.check_supported(module, params, {t.out_dtype for t in tasks if t.merged})
         inputs = Inputs(base_ckpt, model_ckpts)
 
         if output is None:
@@ -132,7 +139,7 @@ def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int) -> 
     from . import __version__
     doc = {"version": __version__, "backend": backend, "params": params.as_dict(),
            "shard_bytes": shard_bytes,
-           "tasks": [(t.name, str(t.out_dtype), t.shape, t.merged) for t in tasks],
+           "tasks": [(t.name, str(t.out_dtype), t.shape, t.merged, t.knobs) for t in tasks],
            "inputs": [(c.label, [(n, str(c.info(n).dtype), tuple(c.info(n).shape),
                                   c.info(n).offset, c.info(n).nbytes) for n in c.names])
                       for c in checkpoints]}

@@ -4,7 +4,7 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
 
 ``histogram(base, models, prefixes, level) -> int64 [n, 2, NBINS]``
     Radix-select step over the fp32 bit patterns ``key = bits(|τ_i|)`` with
-    ``τ_i = f32(models[i]) - f32(base)`` (SPEC §1). Since ``|τ| >= 0`` its bits order
+    ``τ_i = f32(models[i]) - f32(base)`` (docs/spec.md §1). Since ``|τ| >= 0`` its bits order
     like integers. For slot ``j`` of model ``i`` it counts, for every entry whose
     ``key >> (SHIFT[level] + DIGIT_BITS[level]) == prefixes[i, j]``, the digit
     ``(key >> SHIFT[level]) & (2**DIGIT_BITS[level] - 1)``. A prefix of -1 matches
@@ -20,8 +20,9 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     by ``histogram`` alone.
 
 ``merge(base, models, out, cfg) -> int64 [n, len(COUNTERS)]``
-    The fused pass of SPEC §4-§6 (and §8's counters) writing ``out`` (its dtype is the
-    output dtype, rounded to nearest even). ``base`` is None only for ``linear``.
+    The fused pass of docs/spec.md §5-§7 (and §9's counters) writing ``out``: the fp64
+    result rounded once, to nearest even, to ``out``'s dtype. ``base`` may be None when
+    ``cfg.on_base`` is False (``linear``).
 
 ``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype) or a sequence of n
 contiguous 1-D tensors of N entries and one dtype (the pipeline passes the rows mapped
@@ -43,22 +44,42 @@ KEPT, PROTECTED, SELECTED, DROPPED_BY_SIGN, IMPORTANT_DROPPED, TIES_IMPORTANT_DR
     NONFINITE = range(len(COUNTERS))
 
 
+ELECTS = ("none", "sum", "count")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
-    """What one fused merge pass needs; thresholds already found.
+    """What one fused pass needs (docs/spec.md §3-§7), thresholds already found; the
+    stages are flags, set by ``fastmerge.methods`` (the one place that builds these).
 
-    mode: "linear" (θ = Σ w_i θ_i [/ Σ w_i]), "task_arithmetic" (m = Σ w_i τ_i [/ Σ w_i])
-    or "ties" (trim, elect, disjoint mean; with slack when any u_i is finite).
-    For "linear" and "task_arithmetic" only the ``nonfinite`` counter is filled.
+    x_i = τ_i = f32(θ_i) − f32(θ_b) when ``on_base``, else x_i = f32(θ_i) (no base).
+    trim  (``t`` not None): kept_i = |x_i| ≥ t_i; t_i = +inf keeps none. None: all kept.
+    slack (``u`` not None): prot_i = |x_i| ≥ u_i; u_i = +inf protects none.
+    elect: "none" (sel_i = kept_i, W = Σ_i w_i), or "sum" / "count" (protected-first
+      sign election; sel_i = kept_i ∧ sign(w_i·x_i) = γ, W = Σ_i w_i·sel_i).
+    combine: D = Σ_i w_i·sel_i·x_i; m = D / W when ``normalize`` and W ≠ 0, else D;
+      θ = f32(θ_b) + λ·m (``on_base``) or θ = m. Evaluated in fp64, models summed in
+      order, then rounded once to the output dtype.
     """
 
-    mode: str
     weights: tuple[float, ...]
-    t: tuple[float, ...]
-    u: tuple[float, ...]
+    t: tuple[float, ...] | None = None
+    u: tuple[float, ...] | None = None
+    elect: str = "none"
+    normalize: bool = False
     scale: float = 1.0
-    normalize: bool = True
-    elect_count: bool = False
+    on_base: bool = True
+
+    def __post_init__(self):
+        n = len(self.weights)
+        if self.elect not in ELECTS:
+            raise ValueError(f"elect must be one of {ELECTS}, got {self.elect!r}")
+        for name in ("t", "u"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"cfg.{name} needs {n} entries (one per model), got {len(v)}")
+        if self.u is not None and self.elect == "none":
+            raise ValueError("slack thresholds (u) need a sign election")
 
     @property
     def n_models(self) -> int:
@@ -66,4 +87,22 @@ class KernelConfig:
 
     @property
     def has_slack(self) -> bool:
-        return self.mode == "ties" and any(x != float("inf") for x in self.u)
+        """Some model protects entries (a finite u_i)."""
+        return self.u is not None and any(x != float("inf") for x in self.u)
+
+    @property
+    def counts(self) -> bool:
+        """Whether the pass has per-model decisions to count (trim or election)."""
+        return self.t is not None or self.elect != "none"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels take; ``fastmerge.merge`` checks a merge against it
+    before any tensor data is read (backends.check_supported)."""
+
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")   # stored and output
+    max_models: int | None = None                                   # None: no limit
+    elects: tuple[str, ...] = ELECTS
+    slack: bool = True
+    without_base: bool = True                                       # on_base=False

@@ -1,19 +1,21 @@
-"""Merge parameters: validation and per-model broadcasting (SPEC §2-§7).
+"""Merge parameters: validation, per-model broadcasting and per-tensor values.
 
-Everything here runs before any file is opened, so a bad value fails fast with a
-message that names it.
+Everything here runs before any tensor data is read, so a bad value fails fast with a
+message that names it. A numeric knob (methods.KNOBS) is a number, or — as in mergekit —
+a gradient over the layers or a list of ``{filter, value}`` entries (fastmerge.knobs);
+``FirstOf`` chains the levels a YAML config gives (a model's own value, then the global
+one, then mergekit's default). ``MergeParams.for_tensor`` resolves them for one tensor.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence, Union
 
+from . import knobs as K
+from . import methods
 from .errors import ParameterError
 
-METHODS = ("linear", "task_arithmetic", "ties", "ties_sv")
-TRIM_METHODS = ("ties", "ties_sv")
-ELECTS = ("sum", "count")
 SCOPES = ("tensor", "model")
 DTYPES = ("float16", "bfloat16", "float32")
 DTYPE_ALIASES = {
@@ -22,28 +24,67 @@ DTYPE_ALIASES = {
     "fp32": "float32", "float": "float32", "float32": "float32",
 }
 
-Knob = Union[float, int, Sequence[float]]
+
+@dataclass(frozen=True)
+class FirstOf:
+    """A knob taken, per tensor, from the first of ``levels`` that applies to it (None:
+    a level not given). All levels empty for some tensor is an error there."""
+
+    levels: tuple
+
+    def resolve(self, tensor: str, num_layers: int):
+        return K.resolve_first(self.levels, tensor, num_layers)
+
+    def as_json(self):
+        return {"first_of": [_as_json(v) for v in self.levels]}
 
 
-def _per_model(name: str, value: Knob, n: int) -> tuple[float, ...]:
-    """Broadcast a number to n models, or check a list has exactly n finite numbers."""
-    if isinstance(value, bool):
-        raise ParameterError(f"{name} must be a number or one number per model, got {value!r}")
-    if isinstance(value, (int, float)):
-        values = (float(value),) * n
-    else:
-        try:
-            values = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ParameterError(
-                f"{name} must be a number or one number per model, got {value!r}") from None
+Spec = Union[float, list, FirstOf]
+
+
+def _as_json(v):
+    return v.as_json() if isinstance(v, FirstOf) else v
+
+
+def _resolve(spec: Spec, tensor: str, num_layers: int):
+    if isinstance(spec, FirstOf):
+        return spec.resolve(tensor, num_layers)
+    return float(spec) if isinstance(spec, (int, float)) else K.resolve(spec, tensor, num_layers)
+
+
+def _is_constant(spec: Spec) -> bool:
+    if isinstance(spec, FirstOf):
+        first = next((v for v in spec.levels if v is not None), None)
+        return first is not None and K.is_constant(first)
+    return isinstance(spec, (int, float)) or K.is_constant(spec)
+
+
+def _check_spec(where: str, spec) -> Spec:
+    """A plain number (returned as float) or a well-formed knob spec."""
+    if isinstance(spec, FirstOf):
+        for k, level in enumerate(spec.levels):
+            if level is not None:
+                K.check_knob(f"{where} (level {k})", level)
+        return spec
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, list)):
+        raise ParameterError(f"{where} must be a number, a gradient (list of numbers) or a "
+                             f"list of {{filter, value}} entries, got {spec!r}")
+    K.check_knob(where, spec)
+    return float(spec) if isinstance(spec, (int, float)) else spec
+
+
+def _per_model(name: str, value, n: int) -> tuple:
+    """One spec per model: a number broadcasts; a sequence must have exactly n entries."""
+    if isinstance(value, (int, float, FirstOf)) and not isinstance(value, bool):
+        values = (value,) * n
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        values = tuple(value)
         if len(values) != n:
-            raise ParameterError(
-                f"{name} has {len(values)} values but there are {n} models: {list(value)!r}")
-    for v in values:
-        if not math.isfinite(v):
-            raise ParameterError(f"{name} must be finite, got {v!r}")
-    return values
+            raise ParameterError(f"{name} has {len(values)} values but there are {n} models: "
+                                 f"{list(values)!r}")
+    else:
+        raise ParameterError(f"{name} must be a number or one value per model, got {value!r}")
+    return tuple(_check_spec(f"{name} of model {i}", v) for i, v in enumerate(values))
 
 
 def canonical_dtype(dtype) -> str | None:
@@ -57,82 +98,127 @@ def canonical_dtype(dtype) -> str | None:
 
 
 @dataclass(frozen=True)
-class MergeParams:
-    """Validated parameters of one merge; every per-model knob has one value per model."""
+class TensorKnobs:
+    """The knobs of one tensor, one number per model (``scale`` one per tensor)."""
 
-    method: str
-    n_models: int
     weights: tuple[float, ...]
     density: tuple[float, ...]
     slack: tuple[float, ...]
     scale: float
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Validated parameters of one merge. ``weights`` / ``density`` / ``slack`` hold one
+    spec per model (a float when constant), ``scale`` one spec."""
+
+    method: str
+    n_models: int
+    weights: tuple
+    density: tuple
+    slack: tuple
+    scale: Spec
     normalize: bool
     elect: str
     scope: str
     dtype: str | None = None
     allow_nonfinite: bool = False
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> methods.Method:
+        return methods.METHODS[self.method]
 
     @property
     def trims(self) -> bool:
-        """Whether the method trims by magnitude (TIES family)."""
-        return self.method in TRIM_METHODS
+        """Whether the method needs magnitude thresholds (TIES family)."""
+        return self.spec.thresholds
 
     @property
-    def has_slack(self) -> bool:
-        return self.trims and any(s > 0 for s in self.slack)
+    def constant(self) -> bool:
+        """Every knob has the same value for every tensor."""
+        return all(_is_constant(s) for s in (*self.weights, *self.density, *self.slack,
+                                             self.scale))
+
+    def for_tensor(self, name: str, num_layers: int = 0) -> TensorKnobs:
+        """The knobs of tensor ``name`` (docs/spec.md §2), checked; errors name the
+        tensor and the model."""
+        where = f"tensor {name!r}: " if name else ""
+
+        def value(knob: str, i: int | None, spec):
+            v = _resolve(spec, name, num_layers)
+            who = f"{knob}" if i is None else f"{knob} of model {i}"
+            if v is None:
+                raise ParameterError(
+                    f"{where}{who} is not set (no filter matches it and there is "
+                    f"no default; mergekit requires {methods.KNOBS[knob].yaml!r})")
+            k = methods.KNOBS[knob]
+            if not (math.isfinite(v) and k.low <= v <= k.high):
+                raise ParameterError(f"{where}{who} must be " + (
+                    f"in [{k.low:g}, {k.high:g}]" if math.isfinite(k.low) else "finite") +
+                    f", got {v!r}")
+            return v
+
+        w = tuple(value("weights", i, s) for i, s in enumerate(self.weights))
+        d = tuple(value("density", i, s) for i, s in enumerate(self.density))
+        sl = tuple(value("slack", i, s) for i, s in enumerate(self.slack))
+        for i, (si, di) in enumerate(zip(sl, d)):
+            if si > di:
+                raise ParameterError(f"{where}slack of model {i} must be in "
+                                     f"[0, density={di}], got {si!r}")
+        if self.method != "ties_sv" and any(sl):
+            raise ParameterError(f"slack is only used by method 'ties_sv', got slack="
+                                 f"{list(sl)!r} with method {self.method!r}")
+        if self.method == "linear" and self.normalize and math.fsum(w) == 0:
+            raise ParameterError(f"{where}linear merge with normalize needs weights that do not sum "
+                                 f"to 0, got {list(w)!r}" )
+        return TensorKnobs(w, d, sl, value("scale", None, self.scale))
 
     def as_dict(self) -> dict:
         """The exact parameters used, for the merge report."""
         return {
             "method": self.method, "n_models": self.n_models,
-            "weights": list(self.weights), "density": list(self.density),
-            "slack": list(self.slack), "scale": self.scale, "normalize": self.normalize,
-            "elect": self.elect, "scope": self.scope, "dtype": self.dtype,
-            "allow_nonfinite": self.allow_nonfinite,
+            "weights": [_as_json(v) for v in self.weights],
+            "density": [_as_json(v) for v in self.density],
+            "slack": [_as_json(v) for v in self.slack], "scale": _as_json(self.scale),
+            "normalize": self.normalize, "elect": self.elect, "scope": self.scope,
+            "dtype": self.dtype, "allow_nonfinite": self.allow_nonfinite,
         }
 
 
-def make_params(method: str = "ties_sv", n_models: int = 1, *, weights: Knob = 1.0,
-                density: Knob = 0.2, slack: Knob = 0.0, scale: float = 1.0,
-                normalize: bool | None = None, elect: str = "sum", scope: str = "tensor",
-                dtype=None, allow_nonfinite: bool = False) -> MergeParams:
-    """Check every knob and broadcast per-model values (SPEC §7 defaults).
-
-    ``normalize=None`` picks the method's default: True for ``linear``, ``ties`` and
-    ``ties_sv`` (the disjoint mean), False for ``task_arithmetic``.
-    """
-    if method not in METHODS:
-        raise ParameterError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, density=None,
+                slack=None, scale=None, normalize: bool | None = None, elect: str = "sum",
+                scope: str = "tensor", dtype=None, allow_nonfinite: bool = False) -> MergeParams:
+    """Check every knob and broadcast per-model values. A knob left as None takes the
+    API default of methods.KNOBS; ``normalize=None`` the method's default (True for
+    ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic``)."""
+    if method not in methods.ALIASES:
+        raise ParameterError(f"method must be one of {methods.names()}, got {method!r}")
+    spec = methods.get(method)
     if not isinstance(n_models, int) or n_models < 1:
         raise ParameterError(f"at least one model to merge is needed, got {n_models!r}")
-    if elect not in ELECTS:
-        raise ParameterError(f"elect must be one of {', '.join(ELECTS)}, got {elect!r}")
+    if elect not in methods.ELECTS:
+        raise ParameterError(f"elect must be one of {', '.join(methods.ELECTS)}, got {elect!r}")
     if scope not in SCOPES:
         raise ParameterError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ParameterError(f"scale (lambda) must be a finite number, got {scale!r}")
     if normalize is None:
-        normalize = method != "task_arithmetic"
+        normalize = spec.normalize_default
     if not isinstance(normalize, bool):
         raise ParameterError(f"normalize must be true or false, got {normalize!r}")
 
-    w = _per_model("weights", weights, n_models)
-    d = _per_model("density", density, n_models)
-    s = _per_model("slack", slack, n_models)
-    for i, di in enumerate(d):
-        if not 0.0 <= di <= 1.0:
-            raise ParameterError(f"density of model {i} must be in [0, 1], got {di!r}")
-    for i, (si, di) in enumerate(zip(s, d)):
-        if not 0.0 <= si <= di:
-            raise ParameterError(
-                f"slack of model {i} must be in [0, density={di}], got {si!r}")
-    if method != "ties_sv" and any(si > 0 for si in s):
-        raise ParameterError(f"slack is only used by method 'ties_sv', got slack={list(s)!r} "
-                             f"with method {method!r}")
-    if method == "linear" and normalize and sum(w) == 0:
-        raise ParameterError(f"linear merge with normalize needs weights that do not sum to 0, "
-                             f"got {list(w)!r}")
-    return MergeParams(method=method, n_models=n_models, weights=w, density=d, slack=s,
-                       scale=float(scale), normalize=normalize, elect=elect, scope=scope,
-                       dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite))
+    given = {"weights": weights, "density": density, "slack": slack}
+    per_model = {k: _per_model(k, methods.KNOBS[k].default if v is None else v, n_models)
+                 for k, v in given.items()}
+    scale = _check_spec("scale (lambda)", methods.KNOBS["scale"].default if scale is None
+                        else scale)
+    params = MergeParams(method=spec.name, n_models=n_models, weights=per_model["weights"],
+                         density=per_model["density"], slack=per_model["slack"], scale=scale,
+                         normalize=normalize, elect=elect, scope=scope,
+                         dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite))
+    if params.constant:
+        params.for_tensor("")        # constant knobs: check their values now
+    elif scope == "model" and spec.thresholds and not all(
+            _is_constant(s) for s in (*params.density, *params.slack)):
+        raise ParameterError("scope 'model' takes one density and one slack per model for the "
+                             "whole checkpoint; per-tensor values (filters, gradients) need "
+                             "scope 'tensor'")
+    return params

@@ -1,6 +1,6 @@
 """The streaming merge: tensor by tensor, chunk by chunk, with bounded memory.
 
-For every merged tensor (SPEC §1-§8):
+For every merged tensor (docs/spec.md §1-§9):
   1. thresholds (TIES family, fastmerge.select): for a tensor held in memory, one
      bracketing pass when the backend has one; otherwise (or if a bracket missed) three
      radix-select histogram rounds. With ``scope="model"`` one global set of radix
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from .kernel_api import COUNTERS, NONFINITE, KernelConfig
+from . import select
+from .kernel_api import COUNTERS, NONFINITE
 from .plan import TensorTask, kernel_dtype
-from .select import bracket_thresholds, find_thresholds, ranks, sample_keys
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
@@ -47,7 +47,7 @@ class Inputs:
 
 @dataclass
 class TensorStats:
-    """Per-tensor report entry (SPEC §8)."""
+    """Per-tensor report entry (docs/spec.md §9)."""
 
     name: str
     population: int
@@ -256,42 +256,24 @@ class StreamMerge:
         resident = self._input_bytes(task) <= self.resident_bytes
         return TensorSource(self.reader, task, self.chunk_elems, resident)
 
-    def _kernel_config(self, t, u) -> KernelConfig:
-        p = self.params
-        mode = "ties" if p.trims else p.method
-        n = p.n_models
-        return KernelConfig(mode=mode, weights=p.weights,
-                            t=tuple(t) if t else (0.0,) * n,
-                            u=tuple(u) if u else (float("inf"),) * n,
-                            scale=p.scale, normalize=p.normalize,
-                            elect_count=p.elect == "count")
-
-    def _thresholds(self, chunk_fn, population: int):
-        p = self.params
-        return find_thresholds(self.backend.histogram, chunk_fn, p.density, p.slack, population)
-
-    def _tensor_thresholds(self, src: TensorSource, task: TensorTask):
-        """(t, u) of one tensor: one bracketing pass when it can, else radix select."""
-        p = self.params
-        bracket, whole = getattr(self.backend, "bracket", None), src.whole()
-        if bracket is not None and whole is not None:
-            found = bracket_thresholds(bracket, *whole, p.density, p.slack, src.sample)
-            if found is not None:
-                return found
-        return self._thresholds(lambda: ((b, m) for _, _, b, m in src.chunks()), task.numel)
+    def _targets(self, task: TensorTask, population: int) -> select.Targets:
+        return select.Targets.of(task.knobs.density, task.knobs.slack, population)
 
     # -- passes --------------------------------------------------------------------------
     def model_scope_thresholds(self) -> tuple[list[float], list[float]]:
-        """One (t_i, u_i) per model over every merged entry of the checkpoint (SPEC §2)."""
+        """One (t_i, u_i) per model over every merged entry of the checkpoint (docs/spec.md
+        §3; the knobs are the same for every tensor then, params.make_params checks it)."""
         merged = [t for t in self.tasks if t.merged]
-        population = sum(t.numel for t in merged)
+        if not merged:
+            return [], []
+        targets = self._targets(merged[0], sum(t.numel for t in merged))
 
         def all_chunks():
             for task in merged:
                 src = TensorSource(self.reader, task, self.chunk_elems, resident=False)
                 for _, _, b, m in src.chunks():
                     yield b, m
-        return self._thresholds(all_chunks, population)
+        return select.thresholds(self.backend, targets, all_chunks)
 
     def run(self) -> list[TensorStats]:
         p = self.params
@@ -301,14 +283,19 @@ class StreamMerge:
         try:
             pending = None
             todo = []
+            slots: dict[str, int] = {}      # report entries in task order, resumed or not
             for task in self.tasks:
                 recorded = self.sink.done(task)
                 if recorded is None:
                     todo.append(task)
+                    if task.merged:
+                        slots[task.name] = len(self.stats)
+                        self.stats.append(None)
                 elif task.merged:
                     self.stats.append(TensorStats.from_dict(recorded))
                     if self.progress is not None:
                         self.progress.update(task.nbytes)
+            self._slots = slots
             for k, task in enumerate(todo):
                 src = pending.result() if pending is not None else self._prepare(task)
                 nxt = todo[k + 1] if k + 1 < len(todo) else None
@@ -335,9 +322,8 @@ class StreamMerge:
         p = self.params
         if p.trims and p.scope == "tensor" and hasattr(self.backend, "bracket"):
             whole = src.whole()
-            searched = any(k for row in ranks(p.density, p.slack, task.numel)[0] for k in row)
-            if whole is not None and searched:   # else every threshold is fixed (density 0, 1)
-                src.sample = sample_keys(*whole)
+            if whole is not None and self._targets(task, task.numel).searched:
+                src.sample = select.sample_keys(*whole)
         return src
 
     def _copy(self, task: TensorTask) -> None:
@@ -349,16 +335,18 @@ class StreamMerge:
         self.sink.end(task, None)
 
     def _merge(self, task: TensorTask, src: TensorSource) -> None:
-        p = self.params
+        p, tk = self.params, task.knobs
         stats = TensorStats(task.name, task.numel)
         t = u = None
         if p.trims:
             if p.scope == "model":
                 t, u = self.global_thresholds
             else:
-                t, u = self._tensor_thresholds(src, task)
+                t, u = select.thresholds(
+                    self.backend, self._targets(task, task.numel),
+                    lambda: ((b, m) for _, _, b, m in src.chunks()), src.whole(), src.sample)
             stats.t, stats.u = list(t), list(u)
-        cfg = self._kernel_config(t, u)
+        cfg = p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, t, u)
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():
@@ -370,10 +358,10 @@ class StreamMerge:
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
             self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
-        if p.trims:
+        if cfg.counts:
             stats.counts = counts
         self.sink.end(task, stats.as_dict())
-        self.stats.append(stats)
+        self.stats[self._slots[task.name]] = stats
 
     def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
         i = int(counts[:, NONFINITE].nonzero()[0, 0])

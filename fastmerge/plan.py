@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import knobs
 from .errors import InputError
-from .params import MergeParams
+from .params import MergeParams, TensorKnobs
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -20,12 +21,14 @@ _BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": tor
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: its name, shape, output dtype and whether it is merged."""
+    """One output tensor: its name, shape, output dtype, whether it is merged and, if so,
+    its knobs (one value per model, resolved for this tensor)."""
 
     name: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     merged: bool
+    knobs: TensorKnobs | None = None
 
     @property
     def numel(self) -> int:
@@ -41,7 +44,7 @@ class TensorTask:
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype in which a tensor is fed to a backend: fp16/bf16/fp32 as stored, other floats as
-    fp32 (f32(θ) is exactly what SPEC §1 asks for)."""
+    fp32 (f32(θ) is exactly what docs/spec.md §1 asks for)."""
     return dtype if dtype in KERNEL_DTYPES else torch.float32
 
 
@@ -83,6 +86,8 @@ def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
             raise InputError(f"{ckpt.label}: has tensor {extra[0]!r} that {layout.label} lacks"
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
+    num_layers = knobs.layer_count(layout.config, names)
+    constant = params.for_tensor("", num_layers) if params.constant else None
     tasks = []
     for name in names:
         ref = layout.info(name)
@@ -104,5 +109,6 @@ def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
                                  "not merged and must be copied from a base model, but the "
                                  "linear merge was given none")
             out = ref.dtype
-        tasks.append(TensorTask(name, tuple(ref.shape), out, merged))
+        tk = (constant or params.for_tensor(name, num_layers)) if merged else None
+        tasks.append(TensorTask(name, tuple(ref.shape), out, merged, tk))
     return tasks

@@ -1,9 +1,8 @@
-"""The PyTorch reference: the executable form of SPEC §1-§8. Simple, exact, device-agnostic.
+"""The PyTorch reference: the executable form of docs/spec.md. Simple, exact, device-agnostic.
 
-Task vectors and thresholds use the fp32 values the spec defines; the combine step
-runs in fp64. (PyTorch narrows fp64 to fp16/bf16 through fp32, so in rare halfway cases
-the reference is one ulp off the exactly rounded value; SPEC §9's 1-ulp bar covers it.)
-Every fast backend is checked against the functions here.
+Task vectors, thresholds and comparisons use the spec's fp32 values; votes, sums and θ
+are fp64 in the spec's order (§7), and θ is rounded once to the output dtype
+(``round_once``). Every fast backend is checked against the functions here.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ def model_matrix(models) -> torch.Tensor:
 
 
 def task_vectors(base: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
-    """τ_i = f32(θ_i) − f32(θ_b), shape [n, N] (SPEC §1)."""
+    """τ_i = f32(θ_i) − f32(θ_b), shape [n, N] (docs/spec.md §1)."""
     return models.float() - base.float().unsqueeze(0)
 
 
@@ -79,7 +78,7 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
 
 def thresholds_by_sort(abs_tau: torch.Tensor, density: float, slack: float,
                        population: int | None = None) -> tuple[float, float]:
-    """(t, u) of SPEC §2-§3 for one model, found by sorting |τ| (the brute-force definition)."""
+    """(t, u) of docs/spec.md §3-§4 for one model, found by sorting |τ| (the brute-force definition)."""
     p = abs_tau.numel() if population is None else population
     k, s = int(density * p), int(slack * p)
     t = 0.0 if density == 1 else (float("inf") if k == 0 else kth_largest(abs_tau, k))
@@ -87,103 +86,127 @@ def thresholds_by_sort(abs_tau: torch.Tensor, density: float, slack: float,
     return t, u
 
 
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 ``x`` rounded once, to nearest even, to ``dtype`` (docs/spec.md §7).
+
+    PyTorch narrows fp64 to fp16/bf16 through fp32 (two roundings: wrong in rare
+    halfway cases), so fp16/bf16 go through fp32 rounded *to odd* (truncate, then set
+    the last bit when inexact): with 13+ spare bits the second rounding is then exact.
+    """
+    f = x.to(torch.float32)
+    if dtype == torch.float32 or dtype == torch.float64:
+        return x if dtype == torch.float64 else f
+    back = f.double()
+    inexact = (back != x) & torch.isfinite(x)
+    bits = f.view(torch.int32)
+    bits = bits - (inexact & (back.abs() > x.abs())).to(torch.int32)   # toward zero
+    bits = bits | inexact.to(torch.int32)                              # odd when inexact
+    return bits.view(torch.float32).to(dtype)
+
+
+def _ordered_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Σ_i terms[i] in model order from +0.0 (fp64): the order every backend uses."""
+    acc = torch.zeros_like(terms[0])
+    for row in terms:
+        acc = acc + row
+    return acc
+
+
+def _finite_or_nan(values, device) -> torch.Tensor:
+    """Thresholds as an fp32 column; +inf (keep / protect none) becomes NaN, which no
+    comparison passes, so even |x| = inf is neither kept nor protected by it."""
+    v = torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return torch.where(torch.isinf(v), float("nan"), v)
+
+
 def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
           cfg: KernelConfig) -> torch.Tensor:
-    """The fused pass of kernel_api's contract (SPEC §4-§6, §8), in fp64.
+    """The fused pass of kernel_api's contract (docs/spec.md §4-§8), in fp64.
 
-    Writes ``out`` and returns int64 counters ``[n, len(COUNTERS)]``.
+    Writes ``out`` (the fp64 θ rounded once) and returns int64 counters
+    ``[n, len(COUNTERS)]`` (all but ``nonfinite`` zero when ``cfg.counts`` is False).
     """
     models = model_matrix(models)
     n = models.shape[0]
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
-    w = torch.tensor(cfg.weights, dtype=torch.float64, device=models.device).unsqueeze(1)
-    if cfg.mode == "linear":
-        theta = models.double()
-        counts[:, NONFINITE] = (~torch.isfinite(theta)).sum(1).cpu()
-        total = (w * theta).sum(0)
-        if cfg.normalize:
-            total = total / w.sum()
-        out.copy_(total.to(out.dtype))
-        return counts
-
-    tau32 = task_vectors(base, models)
-    counts[:, NONFINITE] = (~torch.isfinite(tau32)).sum(1).cpu()
-    tau = tau32.double()
-    if cfg.mode == "task_arithmetic":
-        m = (w * tau).sum(0)
-        if cfg.normalize and float(w.sum()) != 0:
-            m = m / w.sum()
-    elif cfg.mode == "ties":
-        m = _ties(tau32, tau, w, cfg, counts)
+    if cfg.on_base and base is None:
+        raise ValueError("this kernel config needs a base tensor")
+    x32 = task_vectors(base, models) if cfg.on_base else models.float()
+    counts[:, NONFINITE] = (~torch.isfinite(x32)).sum(1).cpu()
+    x = x32.double()
+    dev = x.device
+    w = torch.tensor(cfg.weights, dtype=torch.float64, device=dev).unsqueeze(1)
+    wx = w * x
+    a = x32.abs()
+    kept = a >= _finite_or_nan(cfg.t, dev) if cfg.t is not None else torch.ones_like(a, dtype=torch.bool)
+    if cfg.elect == "none":
+        sel = kept
+        wsum = 0.0
+        for wi in cfg.weights:                               # Σ w_i, in order, fp64
+            wsum += wi
+        wsel = torch.full_like(x[0], wsum)
     else:
-        raise ValueError(f"unknown kernel mode {cfg.mode!r}")
-    out.copy_((base.double() + cfg.scale * m).to(out.dtype))
+        vote = torch.sign(w) * torch.sign(x) if cfg.elect == "count" else wx
+        gamma_ties = _elect(torch.where(kept, vote, 0.0))
+        gamma = gamma_ties
+        prot = None
+        if cfg.u is not None:
+            prot = a >= _finite_or_nan(cfg.u, dev)
+            gamma = torch.where(prot.any(0), _elect(torch.where(prot, vote, 0.0)), gamma_ties)
+        agree = torch.sign(w) * torch.sign(x)               # sign(w_i·x_i); 0 never matches
+        sel = kept & (agree == gamma)
+        wsel = _ordered_sum(torch.where(sel, w, 0.0))
+        if cfg.counts:
+            _count_election(counts, kept, sel, x, prot, kept & (agree == gamma_ties))
+    if cfg.counts and cfg.elect == "none":
+        counts[:, KEPT] = kept.sum(1).cpu()
+        counts[:, SELECTED] = sel.sum(1).cpu()
+    d = _ordered_sum(torch.where(sel, wx, 0.0))
+    m = torch.where(wsel != 0, d / torch.where(wsel != 0, wsel, 1.0), d) if cfg.normalize else d
+    theta = base.double() + cfg.scale * m if cfg.on_base else m
+    out.copy_(round_once(theta, out.dtype))
     return counts
 
 
 def _elect(votes: torch.Tensor) -> torch.Tensor:
-    """γ = +1 where Σ votes >= 0 else −1 (SPEC §4)."""
-    return torch.where(votes.sum(0) >= 0, 1.0, -1.0).to(votes.dtype)
+    """γ = +1 where Σ_i votes_i (in model order) >= 0, else −1 (docs/spec.md §5)."""
+    return torch.where(_ordered_sum(votes) >= 0, 1.0, -1.0).to(votes.dtype)
 
 
-def _ties(tau32, tau, w, cfg: KernelConfig, counts) -> torch.Tensor:
-    """Trim, protected-first election, slack-adjusted disjoint mean; fills the counters."""
-    dev = tau.device
-    a = tau32.abs()
-    t = torch.tensor(cfg.t, dtype=torch.float32, device=dev).unsqueeze(1)
-    u = torch.tensor(cfg.u, dtype=torch.float32, device=dev).unsqueeze(1)
-    kept = a >= t
-    prot = a >= u  # u = inf protects nothing (|τ| is finite)
-    raw = torch.sign(w * tau) if cfg.elect_count else w * tau
-    v = torch.where(kept, raw, 0.0)
-    vp = torch.where(prot, raw, 0.0)
-    any_prot = prot.any(0)
-    gamma_ties = _elect(v)
-    gamma = torch.where(any_prot, _elect(vp), gamma_ties)
-    sgn = torch.sign(tau)
-    sel = kept & (sgn == gamma)
-    sel_ties = kept & (sgn == gamma_ties)
-    d = (torch.where(sel, w * tau, 0.0)).sum(0)
-    if cfg.normalize:
-        wsum = (torch.where(sel, w, 0.0)).sum(0)
-        m = torch.where(wsum != 0, d / torch.where(wsum != 0, wsum, 1.0), d)
-    else:
-        m = d
+def _count_election(counts, kept, sel, x, prot, sel_ties) -> None:
+    """The report's counters (docs/spec.md §9) of a pass with a sign election."""
     counts[:, KEPT] = kept.sum(1).cpu()
-    counts[:, PROTECTED] = prot.sum(1).cpu()
     counts[:, SELECTED] = sel.sum(1).cpu()
-    counts[:, DROPPED_BY_SIGN] = (kept & ~sel & (tau != 0)).sum(1).cpu()
-    counts[:, IMPORTANT_DROPPED] = (prot & ~sel).sum(1).cpu()
-    counts[:, TIES_IMPORTANT_DROPPED] = (prot & ~sel_ties).sum(1).cpu()
-    return m
+    counts[:, DROPPED_BY_SIGN] = (kept & ~sel & (x != 0)).sum(1).cpu()
+    if prot is not None:
+        counts[:, PROTECTED] = prot.sum(1).cpu()
+        counts[:, IMPORTANT_DROPPED] = (prot & ~sel).sum(1).cpu()
+        counts[:, TIES_IMPORTANT_DROPPED] = (prot & ~sel_ties).sum(1).cpu()
 
 
 def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
               out_dtype: torch.dtype | None = None, population: int | None = None,
-              thresholds=None):
+              thresholds=None, name: str = ""):
     """Merge one tensor by the spec's definition: thresholds by sorting, then ``merge``.
 
-    ``params`` is a ``MergeParams``; ``thresholds`` ((t, u) lists) overrides the sort,
-    e.g. for ``scope="model"``. Returns (out, counts, (t, u)).
+    ``params`` is a ``MergeParams`` (its knobs resolved for tensor ``name``);
+    ``thresholds`` ((t, u) lists) overrides the sort, e.g. for ``scope="model"``.
+    Returns (out, counts, (t, u)).
     """
-    from .kernel_api import KernelConfig
-
     ref = base if base is not None else models[0]
     out = torch.empty(ref.shape, dtype=out_dtype or ref.dtype, device=ref.device)
     n = models.shape[0]
-    t, u = [0.0] * n, [float("inf")] * n
+    tk = params.for_tensor(name)
+    t = u = None
     if params.trims:
         if thresholds is None:
             a = task_vectors(base, models).abs()
-            pairs = [thresholds_by_sort(a[i], params.density[i], params.slack[i], population)
+            pairs = [thresholds_by_sort(a[i], tk.density[i], tk.slack[i], population)
                      for i in range(n)]
             t, u = [p[0] for p in pairs], [p[1] for p in pairs]
         else:
             t, u = list(thresholds[0]), list(thresholds[1])
-    mode = "ties" if params.trims else params.method
-    cfg = KernelConfig(mode=mode, weights=params.weights, t=tuple(t), u=tuple(u),
-                       scale=params.scale, normalize=params.normalize,
-                       elect_count=params.elect == "count")
+    cfg = params.spec.kernel_config(tk.weights, tk.scale, params.normalize, params.elect, t, u)
     flat_base = None if base is None else base.reshape(-1)
     counts = merge(flat_base, models.reshape(n, -1), out.view(-1), cfg)
     return out, counts, (t, u)

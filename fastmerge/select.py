@@ -1,4 +1,4 @@
-"""Exact top-k thresholds over fp32 bit patterns, without sorting (SPEC §2-§3).
+"""Exact top-k thresholds over fp32 bit patterns, without sorting (docs/spec.md §3-§4).
 
 For each model we need ``t_i`` = the K_i-th largest |τ_i| and ``u_i`` = the S_i-th
 largest, over a population that may be one tensor or a whole checkpoint. Keys
@@ -15,9 +15,9 @@ largest, over a population that may be one tensor or a whole checkpoint. Keys
   threshold is exactly the (K − above)-th largest key inside, else radix select runs.
   The sample only decides the cost, never the result: one pass instead of three.
 
-Radix usage::
+``thresholds`` is the policy that picks between them. Radix usage::
 
-    sel = RadixSelect.from_params(density, slack, population)
+    sel = RadixSelect.of(Targets.of(density, slack, population))
     while not sel.done:
         hist = sum(backend.histogram(b, m, sel.prefixes(), sel.level) for b, m in chunks)
         sel.update(hist)
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,24 +42,41 @@ def key_to_float(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", key))[0]
 
 
-def ranks(density, slack, population: int):
-    """(ks, fixed) per model and slot (0: trim t, 1: slack u), SPEC §2-§3:
-    K_i = floor(d_i·|P|), S_i = floor(s_i·|P|). ``ks[i][j]`` is the rank to search for
-    (0: none); ``fixed[i][j]`` the threshold known without search (keep all: 0.0, keep
-    none / protect none: inf)."""
-    ks, fixed = [], []
-    for d, s in zip(density, slack):
-        k, sk = int(d * population), int(s * population)
-        if d == 1:
-            kt, ft = 0, 0.0
-        elif k == 0:
-            kt, ft = 0, INF
-        else:
-            kt, ft = k, None
-        ku, fu = (sk, None) if sk > 0 else (0, INF)
-        ks.append([kt, ku])
-        fixed.append([ft, fu])
-    return ks, fixed
+@dataclass(frozen=True)
+class Targets:
+    """What selection must find for one population (docs/spec.md §3-§4), per model i and
+    slot j (0: trim t, 1: slack u): ``ks[i][j]`` the rank to search for (0: none),
+    ``fixed[i][j]`` the threshold known without search (keep all: 0.0, keep none /
+    protect none: inf). K_i = floor(d_i·|P|), S_i = floor(s_i·|P|)."""
+
+    ks: tuple
+    fixed: tuple
+    population: int
+
+    @classmethod
+    def of(cls, density, slack, population: int) -> "Targets":
+        ks, fixed = [], []
+        for d, s in zip(density, slack):
+            k, sk = int(d * population), int(s * population)
+            if d == 1:
+                kt, ft = 0, 0.0
+            elif k == 0:
+                kt, ft = 0, INF
+            else:
+                kt, ft = k, None
+            ku, fu = (sk, None) if sk > 0 else (0, INF)
+            ks.append((kt, ku))
+            fixed.append((ft, fu))
+        return cls(tuple(ks), tuple(fixed), population)
+
+    @property
+    def searched(self) -> bool:
+        """Some threshold needs a search (else every one is fixed: density 0 or 1)."""
+        return any(k for row in self.ks for k in row)
+
+    def fixed_only(self) -> tuple[list, list]:
+        """(t, u) when nothing is searched."""
+        return [f[0] for f in self.fixed], [f[1] for f in self.fixed]
 
 
 class RadixSelect:
@@ -77,8 +95,8 @@ class RadixSelect:
         self.level = 0
 
     @classmethod
-    def from_params(cls, density, slack, population: int) -> "RadixSelect":
-        return cls(*ranks(density, slack, population))
+    def of(cls, targets: Targets) -> "RadixSelect":
+        return cls(targets.ks, targets.fixed)
 
     @property
     def done(self) -> bool:
@@ -127,12 +145,12 @@ class RadixSelect:
         return out[0], out[1]
 
 
-def find_thresholds(histogram, chunks, density, slack, population: int):
+def find_thresholds(histogram, chunks, targets: Targets):
     """Run RadixSelect to completion; ``chunks()`` yields (base, models) pairs each round."""
-    sel = RadixSelect.from_params(density, slack, population)
+    sel = RadixSelect.of(targets)
     while not sel.done:
         prefixes = sel.prefixes()
-        total = torch.zeros(len(density), 2, NBINS, dtype=torch.int64)
+        total = torch.zeros(len(targets.ks), 2, NBINS, dtype=torch.int64)
         for base, models in chunks():
             total += histogram(base, models, prefixes, sel.level).cpu()
         sel.update(total)
@@ -212,14 +230,14 @@ def bracket_bounds(sample: np.ndarray, ks, population: int):
     return bounds, cap
 
 
-def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack, sample=None):
+def bracket_thresholds(bracket, base: torch.Tensor, models, targets: Targets, sample=None):
     """(t, u) for one tensor held in memory by bracketing; None if a bracket missed (the
     caller then runs RadixSelect). ``bracket`` is a backend's counting pass; ``sample`` is
     ``sample_keys(base, models)`` when the caller took it already."""
     population = base.numel()
-    ks, fixed = ranks(density, slack, population)
-    out = [list(col) for col in zip(*fixed)]   # [slot][model]
-    if all(k == 0 for row in ks for k in row):
+    ks = targets.ks
+    out = [list(col) for col in zip(*targets.fixed)]   # [slot][model]
+    if not targets.searched:
         return out[0], out[1]
     if sample is None:
         sample = sample_keys(base, models)
@@ -248,3 +266,18 @@ def bracket_thresholds(bracket, base: torch.Tensor, models, density, slack, samp
             else:                                    # the (k − above)-th largest inside
                 out[j][i] = key_to_float(kth_largest_in(cand[i, j, :inside], lo, hi, k - above))
     return out[0], out[1]
+
+
+def thresholds(backend, targets: Targets, chunks, whole=None, sample=None):
+    """(t, u) of one population: the selection policy. Nothing to search: the fixed
+    values. A tensor held in memory (``whole`` = (base, models)) on a backend with a
+    bracketing pass: one counting pass, unless a bracket misses. Otherwise radix select
+    over ``chunks()`` (three histogram rounds)."""
+    if not targets.searched:
+        return targets.fixed_only()
+    bracket = getattr(backend, "bracket", None)
+    if bracket is not None and whole is not None:
+        found = bracket_thresholds(bracket, *whole, targets, sample)
+        if found is not None:
+            return found
+    return find_thresholds(backend.histogram, chunks, targets)

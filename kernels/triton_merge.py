@@ -1,17 +1,20 @@
 """Triton kernels of the fastmerge contract (fastmerge.kernel_api): radix histogram and fused merge.
 
-Math (SPEC §1-§8; one tensor of N entries, models i = 1..n, entry j):
+Math (docs/spec.md §1-§9; one tensor of N entries, models i = 1..n, entry j):
 
-    τ_i = f32(θ_i) − f32(θ_b)                               (fp32 subtraction)
-    key = bits(|τ_i|)                                         (histogram: digits of the key)
-    kept_i = |τ_i| ≥ t_i,   prot_i = |τ_i| ≥ u_i
-    vote_i = w_i·τ_i   (elect="count": sign(w_i)·sign(τ_i))
+    x_i = τ_i = f32(θ_i) − f32(θ_b)  (or f32(θ_i) without a base)   (fp32 subtraction)
+    key = bits(|x_i|)                                          (histogram: digits of the key)
+    kept_i = |x_i| ≥ t_i,   prot_i = |x_i| ≥ u_i
+    vote_i = w_i·x_i   (elect="count": sign(w_i)·sign(x_i))
     G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G ≥ 0 else −1
-    sel_i = kept_i ∧ sign(τ_i) = γ;   D = Σ w_i·sel_i·τ_i,   W = Σ w_i·sel_i
-    m = D / W (normalize; m = D where W = 0) or D;   θ = f32(θ_b) + λ·m, rounded (RNE)
+    sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);   D = Σ w_i·sel_i·x_i,
+    W = Σ w_i·sel_i (no election: Σ w_i);   m = D / W (normalize, W ≠ 0) or D;
+    θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE)
 
-Everything is fp32 without FMA contraction (``enable_fp_fusion=False``), so on a GPU and
-under ``TRITON_INTERPRET=1`` a kernel evaluates the same expression the C backend does.
+Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64, the
+models summed in order from +0.0, without FMA contraction (``enable_fp_fusion=False``):
+on a GPU and under ``TRITON_INTERPRET=1`` a kernel evaluates the same fp64 expression as
+the reference and the C backend, so outputs and counters agree bit for bit.
 
 Layout and determinism:
 
@@ -19,14 +22,11 @@ Layout and determinism:
 * Both kernels run a grid of P programs (a few per SM); program p handles blocks
   p, p + P, ... (ITERS of them, a power-of-two constexpr). All loop bounds are
   constexpr, which the Triton 3.6 interpreter needs.
-* ``merge``: per block, one program loads the base block once and the n model rows as
-  one [NM, BLOCK] tile (NM = n rounded up to a power of two, padded rows masked), so
-  every input is read once and τ stays in registers for both election and selection;
-  with BLOCK ≥ 32·num_warps·(16 bytes / element) each thread holds all rows of its
-  columns and the sums over models never leave the thread. Counter flags are packed two
-  per int32 and summed over each block's row; the per-program int32 partials
-  [P, n, 8] are summed by torch into int64: deterministic. Plain TIES (no slack) takes
-  a slack-free path unless the block holds a non-finite τ.
+* ``merge``: per block, one program loads the base block once and each model row in
+  turn (``tl.static_range``), accumulating the election sums; a second sweep over the
+  rows (from cache) selects and accumulates D and W. Per-model counters are int32
+  vectors per program; the partials [P, n, 7] are summed by torch into int64:
+  deterministic.
 * ``histogram``: per block the base is loaded once and each model row in turn
   (``tl.static_range``). A 2048-bin ``tl.histogram`` costs about 2048/32 = 64 bit-twiddling
   steps per entry on Triton 3.6's ballot lowering, far more than the loads, so each slot
@@ -56,11 +56,10 @@ from fastmerge.kernel_api import COUNTERS, DIGIT_BITS, NBINS, SHIFT, KernelConfi
 
 MAX_MODELS = 8
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MODES = {"linear": 0, "task_arithmetic": 1, "ties": 2}
 _N_COUNTERS = len(COUNTERS)
 
 # Launch defaults (GPU). The interpreter uses smaller blocks: it runs programs one by one.
-MERGE_TILE = 2048        # NM * BLOCK entries per merge program iteration
+MERGE_BLOCK = 1024       # entries per merge program iteration
 HIST_BLOCK = 2048
 HIST_WINDOW = 128        # WB: bins per dense tl.histogram window
 HIST_REPLICAS = 8
@@ -194,137 +193,153 @@ def _histogram_kernel(base_ptr, models_ptr, prefix_ptr, hist_ptr, N, n_programs,
 
 
 @triton.jit
-def _ties_tile(tau, inb, w, t, u, SLACK: tl.constexpr, ELECT_COUNT: tl.constexpr,
-               NORMALIZE: tl.constexpr):
-    """TIES on one [NM, BLOCK] tile of τ: returns (m, p1, p2, p3).
+def _store_f64(ptr, offs, x, mask, OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr):
+    """Store fp64 ``x`` rounded once, to nearest even, into the output dtype.
 
-    kept = |τ| ≥ t, prot = |τ| ≥ u (SLACK=False: prot = ∅), G, γ, sel, D, W, m as in
-    the module docstring. Counter flags come packed two per int32 (16-bit halves, so a
-    row sum over BLOCK ≤ 2**16 entries cannot carry):
-    p1 = kept + 2**16·sel,  p2 = (kept ∧ τ = 0) + 2**16·prot,
-    p3 = (prot ∧ sel) + 2**16·(prot ∧ sel_ties)          (p2, p3 without prot: SLACK=False)
-    (dropped_by_sign, important_dropped, ties_important_dropped follow by subtraction).
-    Padded model rows have t = u = NaN: never kept nor protected.
+    fp32: one conversion (RNE). fp16 / bf16: first to fp32 rounded *to odd* (the RNE
+    value, stepped toward zero when it rounded up in magnitude, last bit set when
+    inexact), then RNE: with 13+ spare bits that double rounding equals one rounding.
     """
-    a = tl.abs(tau)
-    kept = (a >= t[:, None]) & inb[None, :]
-    wt = w[:, None] * tau
-    if ELECT_COUNT:
-        sw = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))[:, None]
-        vote = tl.where(tau > 0, sw, tl.where(tau < 0, -sw, 0.0))
+    f = x.to(tl.float32)
+    if OUT_F32:
+        tl.store(ptr + offs, f, mask=mask)
     else:
-        vote = wt
-    gamma_ties = tl.where(tl.sum(tl.where(kept, vote, 0.0), axis=0) >= 0, 1.0, -1.0)
-    if SLACK:
-        prot = (a >= u[:, None]) & inb[None, :]
-        gamma_prot = tl.where(tl.sum(tl.where(prot, vote, 0.0), axis=0) >= 0, 1.0, -1.0)
-        any_prot = tl.max(prot.to(tl.int32), axis=0) > 0
-        gamma = tl.where(any_prot, gamma_prot, gamma_ties)
-    else:
-        gamma = gamma_ties
-    sel = kept & (tau * gamma[None, :] > 0)             # sign(τ) = γ; a zero never matches
-    d = tl.sum(tl.where(sel, wt, 0.0), axis=0)
-    if NORMALIZE:
-        ws = tl.sum(tl.where(sel, w[:, None], 0.0), axis=0)
-        m = tl.where(ws != 0, tl.math.div_rn(d, tl.where(ws != 0, ws, 1.0)), d)
-    else:
-        m = d
-    p1 = tl.where(kept, 1, 0) + tl.where(sel, 1 << 16, 0)
-    p2 = tl.where(kept & (tau == 0), 1, 0)
-    if SLACK:
-        sel_ties = kept & (tau * gamma_ties[None, :] > 0)
-        p2 += tl.where(prot, 1 << 16, 0)
-        p3 = tl.where(prot & sel, 1, 0) + tl.where(prot & sel_ties, 1 << 16, 0)
-    else:
-        p3 = tl.zeros_like(p1)
-    return m, p1, p2, p3
+        back = f.to(tl.float64)
+        inexact = (back != x) & (tl.abs(x) < float("inf"))
+        away = inexact & (tl.abs(back) > tl.abs(x))
+        bits = f.to(tl.int32, bitcast=True)
+        bits = (bits - tl.where(away, 1, 0)) | tl.where(inexact, 1, 0)
+        _store_rounded(ptr, offs, bits.to(tl.float32, bitcast=True), mask, OUT_BF16)
 
 
 @triton.jit
-def _merge_kernel(base_ptr, models_ptr, out_ptr, par_ptr, cnt_ptr, N, n_programs,
-                  scale, wsum,
-                  MODE: tl.constexpr, HAS_SLACK: tl.constexpr, ELECT_COUNT: tl.constexpr,
-                  NORMALIZE: tl.constexpr, N_MODELS: tl.constexpr, NM: tl.constexpr,
-                  BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr,
-                  OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """One fused pass of SPEC §4-§6 (+ §8 counters) over blocks of BLOCK entries.
+def _load_x(models_ptr, i, N, offs, inb, b, ON_BASE: tl.constexpr, MODELS_BF16: tl.constexpr):
+    """x_i of this block in fp32: τ_i = f32(θ_i) − f32(θ_b) (ON_BASE) or f32(θ_i)."""
+    row = _row_offsets(tl.full([1], i, tl.int32), N)
+    x = _load_f32(models_ptr + row, offs, inb, MODELS_BF16)
+    if ON_BASE:
+        x = x - b
+    return x
 
-    MODE 0 linear:          θ = Σ w_i θ_i [/ Σ w_i]
-    MODE 1 task_arithmetic: θ = θ_b + λ·Σ w_i τ_i [/ Σ w_i]
-    MODE 2 ties:            trim, protected-first election, disjoint mean (``_ties_tile``).
-    par_ptr: fp32 [3, NM] = (w_i, t_i, u_i); padded rows w = 0, t = u = NaN.
-    HAS_SLACK=False means every u_i = +inf: then prot = {|τ| = inf}, so a tile without a
-    non-finite τ takes the slack-free code and the rare other tiles the general code
-    (which gives what the spec's comparison and the reference give).
-    cnt_ptr: int32 [programs, N_MODELS, 7] partial counters, kernel_api.COUNTERS order
-    (all 0 but non-finite for MODE 0 / 1).
+
+@triton.jit
+def _at(rows, i, value):
+    """An [NM] vector holding ``value`` at row i (per-model counters)."""
+    return tl.where(rows == i, value, 0)
+
+
+@triton.jit
+def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_programs,
+                  ON_BASE: tl.constexpr, TRIM: tl.constexpr, ELECT: tl.constexpr,
+                  SLACK: tl.constexpr, NORMALIZE: tl.constexpr, N_MODELS: tl.constexpr,
+                  NM: tl.constexpr, BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr,
+                  OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr, BLOCK: tl.constexpr,
+                  ITERS: tl.constexpr):
+    """One fused pass of docs/spec.md §4-§7 (+ §9 counters) over blocks of BLOCK entries.
+
+    ELECT 0: no election (sel_i = kept_i; kept_i = |x_i| ≥ t_i with TRIM, else every
+    entry; W = Σ w_i = ``wsum``). ELECT 1 / 2: sum / count election, protected-first with
+    SLACK. w_ptr: fp64 [NM + 2] = (w_i..., λ, Σ w_i) (fp64 in memory: a Python float
+    argument would reach the kernel as fp32); par_ptr: fp32 [3, NM] = (sign(w_i), t_i, u_i), a
+    threshold of +inf stored as NaN (no comparison holds). Votes, sums, m and θ are fp64,
+    the models taken in order i = 0..n−1 from +0.0 (one row at a time: the same
+    operations in the same order as the reference and the C backend). A block's model
+    rows are read twice (election, then selection); the second read hits the cache.
+    cnt_ptr: int32 [programs, N_MODELS, 7] partial counters (kernel_api.COUNTERS order).
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, NM)
     rmask = rows < N_MODELS
-    w = tl.load(par_ptr + rows)
-    t = tl.load(par_ptr + NM + rows)
-    u = tl.load(par_ptr + 2 * NM + rows)
-    row_start = _row_offsets(rows, N)
-
+    scale = tl.load(w_ptr + NM)
+    wsum = tl.load(w_ptr + NM + 1)
     c_kept = tl.zeros([NM], tl.int32)
     c_prot = tl.zeros([NM], tl.int32)
     c_sel = tl.zeros([NM], tl.int32)
-    c_kept_zero = tl.zeros([NM], tl.int32)
-    c_prot_sel = tl.zeros([NM], tl.int32)
-    c_prot_sel_ties = tl.zeros([NM], tl.int32)
+    c_drop = tl.zeros([NM], tl.int32)
+    c_imp = tl.zeros([NM], tl.int32)
+    c_timp = tl.zeros([NM], tl.int32)
     c_nonf = tl.zeros([NM], tl.int32)
     for it in range(ITERS):
         offs = _offsets(pid + it * n_programs, BLOCK)
         inb = offs < N
-        m2 = rmask[:, None] & inb[None, :]
-        x = _load_f32(models_ptr, row_start[:, None] + offs[None, :], m2, MODELS_BF16)
-        if MODE == 0:
-            c_nonf += _count_rows(_nonfinite(x))
-            theta = tl.sum(w[:, None] * x, axis=0)          # padded rows: 0 · 0
-            if NORMALIZE:
-                theta = tl.math.div_rn(theta, wsum)
-        else:
+        if ON_BASE:
             b = _load_f32(base_ptr, offs, inb, BASE_BF16)
-            tau = x - b[None, :]                              # padded rows: −θ_b, unused
-            nonf = tl.where(rmask, _count_rows(_nonfinite(tau)), 0)
-            c_nonf += nonf
-            if MODE == 1:
-                m = tl.sum(tl.where(rmask[:, None], w[:, None] * tau, 0.0), axis=0)
-                if NORMALIZE:
-                    m = tl.math.div_rn(m, wsum)
-            else:
-                if HAS_SLACK:
-                    m, p1, p2, p3 = _ties_tile(tau, inb, w, t, u, True, ELECT_COUNT, NORMALIZE)
-                    s3 = tl.sum(p3, axis=1)
-                    c_prot_sel += s3 & 0xFFFF
-                    c_prot_sel_ties += s3 >> 16
-                elif tl.sum(nonf, axis=0) > 0:
-                    m, p1, p2, p3 = _ties_tile(tau, inb, w, t, u, True, ELECT_COUNT, NORMALIZE)
-                    s3 = tl.sum(p3, axis=1)
-                    c_prot_sel += s3 & 0xFFFF
-                    c_prot_sel_ties += s3 >> 16
+        else:
+            b = tl.zeros([BLOCK], tl.float32)
+        d = tl.zeros([BLOCK], tl.float64)
+        if ELECT == 0:
+            for i in tl.static_range(N_MODELS):
+                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+                c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
+                wi = tl.load(w_ptr + i)
+                if TRIM:
+                    k = tl.abs(x) >= tl.load(par_ptr + NM + i)
+                    kc = tl.sum(tl.where(k & inb, 1, 0), axis=0)
+                    c_kept += _at(rows, i, kc)
+                    c_sel += _at(rows, i, kc)
+                    d += tl.where(k, wi * x.to(tl.float64), 0.0)
                 else:
-                    m, p1, p2, p3 = _ties_tile(tau, inb, w, t, u, False, ELECT_COUNT,
-                                               NORMALIZE)
-                s1 = tl.sum(p1, axis=1)
-                s2 = tl.sum(p2, axis=1)
-                c_kept += s1 & 0xFFFF
-                c_sel += s1 >> 16
-                c_kept_zero += s2 & 0xFFFF
-                c_prot += s2 >> 16
-            theta = b + scale * m
-        _store_rounded(out_ptr, offs, theta, inb, OUT_BF16)
+                    d += wi * x.to(tl.float64)
+            ws = tl.zeros([BLOCK], tl.float64) + wsum
+        else:
+            g = tl.zeros([BLOCK], tl.float64)
+            gp = tl.zeros([BLOCK], tl.float64)
+            ap = tl.zeros([BLOCK], tl.int1)
+            for i in tl.static_range(N_MODELS):                  # §5 elect
+                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+                c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
+                ax = tl.abs(x)
+                if ELECT == 2:
+                    sx = tl.load(par_ptr + i) * tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+                    vote = sx.to(tl.float64)
+                else:
+                    vote = tl.load(w_ptr + i) * x.to(tl.float64)
+                g += tl.where(ax >= tl.load(par_ptr + NM + i), vote, 0.0)
+                if SLACK:
+                    p = ax >= tl.load(par_ptr + 2 * NM + i)
+                    gp += tl.where(p, vote, 0.0)
+                    ap = ap | p
+            gt = tl.where(g >= 0, 1.0, -1.0)
+            if SLACK:
+                gam = tl.where(ap, tl.where(gp >= 0, 1.0, -1.0), gt)
+            else:
+                gam = gt
+            ws = tl.zeros([BLOCK], tl.float64)
+            for i in tl.static_range(N_MODELS):                  # §6 select; §9 counters
+                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+                ax = tl.abs(x)
+                wi = tl.load(w_ptr + i)
+                sx = tl.load(par_ptr + i) * x                    # sign(w_i·x_i) = sign(sx)
+                k = (ax >= tl.load(par_ptr + NM + i)) & inb
+                sel = k & (sx * gam > 0)                         # a zero never matches
+                d += tl.where(sel, wi * x.to(tl.float64), 0.0)
+                ws += tl.where(sel, wi, 0.0)
+                c_kept += _at(rows, i, tl.sum(tl.where(k, 1, 0), axis=0))
+                c_sel += _at(rows, i, tl.sum(tl.where(sel, 1, 0), axis=0))
+                c_drop += _at(rows, i, tl.sum(tl.where(k & ~sel & (x != 0), 1, 0), axis=0))
+                if SLACK:
+                    p = (ax >= tl.load(par_ptr + 2 * NM + i)) & inb
+                    sel_t = k & (sx * gt > 0)
+                    c_prot += _at(rows, i, tl.sum(tl.where(p, 1, 0), axis=0))
+                    c_imp += _at(rows, i, tl.sum(tl.where(p & ~sel, 1, 0), axis=0))
+                    c_timp += _at(rows, i, tl.sum(tl.where(p & ~sel_t, 1, 0), axis=0))
+        if NORMALIZE:                                            # §7 combine
+            m = tl.where(ws != 0, d / tl.where(ws != 0, ws, 1.0), d)
+        else:
+            m = d
+        if ON_BASE:
+            theta = b.to(tl.float64) + scale * m
+        else:
+            theta = m
+        _store_f64(out_ptr, offs, theta, inb, OUT_BF16, OUT_F32)
 
-    # kernel_api.COUNTERS: dropped_by_sign = kept ∧ ¬sel ∧ τ ≠ 0 = kept − sel − (kept ∧ τ = 0)
-    # (sel implies τ ≠ 0); important_dropped = prot − prot ∧ sel; likewise for sel_ties
     cnt = cnt_ptr + (pid * N_MODELS + rows) * 7
     tl.store(cnt + 0, c_kept, mask=rmask)
     tl.store(cnt + 1, c_prot, mask=rmask)
     tl.store(cnt + 2, c_sel, mask=rmask)
-    tl.store(cnt + 3, c_kept - c_sel - c_kept_zero, mask=rmask)
-    tl.store(cnt + 4, c_prot - c_prot_sel, mask=rmask)
-    tl.store(cnt + 5, c_prot - c_prot_sel_ties, mask=rmask)
+    tl.store(cnt + 3, c_drop, mask=rmask)
+    tl.store(cnt + 4, c_imp, mask=rmask)
+    tl.store(cnt + 5, c_timp, mask=rmask)
     tl.store(cnt + 6, c_nonf, mask=rmask)
 
 
@@ -442,22 +457,27 @@ def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor, 
 _PARAMS_CACHE: dict = {}
 
 
-def _params(cfg: KernelConfig, nm: int, device: torch.device) -> torch.Tensor:
-    """fp32 [3, NM] device tensor (w_i, t_i, u_i), cached: a merge runs chunk after chunk.
-
-    Padded rows (i >= n) get w = 0 and t = u = NaN (no comparison holds: never kept).
-    """
-    key = (cfg.mode, cfg.weights, cfg.t, cfg.u, nm, str(device))
+def _params(cfg: KernelConfig, nm: int, device: torch.device):
+    """(fp64 [NM + 2] = (w_i..., λ, Σ w_i), fp32 [3, NM] = (sign(w_i), t_i, u_i)) on the
+    device, cached: a merge runs chunk after chunk. A threshold of +inf (keep / protect
+    none) and every padded row are NaN, which no comparison passes."""
+    key = (cfg.weights, cfg.t, cfg.u, cfg.scale, nm, str(device))
     p = _PARAMS_CACHE.get(key)
     if p is None:
         n = cfg.n_models
-        host = torch.full((3, nm), float("nan"), dtype=torch.float32)
-        host[0] = 0.0
-        host[0, :n] = torch.tensor(cfg.weights, dtype=torch.float64).float()
-        if cfg.mode == "ties":
-            host[1, :n] = torch.tensor(cfg.t, dtype=torch.float32)
-            host[2, :n] = torch.tensor(cfg.u, dtype=torch.float32)
-        p = host.to(device)
+        wsum = 0.0
+        for wi in cfg.weights:          # Σ w_i in model order (W without an election)
+            wsum += wi
+        w = torch.zeros(nm + 2, dtype=torch.float64)
+        w[:n] = torch.tensor(cfg.weights, dtype=torch.float64)
+        w[nm], w[nm + 1] = float(cfg.scale), wsum
+        par = torch.full((3, nm), float("nan"), dtype=torch.float32)
+        par[0] = torch.sign(w[:nm]).float()
+        for row, v in ((1, cfg.t), (2, cfg.u)):
+            if v is not None:
+                par[row, :n] = torch.tensor(v, dtype=torch.float32)
+        par[par == float("inf")] = float("nan")
+        p = (w.to(device), par.to(device))
         if len(_PARAMS_CACHE) > 64:
             _PARAMS_CACHE.clear()
         _PARAMS_CACHE[key] = p
@@ -467,48 +487,37 @@ def _params(cfg: KernelConfig, nm: int, device: torch.device) -> torch.Tensor:
 def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
           cfg: KernelConfig, *, block: int | None = None,
           programs: int | None = None) -> torch.Tensor:
-    """Fused merge pass (kernel_api, SPEC §4-§6, §8): writes ``out``, returns int64 [n, 7].
-
-    ``base`` is None only for mode "linear". ``block`` / ``programs`` override the launch
-    parameters (tests, tuning).
+    """Fused merge pass (kernel_api, docs/spec.md §4-§7, §9): writes ``out``, returns
+    int64 [n, 7]. ``block`` / ``programs`` override the launch parameters (tests, tuning).
     """
     n, N = _check_models(models)
-    if cfg.mode not in _MODES:
-        raise ValueError(f"unknown kernel mode {cfg.mode!r}")
     if cfg.n_models != n:
         raise ValueError(f"cfg has {cfg.n_models} weights for {n} models")
-    if cfg.mode == "ties" and (len(cfg.t) != n or len(cfg.u) != n):
-        raise ValueError(f"cfg.t / cfg.u need {n} entries each")
-    if base is None and cfg.mode != "linear":
-        raise ValueError(f"mode {cfg.mode!r} needs a base tensor")
-    if base is not None:
+    if cfg.on_base and base is None:
+        raise ValueError("this kernel config needs a base tensor")
+    if cfg.on_base:
         _check(base, "base", N)
     _check(out, "out", N)
     device = models.device
-    _same_device(device, base, out)
+    _same_device(device, base if cfg.on_base else None, out)
     if N == 0:
         return torch.zeros(n, _N_COUNTERS, dtype=torch.int64, device=device)
 
     nm = triton.next_power_of_2(n)
     interp = _interpreted()
-    block = _power_of_two(block or max(256, (1024 if interp else MERGE_TILE) // nm), "block",
-                          1 << 15)   # 16-bit packed counter row sums
+    block = _power_of_two(block or (256 if interp else MERGE_BLOCK), "block", 1 << 15)
     grid, iters = _grid(device, triton.cdiv(N, block), programs)
-    wsum = float(sum(cfg.weights))
-    if cfg.mode == "linear":
-        normalize = cfg.normalize
-    else:
-        normalize = cfg.normalize and (cfg.mode == "ties" or wsum != 0)
+    w, par = _params(cfg, nm, device)
     partial = torch.empty(grid, n, _N_COUNTERS, dtype=torch.int32, device=device)
     with _launch_context(device):
         _merge_kernel[(grid,)](
-            _kernel_view(base if base is not None else models), _kernel_view(models),
-            _kernel_view(out), _params(cfg, nm, device), partial, N, grid,
-            float(cfg.scale), wsum,
-            MODE=_MODES[cfg.mode], HAS_SLACK=cfg.has_slack, ELECT_COUNT=bool(cfg.elect_count),
-            NORMALIZE=bool(normalize), N_MODELS=n, NM=nm,
-            BASE_BF16=base is not None and base.dtype == torch.bfloat16,
+            _kernel_view(base if cfg.on_base else models), _kernel_view(models),
+            _kernel_view(out), w, par, partial, N, grid,
+            ON_BASE=cfg.on_base, TRIM=cfg.t is not None,
+            ELECT=("none", "sum", "count").index(cfg.elect), SLACK=cfg.has_slack,
+            NORMALIZE=bool(cfg.normalize), N_MODELS=n, NM=nm,
+            BASE_BF16=cfg.on_base and base.dtype == torch.bfloat16,
             MODELS_BF16=models.dtype == torch.bfloat16, OUT_BF16=out.dtype == torch.bfloat16,
-            BLOCK=block, ITERS=iters, num_warps=4 if nm * block <= 4096 else 8,
+            OUT_F32=out.dtype == torch.float32, BLOCK=block, ITERS=iters, num_warps=4,
             enable_fp_fusion=False)
     return partial.sum(0, dtype=torch.int64)

@@ -1,6 +1,6 @@
 """The C CPU backend (fastmerge._cmerge via fastmerge.backends.c_backend) against the reference.
 
-SPEC §9's bar: histograms, thresholds and counters identical to fastmerge.reference,
+docs/spec.md §10's bar: histograms, thresholds and counters identical to fastmerge.reference,
 outputs within one ulp of the output dtype (plus the fp32 evaluation error at the
 operands' size, see tests/checks.py). Inputs use dyadic weights (0.5, 1.25, ...) so that
 fp32 and fp64 elections cannot differ by rounding. Every case is small: the whole file
@@ -16,10 +16,10 @@ import torch
 
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
-from fastmerge.kernel_api import COUNTERS, NBINS, KernelConfig
-from fastmerge.select import RadixSelect, find_thresholds
+from fastmerge.kernel_api import COUNTERS, NBINS
+from fastmerge.select import RadixSelect, Targets, find_thresholds
 from tests import checks
-from tests.checks import WEIGHTS, make_inputs, thresholds_checked, ties_cfg
+from tests.checks import WEIGHTS, make_inputs, mode_cfg, thresholds_checked, ties_cfg
 
 _reason = C.unavailable_reason()
 if _reason and os.environ.get("FASTMERGE_REQUIRE_EXTENSION", "") not in ("", "0"):
@@ -65,7 +65,7 @@ def check_merge(base, models, cfg, out_dtype):
 def test_histograms_along_radix_select(dtype, kind, n, threads):
     """Every level's histogram equals the reference's on the prefixes select really asks for."""
     base, models = make_inputs(n, 5003, dtype, seed=n, kind=kind)
-    sel = RadixSelect.from_params([0.2] * n, [0.05] * n, 5003)
+    sel = RadixSelect.of(Targets.of([0.2] * n, [0.05] * n, 5003))
     while not sel.done:
         prefixes = sel.prefixes()
         hist = C.histogram(base, models, prefixes, sel.level)
@@ -106,7 +106,7 @@ def test_thresholds_exact(dtype, kind, density, slack):
     """find_thresholds over the C histogram == over the reference == by sorting."""
     base, models = make_inputs(3, 6007, dtype, seed=7, kind=kind)
     t, u = thresholds(base, models, density, slack)
-    ref = find_thresholds(R.histogram, lambda: [(base, models)], [density] * 3, [slack] * 3, 6007)
+    ref = find_thresholds(R.histogram, lambda: [(base, models)], Targets.of([density] * 3, [slack] * 3, 6007))
     assert (t, u) == ref
 
 
@@ -114,8 +114,8 @@ def test_thresholds_streamed_over_chunks():
     """scope='model': histograms summed over chunks give the population's exact thresholds."""
     base, models = make_inputs(2, 9000, BF16, seed=3)
     chunks = lambda: [(base[a:b], models[:, a:b]) for a, b in [(0, 1), (1, 4000), (4000, 9000)]]
-    assert find_thresholds(C.histogram, chunks, [0.3, 0.1], [0.02, 0.0], 9000) == \
-        find_thresholds(R.histogram, lambda: [(base, models)], [0.3, 0.1], [0.02, 0.0], 9000)
+    assert find_thresholds(C.histogram, chunks, Targets.of([0.3, 0.1], [0.02, 0.0], 9000)) == \
+        find_thresholds(R.histogram, lambda: [(base, models)], Targets.of([0.3, 0.1], [0.02, 0.0], 9000))
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_merge_sizes(N, dtype, n, threads):
 def test_merge_dtypes(mode, in_dtype, out_dtype):
     base, models = make_inputs(3, 3001, in_dtype, seed=11)
     t, u = thresholds(base, models, 0.2, 0.05)
-    cfg = KernelConfig(mode, WEIGHTS[:3], tuple(t), tuple(u))
+    cfg = mode_cfg(mode, WEIGHTS[:3], tuple(t), tuple(u))
     check_merge(None if mode == "linear" else base, models, cfg, out_dtype)
 
 
@@ -270,7 +270,7 @@ def test_merge_ties_at_threshold_and_zeros(dtype, density, slack, elect, n, thre
 def test_merge_scale_and_modes(mode, scale, normalize):
     base, models = make_inputs(3, 2500, F16, seed=4)
     t, u = thresholds(base, models, 0.2, 0.02)
-    cfg = KernelConfig(mode, (0.5, 1.25, 1.0), tuple(t), tuple(u), scale, normalize)
+    cfg = mode_cfg(mode, (0.5, 1.25, 1.0), tuple(t), tuple(u), scale, normalize)
     check_merge(None if mode == "linear" else base, models, cfg, F16)
 
 
@@ -281,7 +281,7 @@ def test_merge_weights(weights, mode):
     """Per-model weights, including a zero weight and weights that sum to zero."""
     base, models = make_inputs(2, 2000, F32, seed=9, kind="grid")
     t, u = thresholds(base, models, 0.4, 0.1)
-    cfg = KernelConfig(mode, weights, tuple(t), tuple(u))
+    cfg = mode_cfg(mode, weights, tuple(t), tuple(u))
     check_merge(None if mode == "linear" else base, models, cfg, F32)
 
 
@@ -319,7 +319,7 @@ def test_merge_nonfinite_counted(mode, dtype, slack, n, threads):
     t, u = thresholds(base, models, 0.2, 0.05)
     models[0, 5], models[1, 5], models[n - 1, 1500] = float("nan"), INF, -INF
     models[1, 2999], base[2100] = float("nan"), INF
-    cfg = KernelConfig(mode, WEIGHTS[:n], tuple(t), tuple(u) if slack else (INF,) * n)
+    cfg = mode_cfg(mode, WEIGHTS[:n], tuple(t), tuple(u) if slack else (INF,) * n)
     _, counts = check_merge(None if mode == "linear" else base, models, cfg, dtype)
     want = {2: [1, 3], 3: [1, 2, 1]}[n] if mode == "linear" else {2: [2, 4], 3: [2, 3, 2]}[n]
     assert counts[:, COUNTERS.index("nonfinite")].tolist() == want
@@ -372,19 +372,24 @@ def _ext_args(N=10, n=2):
     ({"n": 0}, "n \\(number of models\\)"), ({"n": 65}, "n \\(number of models\\)"),
     ({"N": -1}, "N \\(entries"), ({"N": 11}, "items expected"),
     ({"models_dtype": 7}, "unknown dtype"), ({"out_dtype": -1}, "unknown dtype"),
-    ({"models_dtype": 1}, "items of 2 bytes"), ({"mode": "dare"}, "mode must be"),
+    ({"models_dtype": 1}, "items of 2 bytes"), ({"elect": 3}, "elect must be"),
     ({"weights": (1.0,)}, "2 values expected"), ({"weights": (1.0, float("nan"))}, "finite"),
-    ({"t": None}, "sequence"), ({"scale": float("inf")}, "scale"),
+    ({"t": None}, "needs trim thresholds"), ({"t": 5}, "sequence"),
+    ({"t": (0.1, 0.0)}, r"t\[0\] = 0.1: must be an fp32 value"),
+    ({"t": (-1.0, 0.0)}, "must be an fp32 value >= 0"),
+    ({"u": (float("nan"), 0.0)}, "not NaN"), ({"scale": float("inf")}, "scale = inf"),
+    ({"elect": 0}, "slack thresholds u need a sign election"),
+    ({"on_base": False}, "base must be None"),
     ({"counts": np.zeros((2, 6), np.int64)}, "counts: 14 items"),
     ({"counts": np.zeros((2, 7), np.float64)}, "int64 buffer"),
-    ({"base": None}, "base is required"), ({"threads": -1}, "threads"),
+    ({"base": None}, "on_base needs a base"), ({"threads": -1}, "threads"),
     ({"out": np.zeros(10, np.float64)}, "items of 4 bytes"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
 def test_merge_rejects_bad_arguments(bad, match):
     ext, base, models, out, counts = _ext_args()
     kw = dict(base=base, models=models, out=out, n=2, N=10, base_dtype=ext.F32,
-              models_dtype=ext.F32, out_dtype=ext.F32, mode="ties", weights=(1.0, 1.0),
-              t=(0.0, 0.0), u=(INF, INF), scale=1.0, normalize=True, elect_count=False,
+              models_dtype=ext.F32, out_dtype=ext.F32, on_base=True, elect=ext.ELECT_SUM,
+              normalize=True, weights=(1.0, 1.0), t=(0.0, 0.0), u=(INF, INF), scale=1.0,
               counts=counts)
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
@@ -394,8 +399,8 @@ def test_merge_rejects_bad_arguments(bad, match):
 def test_merge_rejects_overlaps_and_readonly():
     ext, base, models, out, counts = _ext_args(N=10)
     kw = dict(n=2, N=10, base_dtype=ext.F32, models_dtype=ext.F32, out_dtype=ext.F32,
-              mode="ties", weights=(1.0, 1.0), t=(0.0, 0.0), u=(INF, INF), scale=1.0,
-              normalize=True, elect_count=False, counts=counts)
+              on_base=True, elect=ext.ELECT_SUM, normalize=True, weights=(1.0, 1.0),
+              t=(0.0, 0.0), u=(INF, INF), scale=1.0, counts=counts)
     shifted = np.zeros(11, np.float32)
     with pytest.raises(ValueError, match="partially overlaps"):
         ext.merge(base=shifted[:10], models=models, out=shifted[1:], **kw)
@@ -442,8 +447,8 @@ def test_outputs_must_not_overlap_inputs():
     counts = np.zeros((2, 7), np.int64)
     with pytest.raises(ValueError, match="counts: overlaps another buffer"):
         ext.merge(base=counts.view(np.float32)[0, :10], models=models, out=np.zeros(10, np.float32),
-                  out_dtype=ext.F32, mode="ties", weights=(1.0, 1.0), t=(0.0, 0.0), u=(INF, INF),
-                  scale=1.0, normalize=True, elect_count=False, counts=counts, **kw)
+                  out_dtype=ext.F32, on_base=True, elect=ext.ELECT_SUM, normalize=True,
+                  weights=(1.0, 1.0), t=(0.0, 0.0), u=(INF, INF), scale=1.0, counts=counts, **kw)
     hist = np.zeros((2, 2, NBINS), np.int64)
     with pytest.raises(ValueError, match="out: overlaps another buffer"):
         ext.histogram(base=hist.view(np.float32).reshape(-1)[:10], models=models,

@@ -15,7 +15,7 @@ def test_defaults_follow_spec():
 
 def test_per_model_values_broadcast_and_count():
     p = make_params("ties_sv", 3, weights=[1, 2, 3], density=0.5, slack=[0, .1, .2])
-    assert p.weights == (1.0, 2.0, 3.0) and p.density == (0.5,) * 3 and p.has_slack
+    assert p.weights == (1.0, 2.0, 3.0) and p.density == (0.5,) * 3
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -23,11 +23,11 @@ def test_per_model_values_broadcast_and_count():
     (dict(density=1.5), "density of model 0 must be in [0, 1], got 1.5"),
     (dict(density=[0.2]), "density has 1 values but there are 2 models"),
     (dict(slack=0.3), "slack of model 0 must be in [0, density=0.2], got 0.3"),
-    (dict(weights="abc"), "weights must be a number or one number per model"),
-    (dict(weights=float("nan")), "weights must be finite"),
+    (dict(weights="abc"), "weights must be a number or one value per model"),
+    (dict(weights=float("nan")), "weights of model 0 must be finite"),
     (dict(elect="median"), "elect must be one of"),
     (dict(scope="layer"), "scope must be one of"),
-    (dict(scale=float("inf")), "scale (lambda) must be a finite number"),
+    (dict(scale=float("inf")), "scale (lambda) must be finite"),
     (dict(normalize="yes"), "normalize must be true or false"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(method="ties", slack=0.1), "slack is only used by method 'ties_sv'"),

@@ -1,4 +1,4 @@
-"""The reference against hand-computed cases of SPEC §1-§8 (independent re-derivations)."""
+"""The reference against hand-computed cases of docs/spec.md §1-§9 (independent re-derivations)."""
 import pytest
 import torch
 

@@ -5,7 +5,8 @@ import torch
 
 from fastmerge import reference as R
 from fastmerge import select as S
-from fastmerge.select import RadixSelect, bracket_thresholds, find_thresholds, key_to_float
+from fastmerge.select import (RadixSelect, Targets, bracket_thresholds, find_thresholds,
+                              key_to_float)
 
 
 def chunked(base, models, step):
@@ -39,20 +40,20 @@ def test_radix_equals_sort(case, dtype, step):
     base = torch.randn(5000, generator=g).to(dtype)
     models = torch.stack([(base.float() + CASES[case](g)).to(dtype) for _ in range(3)])
     density, slack = [0.2, 1 / 5000, 0.9999], [0.05, 0.0, 0.5]
-    t, u = find_thresholds(R.histogram, chunked(base, models, step), density, slack, 5000)
+    t, u = find_thresholds(R.histogram, chunked(base, models, step), Targets.of(density, slack, 5000))
     want = brute(base, models, density, slack)
     assert t == [w[0] for w in want] and u == [w[1] for w in want]
 
 
 def test_fixed_thresholds_need_no_pass():
-    sel = RadixSelect.from_params([0.0, 1.0], [0.0, 0.0], 100)
+    sel = RadixSelect.of(Targets.of([0.0, 1.0], [0.0, 0.0], 100))
     assert sel.done and sel.thresholds() == ([float("inf"), 0.0], [float("inf")] * 2)
 
 
 def test_density_one_with_slack_searches_only_u():
     g = torch.Generator().manual_seed(0)
     base, models = torch.zeros(100), torch.randn(1, 100, generator=g)
-    t, u = find_thresholds(R.histogram, chunked(base, models, 100), [1.0], [0.1], 100)
+    t, u = find_thresholds(R.histogram, chunked(base, models, 100), Targets.of([1.0], [0.1], 100))
     assert t == [0.0] and u == [R.kth_largest(models.abs(), 10)]
 
 
@@ -67,7 +68,7 @@ def test_model_scope_equals_global_topk_over_concatenation():
     def all_chunks():
         for b, m in zip(bases, models):
             yield from chunked(b, m, 100)()
-    t, u = find_thresholds(R.histogram, all_chunks, [0.2, 0.1], [0.02, 0.05], total)
+    t, u = find_thresholds(R.histogram, all_chunks, Targets.of([0.2, 0.1], [0.02, 0.05], total))
     cat_b, cat_m = torch.cat(bases), torch.cat(models, dim=1)
     want = brute(cat_b, cat_m, [0.2, 0.1], [0.02, 0.05], total)
     assert t == [w[0] for w in want] and u == [w[1] for w in want]
@@ -112,7 +113,7 @@ def test_bracket_equals_sort(case, dtype, N):
     base, models = big_case(case, dtype, N, seed=N % 7)
     density, slack = [0.2, 1 / N, 0.9999], [0.05, 0.0, 0.5]
     bracket = Counting()
-    found = bracket_thresholds(bracket, base, models, density, slack)
+    found = bracket_thresholds(bracket, base, models, Targets.of(density, slack, base.numel()))
     assert bracket.calls == (0 if N < 2 * S.SAMPLE_SIZE else 1)
     want = brute(base, models, density, slack)
     # one known miss: fp16 'wide' at the 1/N and 0.9999 ranks, where the tail holds a
@@ -126,7 +127,7 @@ def test_bracket_equals_sort(case, dtype, N):
 def test_bracket_fixed_thresholds(density, slack):
     base, models = big_case("random", torch.float16, 4 * S.SAMPLE_SIZE + 3, n=2)
     bracket = Counting()
-    found = bracket_thresholds(bracket, base, models, [density] * 2, [slack] * 2)
+    found = bracket_thresholds(bracket, base, models, Targets.of([density] * 2, [slack] * 2, base.numel()))
     want = brute(base, models, [density] * 2, [slack] * 2)
     assert found == ([w[0] for w in want], [w[1] for w in want])
     assert bracket.calls == (1 if slack else 0)
@@ -140,11 +141,11 @@ def test_bracket_miss_returns_none(monkeypatch):
     models = torch.randn(2, N, generator=torch.Generator().manual_seed(1))
     step = S._prime_at_least(N // S.SAMPLE_SIZE)
     models[:, step // 2::step] = 0.0      # the sample sees only zeros
-    assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
+    assert bracket_thresholds(R.bracket, base, models, Targets.of([0.2, 0.2], [0.0, 0.0], base.numel())) is None
     models = torch.randn(2, N, generator=torch.Generator().manual_seed(2))
     bounds = S.bracket_bounds
     monkeypatch.setattr(S, "bracket_bounds", lambda *a: (bounds(*a)[0], 10))
-    assert bracket_thresholds(R.bracket, base, models, [0.2, 0.2], [0.0, 0.0]) is None
+    assert bracket_thresholds(R.bracket, base, models, Targets.of([0.2, 0.2], [0.0, 0.0], base.numel())) is None
 
 
 def test_sample_steps_are_prime():

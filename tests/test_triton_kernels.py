@@ -1,6 +1,6 @@
 """The Triton kernels (kernels/triton_merge.py) against the reference, on the CPU interpreter.
 
-SPEC §9's bar: histograms, thresholds and counters identical to fastmerge.reference,
+docs/spec.md §10's bar: histograms, thresholds and counters identical to fastmerge.reference,
 outputs within one ulp of the output dtype (plus the fp32 evaluation error at the
 operands' size, see tests/checks.py). Weights are dyadic (0.5, 1.25, ...) so fp32 and
 fp64 elections agree. TRITON_INTERPRET=1 is set before Triton is imported; the launchers'
@@ -26,11 +26,11 @@ tl = pytest.importorskip("triton.language")
 
 from fastmerge import reference as R  # noqa: E402
 from fastmerge.kernel_api import (DIGIT_BITS, NBINS, NONFINITE, NONFINITE_BIN,  # noqa: E402
-                                  SHIFT, KernelConfig)
+                                  SHIFT)
 from fastmerge.kernels import triton_merge as T  # noqa: E402
-from fastmerge.select import RadixSelect  # noqa: E402
+from fastmerge.select import RadixSelect, Targets  # noqa: E402
 from tests import checks  # noqa: E402
-from tests.checks import make_inputs, thresholds_checked, ties_cfg  # noqa: E402
+from tests.checks import make_inputs, mode_cfg, thresholds_checked, ties_cfg  # noqa: E402
 
 pytestmark = [pytest.mark.interpreter,
               # NaN / inf inputs on purpose: numpy warns inside the interpreter
@@ -72,7 +72,7 @@ def check_merge(base, models, cfg, out_dtype, **launch):
 def reference_prefixes(base, models, density, slack):
     """The (level, prefixes) sequence RadixSelect asks for, driven by the reference."""
     n, N = models.shape
-    sel = RadixSelect.from_params([density] * n, [slack] * n, N)
+    sel = RadixSelect.of(Targets.of([density] * n, [slack] * n, N))
     steps = []
     while not sel.done:
         steps.append((sel.level, sel.prefixes()))
@@ -247,13 +247,13 @@ def test_ties_nonfinite(slack, elect):
                          ids=lambda v: NAME[v])
 def test_linear_and_task_arithmetic(mode, normalize, dtype, out_dtype):
     base, models = make_inputs(3, 1000, dtype, seed=6)
-    cfg = KernelConfig(mode, (1.0, 0.5, 1.25), (0.0,) * 3, (INF,) * 3, 0.5, normalize)
+    cfg = mode_cfg(mode, (1.0, 0.5, 1.25), (0.0,) * 3, (INF,) * 3, 0.5, normalize)
     check_merge(None if mode == "linear" else base, models, cfg, out_dtype, **SMALL)
 
 
 def test_task_arithmetic_zero_weight_sum_does_not_divide():
     base, models = make_inputs(2, 300, F32, seed=8)
-    cfg = KernelConfig("task_arithmetic", (1.0, -1.0), (0.0,) * 2, (INF,) * 2, 1.0, True)
+    cfg = mode_cfg("task_arithmetic", (1.0, -1.0), (0.0,) * 2, (INF,) * 2, 1.0, True)
     check_merge(base, models, cfg, F32)
 
 
@@ -261,7 +261,7 @@ def test_task_arithmetic_zero_weight_sum_does_not_divide():
 def test_nonfinite_counter_sum_modes(mode):
     base, models = make_inputs(2, 500, F16, seed=10)
     models[0, 5], models[1, 6], models[1, 7] = INF, float("nan"), -INF
-    cfg = KernelConfig(mode, (1.0, 0.5), (0.0,) * 2, (INF,) * 2, 1.0, True)
+    cfg = mode_cfg(mode, (1.0, 0.5), (0.0,) * 2, (INF,) * 2, 1.0, True)
     _, counts = check_merge(None if mode == "linear" else base, models, cfg, F16, **SMALL)
     assert counts[:, NONFINITE].tolist() == [1, 2] and not counts[:, :NONFINITE].any()
 
@@ -275,7 +275,8 @@ def test_empty_tensor_launches_nothing():
 def test_rejects_bad_arguments():
     base, models = make_inputs(2, 10, F16)
     with pytest.raises(ValueError, match="1 to 8"):
-        T.merge(base, models.new_zeros(9, 10), torch.empty(10), ties_cfg(9, [0.0] * 9, [INF] * 9))
+        T.merge(base, models.new_zeros(9, 10), torch.empty(10),
+                ties_cfg(9, [0.0] * 9, [INF] * 9, weights=[1.0] * 9))
     with pytest.raises(ValueError, match="entries"):
         T.merge(base, models, torch.empty(11), ties_cfg(2, [0.0] * 2, [INF] * 2))
     with pytest.raises(ValueError, match="dtype"):
@@ -308,7 +309,7 @@ def test_output_rounding_is_nearest_even(out_dtype):
     """The kernel's own fp32 → bf16/fp16 rounding, bit for bit against torch (not the
     interpreter's conversion: its fp32 → bf16 cast truncates)."""
     x = _halfway_cases()
-    cfg = KernelConfig("linear", (1.0,), (0.0,), (INF,), 1.0, False)
+    cfg = mode_cfg("linear", (1.0,), (0.0,), (INF,), 1.0, False)
     out = torch.empty(x.numel(), dtype=out_dtype)
     T.merge(None, x.unsqueeze(0).contiguous(), out, cfg, block=1024)
     want = x.to(out_dtype)
@@ -342,9 +343,9 @@ def test_offsets_are_int64():
     wrapped = torch.zeros(block, dtype=torch.int64)
     _int32_probe[(1,)](wrapped, blk, BLOCK=block)
     assert int(wrapped[0]) != blk * block                    # int32 would have wrapped
-    for kernel in (T._histogram_kernel, T._merge_kernel):
-        src = inspect.getsource(kernel.fn)
-        assert "_offsets(pid + it * n_programs, BLOCK)" in src and "_row_offsets(" in src
+    for kernel, rows in ((T._histogram_kernel, T._histogram_kernel), (T._merge_kernel, T._load_x)):
+        assert "_offsets(pid + it * n_programs, BLOCK)" in inspect.getsource(kernel.fn)
+        assert "_row_offsets(" in inspect.getsource(rows.fn)
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -362,19 +363,26 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "enable_fp_fusion": False})
-        assert "div.rn.f32" in k.asm["ptx"] or "div" not in k.asm["ptx"]
+        ptx = k.asm["ptx"]
+        divs = [line.split()[0] for line in ptx.splitlines() if line.strip().startswith("div")]
+        assert all(d.startswith(("div.rn.", "div.s", "div.u")) for d in divs), divs
+        assert "fma.rn" not in ptx or fn is T._histogram_kernel, "FMA contraction in the merge"
         return k
 
     hsig = dict(base_ptr="*fp16", models_ptr="*fp16", prefix_ptr="*i32", hist_ptr="*i64",
                 N="i32", n_programs="i32", n_replicas="i32")
     build(T._histogram_kernel, hsig, dict(SHIFT=9, BITS=11, N_MODELS=3, BASE_BF16=False,
           MODELS_BF16=False, BLOCK=2048, ITERS=8, WB=128, DENSE_MIN=256, NB=2048), 8)
-    msig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", par_ptr="*fp32",
-                cnt_ptr="*i32", N="i32", n_programs="i32", scale="fp32", wsum="fp32")
-    for mode, slack in ((0, False), (1, False), (2, False), (2, True)):
-        build(T._merge_kernel, msig, dict(MODE=mode, HAS_SLACK=slack, ELECT_COUNT=False,
-              NORMALIZE=True, N_MODELS=3, NM=4, BASE_BF16=True, MODELS_BF16=True,
-              OUT_BF16=False, BLOCK=512, ITERS=8), 4)
+    msig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", w_ptr="*fp64",
+                par_ptr="*fp32", cnt_ptr="*i32", N="i32", n_programs="i32")
+    for on_base, trim, elect, slack, out_f32 in ((False, False, 0, False, False),
+                                                (True, False, 0, False, True),
+                                                (True, True, 1, False, False),
+                                                (True, True, 1, True, True),
+                                                (True, True, 2, True, False)):
+        build(T._merge_kernel, msig, dict(ON_BASE=on_base, TRIM=trim, ELECT=elect,
+              SLACK=slack, NORMALIZE=True, N_MODELS=3, NM=4, BASE_BF16=True, MODELS_BF16=True,
+              OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024, ITERS=8), 4)
     print("compiled")
 """)
 

@@ -1,7 +1,8 @@
 """Backend registry: the one place where a merge backend is chosen.
 
 A backend is a module exposing ``histogram`` and ``merge`` (the contract in
-``fastmerge.kernel_api``), ``DEVICES`` (device types it runs on) and
+``fastmerge.kernel_api``), ``DEVICES`` (device types it runs on), ``CAPABILITIES``
+(kernel_api.Capabilities: dtypes, model count, stages) and
 ``unavailable_reason() -> str | None``. Loading happens on first use, never at import
 of fastmerge, so a missing native library or Triton only fails when asked for.
 """
@@ -77,3 +78,22 @@ def resolve(backend: str = "auto", device="auto") -> tuple[ModuleType, torch.dev
             warnings.warn(f"{exc}; falling back to the PyTorch reference backend (slower)",
                           RuntimeWarning, stacklevel=3)
         return load("torch"), dev
+
+
+def check_supported(module: ModuleType, params, dtypes=()) -> None:
+    """Refuse, before any tensor data is read, a merge the backend cannot run: too many
+    models, a stage it lacks, or a stored / output dtype it does not take."""
+    caps = module.CAPABILITIES
+    name = module.NAME
+    if caps.max_models is not None and params.n_models > caps.max_models:
+        raise ParameterError(f"backend {name!r} merges at most {caps.max_models} models, got "
+                             f"{params.n_models}; use backend='c' or 'torch'")
+    spec = params.spec
+    if spec.elect and params.elect not in caps.elects:
+        raise ParameterError(f"backend {name!r} has no {params.elect!r} sign election")
+    if not spec.needs_base and not caps.without_base:
+        raise ParameterError(f"backend {name!r} cannot merge without a base ({spec.name!r})")
+    for dt in dtypes:
+        key = str(dt).replace("torch.", "")
+        if key not in caps.dtypes:
+            raise ParameterError(f"backend {name!r} takes {', '.join(caps.dtypes)}, not {key}")

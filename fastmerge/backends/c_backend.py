@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import kernel_api
-from ..kernel_api import COUNTERS, NBINS, KernelConfig
+from ..kernel_api import COUNTERS, NBINS, Capabilities, KernelConfig
 
+CAPABILITIES = Capabilities(max_models=64)   # FM_MAX_MODELS
 NAME = "c"
 
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -133,13 +134,15 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
         raise ValueError(f"cfg has {cfg.n_models} weights for {n} models")
     if out.numel() != N:
         raise ValueError(f"out: {out.numel()} entries, models have {N}")
+    if cfg.on_base and base is None:
+        raise ValueError("this kernel config needs a base tensor")
     if base is not None and base.numel() != N:
         raise ValueError(f"base: {base.numel()} entries, models have {N}")
-    bbuf, bcode = (None, 0) if base is None else (_buffer(base, "base"), _code(base, "base"))
+    ext = _module()
+    bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if cfg.on_base else (None, 0)
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
-    ties = cfg.mode == "ties"
-    _module().merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode,
-                    _code(out, "out"), cfg.mode, tuple(cfg.weights),
-                    tuple(cfg.t) if ties else None, tuple(cfg.u) if ties else None,
-                    float(cfg.scale), bool(cfg.normalize), bool(cfg.elect_count), counts.numpy())
+    elect = {"none": ext.ELECT_NONE, "sum": ext.ELECT_SUM, "count": ext.ELECT_COUNT}[cfg.elect]
+    ext.merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
+              cfg.on_base, elect, bool(cfg.normalize), tuple(cfg.weights), cfg.t, cfg.u,
+              float(cfg.scale), counts.numpy())
     return counts

@@ -1,6 +1,8 @@
 """The PyTorch reference as a backend: exact, any device, the yardstick for the others."""
+from ..kernel_api import Capabilities
 from ..reference import histogram, merge  # noqa: F401  (the backend contract)
 
+CAPABILITIES = Capabilities()
 NAME = "torch"
 
 

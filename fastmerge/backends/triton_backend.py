@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_api import Capabilities
 from ..reference import model_matrix
 from . import triton_interpreted
 
+CAPABILITIES = Capabilities(max_models=8)    # triton_merge.MAX_MODELS
 NAME = "triton"
 
 

@@ -12,6 +12,7 @@
 #ifndef FASTMERGE_CONVERT_H
 #define FASTMERGE_CONVERT_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -68,6 +69,18 @@ static inline uint16_t fm_f32_to_bf16(float f)
     return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
+/* fp64 -> fp32 rounded to odd: truncated toward zero, last bit set when inexact. With
+ * 13 or more bits to spare, a later round-to-nearest-even to fp16 / bf16 then rounds the
+ * fp64 value exactly once (the intermediate rounding cannot create a false halfway case). */
+static inline float fm_f64_to_f32_odd(double x)
+{
+    const float f = (float)x;                        /* round to nearest even */
+    const double back = (double)f;
+    const uint32_t inexact = (back != x) & (x - x == 0.0);    /* finite and not exact */
+    const uint32_t away = inexact & (fabs(back) > fabs(x));   /* rounded up in magnitude */
+    return fm_u2f((fm_f2u(f) - away) | inexact);
+}
+
 /* dst[j] = f32(src[off + j]) for j < len */
 static inline void fm_load(float *restrict dst, const void *restrict src, int dt,
                            int64_t off, int len)
@@ -83,7 +96,7 @@ static inline void fm_load(float *restrict dst, const void *restrict src, int dt
     }
 }
 
-/* dst[j] = f32(src[off + j]) - b[j]  (SPEC §1: τ = f32(θ_i) − f32(θ_b), in fp32) */
+/* dst[j] = f32(src[off + j]) - b[j]  (docs/spec.md §1: τ = f32(θ_i) − f32(θ_b), in fp32) */
 static inline void fm_load_sub(float *restrict dst, const void *restrict src, int dt,
                                int64_t off, int len, const float *restrict b)
 {
@@ -111,6 +124,22 @@ static inline void fm_store(void *restrict dst, int dt, int64_t off,
     } else {
         uint16_t *d = (uint16_t *)dst + off;
         for (int j = 0; j < len; j++) d[j] = fm_f32_to_bf16(src[j]);
+    }
+}
+
+/* dst[off + j] = round_dt(src[j]) for j < len: fp64 rounded once to nearest even */
+static inline void fm_store_f64(void *restrict dst, int dt, int64_t off,
+                                const double *restrict src, int len)
+{
+    if (dt == FM_F32) {
+        float *d = (float *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = (float)src[j];
+    } else if (dt == FM_F16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = fm_f32_to_f16(fm_f64_to_f32_odd(src[j]));
+    } else {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = fm_f32_to_bf16(fm_f64_to_f32_odd(src[j]));
     }
 }
 

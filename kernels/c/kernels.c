@@ -1,17 +1,21 @@
 /* fastmerge C CPU kernels: threshold selection (bracket counting pass, radix-select
  * histograms) and the fused TIES / TIES-SV merge.
  *
- * Math (SPEC §1-§8, one tensor, models i = 1..n, entry j):
+ * Math (docs/spec.md §1-§9, one tensor, models i = 1..n, entry j):
  *   τ_i = f32(θ_i) − f32(θ_b)                      (fp32 subtraction)
  *   key = bits(|τ_i|)                               (histogram: digits of the key;
  *                                                    bracket: above = #{key > hi},
  *                                                    inside = the keys in [lo, hi])
- *   kept_i = |τ_i| >= t_i,  prot_i = |τ_i| >= u_i
- *   vote_i = w_i·τ_i   (elect="count": sign(w_i)·sign(τ_i))
+ *   x_i = τ_i (or θ_i without a base);  kept_i = |x_i| >= t_i,  prot_i = |x_i| >= u_i
+ *   vote_i = w_i·x_i   (elect="count": sign(w_i)·sign(x_i))
  *   G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G >= 0 else −1
- *   sel_i = kept_i ∧ sign(τ_i) = γ;   D = Σ w_i·sel_i·τ_i,  W = Σ w_i·sel_i
- *   m = D / W (normalize; m = D where W = 0) or D;   θ = f32(θ_b) + λ·m, rounded (RNE)
- * All arithmetic is fp32 with the models summed in order i = 1..n.
+ *   sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);  D = Σ w_i·sel_i·x_i,
+ *   W = Σ w_i·sel_i (no election: Σ w_i);  m = D / W (normalize, W != 0) or D;
+ *   θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE).
+ * Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64
+ * (docs/spec.md §7), the models summed in order i = 1..n from +0.0, so every backend
+ * evaluates the same fp64 expression. Thresholds of +inf arrive as NaN (no comparison
+ * holds: keep / protect none, even |x| = inf).
  *
  * Layout: the tensor is cut into blocks of FM_BLOCK entries. A block is widened into
  * fp32 scratch arrays (base once, τ of every model), then a few branch-free elementwise
@@ -20,11 +24,9 @@
  * private counters / histograms and add them up at the end: integer sums, so the result
  * is the same for any thread count. Outputs are elementwise, hence also deterministic.
  *
- * Specialisation: the mode flags (slack on/off, elect sum/count, normalize) are constant
- * arguments of always-inline functions, so each combination compiles to its own loops
- * without per-element branches. The no-slack loops are used for a block only when no τ
- * in it is infinite: the spec's comparisons make |τ| = inf "protected" even by u = inf,
- * and such blocks take the general loops to stay identical to the reference.
+ * Specialisation: the stage flags (election none/sum/count, slack on/off, normalize) are
+ * constant arguments of always-inline functions, so each combination compiles to its own
+ * loops without per-element branches.
  *
  * SIMD: with FASTMERGE_TARGET_CLONES the per-range functions are compiled for x86-64-v4
  * (AVX-512), x86-64-v3 (AVX2) and baseline x86-64, and picked at load time (ifunc), so
@@ -517,79 +519,79 @@ int fm_bracket(const fm_bracket_args *a)
 
 typedef struct {
     float *b;       /* f32(θ_b) */
-    float *tau;     /* [n][FM_BLOCK]: τ_i (linear: θ_i) */
-    float *g;       /* G over kept votes; reused for θ */
-    float *gp;      /* G over protected votes */
+    float *x;       /* [n][FM_BLOCK]: x_i = τ_i (on_base) or θ_i */
+    double *g;      /* G over kept votes */
+    double *gp;     /* G over protected votes */
     int32_t *ap;    /* any model protects */
     float *gam;     /* γ */
     float *gamt;    /* γ of plain TIES (for ties_important_dropped) */
-    float *d;       /* D */
-    float *ws;      /* W */
+    double *d;      /* D */
+    double *ws;     /* W */
+    double *theta;  /* θ before its one rounding */
 } merge_scratch;
 
-/* Election, selection, disjoint mean and θ for one block whose τ are in s->tau.
- * θ lands in s->g; counters of model i are added to cnt[i][...]. */
-FM_INLINE void ties_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
-                          const int SLACK, const int COUNT, const int NORM)
+/* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64 */
+FM_INLINE double combine(const fm_merge_args *a, double d, double w, float b, const int NORM)
+{
+    const double m = NORM && w != 0.0 ? d / w : d;
+    return a->on_base ? (double)b + a->scale * m : m;
+}
+
+/* Election (§5), selection and combine (§6, §7) for one block whose x_i are in s->x.
+ * θ lands in s->theta; counters of model i are added to cnt[i][...]. */
+FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
+                           const int SLACK, const int COUNT, const int NORM)
 {
     const int n = a->n;
-    float *restrict g = s->g, *restrict gp = s->gp, *restrict gam = s->gam;
-    float *restrict gamt = s->gamt, *restrict d = s->d, *restrict ws = s->ws;
+    double *restrict g = s->g, *restrict gp = s->gp, *restrict d = s->d, *restrict ws = s->ws;
+    float *restrict gam = s->gam, *restrict gamt = s->gamt;
     int32_t *restrict ap = s->ap;
-    const float *restrict b = s->b;
 
-    /* §4 elect */
-    for (int j = 0; j < len; j++) g[j] = 0.f;
+    for (int j = 0; j < len; j++) g[j] = 0.0;
     if (SLACK)
-        for (int j = 0; j < len; j++) { gp[j] = 0.f; ap[j] = 0; }
+        for (int j = 0; j < len; j++) { gp[j] = 0.0; ap[j] = 0; }
     for (int i = 0; i < n; i++) {
-        const float *restrict tau = s->tau + (size_t)i * FM_BLOCK;
-        const float ti = a->t[i], ui = a->u[i], wi = a->w[i];
-        const float swi = (float)((wi > 0.f) - (wi < 0.f));
+        const float *restrict x = s->x + (size_t)i * FM_BLOCK;
+        const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
+        const double wi = a->w[i];
         for (int j = 0; j < len; j++) {
-            const float x = tau[j], ax = fabsf(x);
-            const float vote = COUNT ? swi * (float)((x > 0.f) - (x < 0.f)) : wi * x;
-            g[j] += ax >= ti ? vote : 0.f;
+            const float ax = fabsf(x[j]);
+            const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
+                                      : wi * (double)x[j];
+            g[j] += ax >= ti ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= ui;
-                gp[j] += p ? vote : 0.f;
+                gp[j] += p ? vote : 0.0;
                 ap[j] |= p;
             }
         }
     }
     for (int j = 0; j < len; j++) {
-        const float gt = g[j] >= 0.f ? 1.f : -1.f;
-        if (SLACK) {
-            gam[j] = ap[j] ? (gp[j] >= 0.f ? 1.f : -1.f) : gt;
-            gamt[j] = gt;
-        } else {
-            gam[j] = gt;
-        }
+        const float gt = g[j] >= 0.0 ? 1.f : -1.f;
+        gam[j] = SLACK && ap[j] ? (gp[j] >= 0.0 ? 1.f : -1.f) : gt;
+        gamt[j] = gt;
     }
 
-    /* §5 select and combine, §8 counters */
-    for (int j = 0; j < len; j++) d[j] = 0.f;
-    if (NORM)
-        for (int j = 0; j < len; j++) ws[j] = 0.f;
+    for (int j = 0; j < len; j++) { d[j] = 0.0; ws[j] = 0.0; }
     for (int i = 0; i < n; i++) {
-        const float *restrict tau = s->tau + (size_t)i * FM_BLOCK;
-        const float ti = a->t[i], ui = a->u[i], wi = a->w[i];
+        const float *restrict x = s->x + (size_t)i * FM_BLOCK;
+        const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
+        const double wi = a->w[i];
         int c_kept = 0, c_sel = 0, c_drop = 0, c_prot = 0, c_imp = 0, c_timp = 0;
         for (int j = 0; j < len; j++) {
-            const float x = tau[j], ax = fabsf(x);
+            const float ax = fabsf(x[j]), sx = swi * x[j];      /* sign(w_i·x_i) = sign(sx) */
             const int k = ax >= ti;
-            const int sel = k & (x * gam[j] > 0.f);   /* sign(τ) = γ; a zero never matches */
-            d[j] += sel ? wi * x : 0.f;
-            if (NORM) ws[j] += sel ? wi : 0.f;
+            const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
+            d[j] += sel ? wi * (double)x[j] : 0.0;
+            ws[j] += sel ? wi : 0.0;
             c_kept += k;
             c_sel += sel;
-            c_drop += k & !sel & (x != 0.f);
+            c_drop += k & !sel & (x[j] != 0.f);
             if (SLACK) {
                 const int p = ax >= ui;
-                const int sel_t = k & (x * gamt[j] > 0.f);
                 c_prot += p;
                 c_imp += p & !sel;
-                c_timp += p & !sel_t;
+                c_timp += p & !(k & (sx * gamt[j] > 0.f));
             }
         }
         int64_t *c = cnt + (size_t)i * FM_NCOUNTERS;
@@ -602,68 +604,60 @@ FM_INLINE void ties_block(const fm_merge_args *a, merge_scratch *s, int len, int
             c[FM_TIES_IMPORTANT_DROPPED] += c_timp;
         }
     }
-
-    /* §6 output: θ = θ_b + λ·m (m = D / W, or D where W = 0) */
-    const float lam = a->scale;
-    for (int j = 0; j < len; j++) {
-        const float m = NORM ? d[j] / (ws[j] != 0.f ? ws[j] : 1.f) : d[j];
-        g[j] = b[j] + lam * m;
-    }
+    for (int j = 0; j < len; j++) s->theta[j] = combine(a, d[j], ws[j], s->b[j], NORM);
 }
 
-/* ties_block for a compile-time number of models NC: the same arithmetic in one loop over
- * the block, so every intermediate stays in registers (the scratch arrays of ties_block
- * make six round trips through L1 per entry). Sums run over i = 1..NC in order from 0.f,
- * exactly as in ties_block: the results are bit-identical. */
-FM_INLINE void ties_block_fused(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
-                                const int NC, const int SLACK, const int COUNT, const int NORM)
+/* elect_block for a compile-time number of models NC: the same operations in the same
+ * order in one loop over the block, so every intermediate stays in registers (the
+ * scratch arrays of elect_block make six round trips through L1 per entry). Bit-identical
+ * to elect_block. */
+FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int len,
+                                 int64_t *cnt, const int NC, const int SLACK, const int COUNT,
+                                 const int NORM)
 {
-    const float *restrict b = s->b;
-    const float *restrict tau = s->tau;
-    float *restrict theta = s->g;
-    float t[FM_MAX_MODELS], u[FM_MAX_MODELS], w[FM_MAX_MODELS], sw[FM_MAX_MODELS];
+    const float *restrict x = s->x;
+    double w[FM_MAX_MODELS];
+    float t[FM_MAX_MODELS], u[FM_MAX_MODELS], sw[FM_MAX_MODELS];
     int c_kept[FM_MAX_MODELS], c_sel[FM_MAX_MODELS], c_drop[FM_MAX_MODELS];
     int c_prot[FM_MAX_MODELS], c_imp[FM_MAX_MODELS], c_timp[FM_MAX_MODELS];
-    const float lam = a->scale;
     for (int i = 0; i < NC; i++) {
-        t[i] = a->t[i]; u[i] = a->u[i]; w[i] = a->w[i];
-        sw[i] = (float)((w[i] > 0.f) - (w[i] < 0.f));
+        t[i] = a->t[i]; u[i] = a->u[i]; w[i] = a->w[i]; sw[i] = a->sw[i];
         c_kept[i] = c_sel[i] = c_drop[i] = c_prot[i] = c_imp[i] = c_timp[i] = 0;
     }
     for (int j = 0; j < len; j++) {
-        float g = 0.f, gp = 0.f;
+        double g = 0.0, gp = 0.0;
         int ap = 0;
-        for (int i = 0; i < NC; i++) {                      /* §4 elect */
-            const float x = tau[(size_t)i * FM_BLOCK + j], ax = fabsf(x);
-            const float vote = COUNT ? sw[i] * (float)((x > 0.f) - (x < 0.f)) : w[i] * x;
-            g += ax >= t[i] ? vote : 0.f;
+        for (int i = 0; i < NC; i++) {                      /* §5 elect */
+            const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi);
+            const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
+                                      : w[i] * (double)xi;
+            g += ax >= t[i] ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= u[i];
-                gp += p ? vote : 0.f;
+                gp += p ? vote : 0.0;
                 ap |= p;
             }
         }
-        const float gt = g >= 0.f ? 1.f : -1.f;
-        const float gam = SLACK ? (ap ? (gp >= 0.f ? 1.f : -1.f) : gt) : gt;
-        float d = 0.f, ws = 0.f;
-        for (int i = 0; i < NC; i++) {                      /* §5 select, combine; §8 */
-            const float x = tau[(size_t)i * FM_BLOCK + j], ax = fabsf(x);
+        const float gt = g >= 0.0 ? 1.f : -1.f;
+        const float gam = SLACK && ap ? (gp >= 0.0 ? 1.f : -1.f) : gt;
+        double d = 0.0, ws = 0.0;
+        for (int i = 0; i < NC; i++) {                      /* §6 select; §9 counters */
+            const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi), sx = sw[i] * xi;
             const int k = ax >= t[i];
-            const int sel = k & (x * gam > 0.f);
-            d += sel ? w[i] * x : 0.f;
-            if (NORM) ws += sel ? w[i] : 0.f;
+            const int sel = k & (sx * gam > 0.f);
+            d += sel ? w[i] * (double)xi : 0.0;
+            ws += sel ? w[i] : 0.0;
             c_kept[i] += k;
             c_sel[i] += sel;
-            c_drop[i] += k & !sel & (x != 0.f);
+            c_drop[i] += k & !sel & (xi != 0.f);
             if (SLACK) {
                 const int p = ax >= u[i];
                 c_prot[i] += p;
                 c_imp[i] += p & !sel;
-                c_timp[i] += p & !(k & (x * gt > 0.f));
+                c_timp[i] += p & !(k & (sx * gt > 0.f));
             }
         }
-        const float m = NORM ? d / (ws != 0.f ? ws : 1.f) : d;   /* §6 */
-        theta[j] = b[j] + lam * m;
+        s->theta[j] = combine(a, d, ws, s->b[j], NORM);     /* §7 */
     }
     for (int i = 0; i < NC; i++) {
         int64_t *c = cnt + (size_t)i * FM_NCOUNTERS;
@@ -678,82 +672,67 @@ FM_INLINE void ties_block_fused(const fm_merge_args *a, merge_scratch *s, int le
     }
 }
 
-/* Run the block with the model count as a constant where a specialisation exists. */
-FM_INLINE void ties_block_any(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
-                              const int SLACK, const int COUNT, const int NORM)
+/* No election: sel_i = kept_i (every entry without trim), W = Σ w_i (a->wsum). */
+FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
+                         const int TRIM, const int NORM)
 {
-    if (a->n == 2)
-        ties_block_fused(a, s, len, cnt, 2, SLACK, COUNT, NORM);
-    else
-        ties_block(a, s, len, cnt, SLACK, COUNT, NORM);
-}
-
-FM_INLINE void ties_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                               int64_t blk1, int64_t *cnt, int has_slack,
-                               const int COUNT, const int NORM)
-{
-    for (int64_t blk = blk0; blk < blk1; blk++) {
-        const int64_t off = blk * FM_BLOCK;
-        const int len = block_len(a->N, blk);
-        int nonfinite = 0;
-        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
-        fm_load(s->b, a->base, a->base_dt, off, len);
-        for (int i = 0; i < a->n; i++) {
-            float *tau = s->tau + (size_t)i * FM_BLOCK;
-            fm_load_sub(tau, a->models[i], a->models_dt, off, len, s->b);
-            const int c = count_nonfinite(tau, len);
-            cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += c;
-            nonfinite |= c;
+    double *restrict d = s->d;
+    for (int j = 0; j < len; j++) d[j] = 0.0;
+    for (int i = 0; i < a->n; i++) {
+        const float *restrict x = s->x + (size_t)i * FM_BLOCK;
+        const double wi = a->w[i];
+        const float ti = a->t[i];
+        int c_kept = 0;
+        for (int j = 0; j < len; j++) {
+            const int k = TRIM ? fabsf(x[j]) >= ti : 1;
+            d[j] += k ? wi * (double)x[j] : 0.0;
+            c_kept += k;
         }
-        if (has_slack || nonfinite)
-            ties_block_any(a, s, len, cnt, 1, COUNT, NORM);
-        else
-            ties_block_any(a, s, len, cnt, 0, COUNT, NORM);
-        fm_store(a->out, a->out_dt, off, s->g, len);
+        if (TRIM) {
+            cnt[(size_t)i * FM_NCOUNTERS + FM_KEPT] += c_kept;
+            cnt[(size_t)i * FM_NCOUNTERS + FM_SELECTED] += c_kept;
+        }
     }
+    for (int j = 0; j < len; j++) s->theta[j] = combine(a, d[j], a->wsum, s->b[j], NORM);
 }
 
-FM_CLONES static void ties_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                 int64_t blk1, int64_t *cnt, int has_slack)
+/* One block: load (x_i in fp32, non-finite counted), the pass the flags ask for, store. */
+FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
+                                int64_t blk1, int64_t *cnt, const int ELECT, const int SLACK,
+                                const int NORM)
 {
-    if (a->elect_count) {
-        if (a->normalize) ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 1, 1);
-        else ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 1, 0);
-    } else {
-        if (a->normalize) ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 0, 1);
-        else ties_range_impl(a, s, blk0, blk1, cnt, has_slack, 0, 0);
-    }
-}
-
-/* linear: θ = Σ w_i θ_i [/ Σ w_i];  task_arithmetic: θ = θ_b + λ·Σ w_i τ_i [/ Σ w_i] */
-FM_CLONES static void sum_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                int64_t blk1, int64_t *cnt)
-{
-    const int linear = a->mode == FM_MODE_LINEAR;
-    float *restrict acc = s->g;
-    float *restrict x = s->tau;
-    const float *restrict b = s->b;
-    const float wsum = a->wsum, lam = a->scale;
-
     for (int64_t blk = blk0; blk < blk1; blk++) {
         const int64_t off = blk * FM_BLOCK;
         const int len = block_len(a->N, blk);
         prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
-        if (!linear) fm_load(s->b, a->base, a->base_dt, off, len);
-        for (int j = 0; j < len; j++) acc[j] = 0.f;
+        if (a->on_base) fm_load(s->b, a->base, a->base_dt, off, len);
         for (int i = 0; i < a->n; i++) {
-            const float wi = a->w[i];
-            if (linear) fm_load(x, a->models[i], a->models_dt, off, len);
-            else fm_load_sub(x, a->models[i], a->models_dt, off, len, b);
+            float *x = s->x + (size_t)i * FM_BLOCK;
+            if (a->on_base) fm_load_sub(x, a->models[i], a->models_dt, off, len, s->b);
+            else fm_load(x, a->models[i], a->models_dt, off, len);
             cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += count_nonfinite(x, len);
-            for (int j = 0; j < len; j++) acc[j] += wi * x[j];
         }
-        if (a->divide)
-            for (int j = 0; j < len; j++) acc[j] = acc[j] / wsum;
-        if (!linear)
-            for (int j = 0; j < len; j++) acc[j] = b[j] + lam * acc[j];
-        fm_store(a->out, a->out_dt, off, acc, len);
+        if (ELECT == FM_ELECT_NONE) {
+            if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
+            else sum_block(a, s, len, cnt, 0, NORM);
+        } else if (a->n == 2) {
+            elect_block_fused(a, s, len, cnt, 2, SLACK, ELECT == FM_ELECT_COUNT, NORM);
+        } else {
+            elect_block(a, s, len, cnt, SLACK, ELECT == FM_ELECT_COUNT, NORM);
+        }
+        fm_store_f64(a->out, a->out_dt, off, s->theta, len);
     }
+}
+
+FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
+                                  int64_t blk1, int64_t *cnt, int has_slack)
+{
+#define FM_RANGE(E, S) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1) \
+                                     : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0))
+    if (a->elect == FM_ELECT_NONE) FM_RANGE(FM_ELECT_NONE, 0);
+    else if (a->elect == FM_ELECT_SUM) { if (has_slack) FM_RANGE(FM_ELECT_SUM, 1); else FM_RANGE(FM_ELECT_SUM, 0); }
+    else { if (has_slack) FM_RANGE(FM_ELECT_COUNT, 1); else FM_RANGE(FM_ELECT_COUNT, 0); }
+#undef FM_RANGE
 }
 
 int fm_merge(const fm_merge_args *a)
@@ -763,7 +742,7 @@ int fm_merge(const fm_merge_args *a)
 
     memset(a->counts, 0, (size_t)n * FM_NCOUNTERS * sizeof(int64_t));
     if (a->N == 0) return 0;
-    for (int i = 0; i < n; i++) has_slack |= a->u[i] != INFINITY;   /* NaN counts as slack */
+    for (int i = 0; i < n; i++) has_slack |= a->u[i] == a->u[i];   /* NaN: protects none */
 
     work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
     const int nt = pick_threads(a->threads, w.nblk);
@@ -774,28 +753,26 @@ int fm_merge(const fm_merge_args *a)
 #endif
     {
         int64_t cnt[FM_MAX_MODELS * FM_NCOUNTERS];
-        const size_t row = FM_BLOCK * sizeof(float);
+        const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
         arena ar;
         memset(cnt, 0, sizeof cnt);
-        if (arena_init(&ar, rounded(row) * (8 + (size_t)n)) != 0) {
+        if (arena_init(&ar, rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
+                                rounded(FM_BLOCK * sizeof(int32_t))) != 0) {
             failed = 1;
         } else {
             merge_scratch s;
             s.b = arena_take(&ar, row);
-            s.tau = arena_take(&ar, row * (size_t)n);
-            s.g = arena_take(&ar, row);
-            s.gp = arena_take(&ar, row);
-            s.ap = arena_take(&ar, FM_BLOCK * sizeof(int32_t));
+            s.x = arena_take(&ar, row * (size_t)n);
             s.gam = arena_take(&ar, row);
             s.gamt = arena_take(&ar, row);
-            s.d = arena_take(&ar, row);
-            s.ws = arena_take(&ar, row);
-            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);) {
-                if (a->mode == FM_MODE_TIES)
-                    ties_range(a, &s, b0, b1, cnt, has_slack);
-                else
-                    sum_range(a, &s, b0, b1, cnt);
-            }
+            s.ap = arena_take(&ar, FM_BLOCK * sizeof(int32_t));
+            s.g = arena_take(&ar, drow);
+            s.gp = arena_take(&ar, drow);
+            s.d = arena_take(&ar, drow);
+            s.ws = arena_take(&ar, drow);
+            s.theta = arena_take(&ar, drow);
+            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
+                merge_range(a, &s, b0, b1, cnt, has_slack);
             free(ar.mem);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_counts)

@@ -22,7 +22,7 @@ extern const int FM_SHIFT[FM_LEVELS];
 enum { FM_KEPT, FM_PROTECTED, FM_SELECTED, FM_DROPPED_BY_SIGN, FM_IMPORTANT_DROPPED,
        FM_TIES_IMPORTANT_DROPPED, FM_NONFINITE };
 
-enum { FM_MODE_LINEAR = 0, FM_MODE_TASK_ARITHMETIC = 1, FM_MODE_TIES = 2 };
+enum { FM_ELECT_NONE = 0, FM_ELECT_SUM = 1, FM_ELECT_COUNT = 2 };   /* KernelConfig.elect */
 
 typedef struct {
     int n;                                /* models, 1..FM_MAX_MODELS */
@@ -53,16 +53,19 @@ typedef struct {
 typedef struct {
     int n;
     int64_t N;
-    int mode;                             /* FM_MODE_* */
+    int on_base;                          /* x_i = τ_i, θ = θ_b + λ·m; 0: x_i = θ_i, θ = m */
+    int trim;                             /* no election: kept_i = |x_i| >= t_i (0: all kept) */
+    int elect;                            /* FM_ELECT_*; an election always compares with t */
+    int normalize;                        /* m = D / W where W != 0 */
     int base_dt, models_dt, out_dt;
-    const void *base;                     /* NULL only for FM_MODE_LINEAR */
+    const void *base;                     /* NULL only when !on_base */
     const void *models[FM_MAX_MODELS];
     void *out;                            /* may be exactly base or a model (same dtype) */
-    float w[FM_MAX_MODELS], t[FM_MAX_MODELS], u[FM_MAX_MODELS];
-    float scale;                          /* λ */
-    float wsum;                           /* Σ w_i, for linear / task_arithmetic normalize */
-    int normalize, elect_count;
-    int divide;                           /* linear / task_arithmetic: divide by wsum */
+    double w[FM_MAX_MODELS];              /* w_i */
+    float sw[FM_MAX_MODELS];              /* sign(w_i) */
+    float t[FM_MAX_MODELS], u[FM_MAX_MODELS];   /* NaN: keep none / protect none */
+    double scale;                         /* λ */
+    double wsum;                          /* Σ w_i in model order (W without an election) */
     int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
     int threads;
 } fm_merge_args;

@@ -176,9 +176,19 @@ static int take_inputs(bufset *bs, PyObject *base_o, PyObject *models_o, int n, 
     return take_models(bs, models_o, n, N, mdt, models);
 }
 
-/* n floats from a sequence; finite_only: reject NaN / inf / beyond fp32 range */
-static int take_floats(PyObject *obj, const char *what, int n, float *dst, double *sum,
-                       int finite_only)
+/* ValueError "<what>[i] = <x>: <problem>" (PyErr_Format has no float conversions) */
+static void bad_number(const char *what, int i, double x, const char *problem)
+{
+    char *repr = PyOS_double_to_string(x, 'r', 0, 0, NULL);
+    if (i >= 0) PyErr_Format(PyExc_ValueError, "%s[%d] = %s: %s", what, i, repr ? repr : "?", problem);
+    else PyErr_Format(PyExc_ValueError, "%s = %s: %s", what, repr ? repr : "?", problem);
+    PyMem_Free(repr);
+}
+
+/* n numbers from a sequence into dst (fp64); finite_only: reject NaN / inf, else reject
+ * only NaN. *sum (if given) = Σ dst[i] in order from 0.0. */
+static int take_doubles(PyObject *obj, const char *what, int n, double *dst, double *sum,
+                        int finite_only)
 {
     PyObject *seq = PySequence_Fast(obj, "");
     if (!seq) {
@@ -202,17 +212,36 @@ static int take_floats(PyObject *obj, const char *what, int n, float *dst, doubl
             Py_DECREF(seq);
             return -1;
         }
-        if (finite_only && !(fabs(x) <= FLT_MAX)) {
-            PyErr_Format(PyExc_ValueError, "%s[%d] = %g: must be finite and within fp32 range",
-                         what, i, x);
+        if (x != x || (finite_only && !(fabs(x) <= DBL_MAX))) {
+            bad_number(what, i, x, finite_only ? "must be finite" : "must be a number (not NaN)");
             Py_DECREF(seq);
             return -1;
         }
-        dst[i] = (float)x;
+        dst[i] = x;
         total += x;
     }
     Py_DECREF(seq);
     if (sum) *sum = total;
+    return 0;
+}
+
+/* n thresholds (fp32 values; +inf: keep / protect none) into dst, +inf stored as NaN so
+ * that no comparison holds; None: every entry of dst = none_value. */
+static int take_thresholds(PyObject *obj, const char *what, int n, float *dst, float none_value)
+{
+    double v[FM_MAX_MODELS];
+    if (obj == Py_None) {
+        for (int i = 0; i < n; i++) dst[i] = none_value;
+        return 0;
+    }
+    if (take_doubles(obj, what, n, v, NULL, 0)) return -1;
+    for (int i = 0; i < n; i++) {
+        if (v[i] < 0.0 || (v[i] != INFINITY && (double)(float)v[i] != v[i])) {
+            bad_number(what, i, v[i], "must be an fp32 value >= 0 or inf");
+            return -1;
+        }
+        dst[i] = v[i] == INFINITY ? NAN : (float)v[i];
+    }
     return 0;
 }
 
@@ -394,74 +423,76 @@ fail:
 }
 
 PyDoc_STRVAR(merge_doc,
-"merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, mode, weights, t, u,\n"
-"      scale, normalize, elect_count, counts, *, threads=0)\n"
+"merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, elect,\n"
+"      normalize, weights, t, u, scale, counts, *, threads=0)\n"
 "--\n\n"
-"The fused pass of fastmerge.kernel_api (SPEC 4-6, 8) writing out (rounded to nearest\n"
-"even) and counts (writable n*7 int64, overwritten, kernel_api.COUNTERS order).\n"
-"mode: 'linear' (base may be None), 'task_arithmetic' or 'ties'. weights / t / u: n\n"
-"floats (t, u may be None outside 'ties'). out may be base or a model buffer itself\n"
-"(same dtype) but must not partially overlap any input.");
+"The fused pass of fastmerge.kernel_api (docs/spec.md 4-7, 9) writing out (the fp64\n"
+"result rounded once, to nearest even) and counts (writable n*7 int64, overwritten,\n"
+"kernel_api.COUNTERS order). on_base: x_i = f32(models[i]) - f32(base) and out = base +\n"
+"scale*m (else x_i = models[i], out = m; base may be None). elect: ELECT_NONE / ELECT_SUM /\n"
+"ELECT_COUNT. weights: n floats; t: n fp32 thresholds or None (no trim; an election\n"
+"needs t); u: n or None (no slack). +inf keeps / protects none. out may be base or a\n"
+"model buffer itself (same dtype) but must not partially overlap any input.");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
-                             "out_dtype", "mode", "weights", "t", "u", "scale", "normalize",
-                             "elect_count", "counts", "threads", NULL};
+                             "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
+                             "scale", "counts", "threads", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
-    int n, bdt, mdt, odt, normalize, elect_count, threads = 0;
+    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0;
     long long N;
-    const char *mode;
-    double scale, wsum = 0.0;
+    double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiisOOOdppO|$i", kwlist, &base_o,
-                                     &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &mode, &w_o,
-                                     &t_o, &u_o, &scale, &normalize, &elect_count, &counts_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$i", kwlist, &base_o,
+                                     &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
+                                     &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
                                      &threads))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
         return NULL;
-    if (strcmp(mode, "linear") == 0) a.mode = FM_MODE_LINEAR;
-    else if (strcmp(mode, "task_arithmetic") == 0) a.mode = FM_MODE_TASK_ARITHMETIC;
-    else if (strcmp(mode, "ties") == 0) a.mode = FM_MODE_TIES;
-    else {
-        PyErr_Format(PyExc_ValueError, "mode must be 'linear', 'task_arithmetic' or 'ties', "
-                     "got '%.40s'", mode);
+    if (elect < FM_ELECT_NONE || elect > FM_ELECT_COUNT) {
+        PyErr_Format(PyExc_ValueError, "elect must be ELECT_NONE, ELECT_SUM or ELECT_COUNT, "
+                     "got %d", elect);
         return NULL;
     }
-    if (base_o == Py_None ? a.mode != FM_MODE_LINEAR : check_dtype(bdt, "base_dtype") != 0) {
+    if (elect != FM_ELECT_NONE && t_o == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all)");
+        return NULL;
+    }
+    if (elect == FM_ELECT_NONE && u_o != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "slack thresholds u need a sign election");
+        return NULL;
+    }
+    if (on_base ? (base_o == Py_None || check_dtype(bdt, "base_dtype") != 0) : base_o != Py_None) {
         if (!PyErr_Occurred())
-            PyErr_Format(PyExc_ValueError, "base is required for mode '%s'", mode);
+            PyErr_SetString(PyExc_ValueError, on_base ? "on_base needs a base buffer"
+                                                      : "base must be None when on_base is false");
         return NULL;
     }
-    if (!(fabs(scale) <= FLT_MAX)) {
-        PyErr_Format(PyExc_ValueError, "scale = %g: must be finite and within fp32 range", scale);
+    if (!(fabs(scale) <= DBL_MAX)) {
+        bad_number("scale", -1, scale, "must be finite");
         return NULL;
     }
     if ((a.threads = resolve_threads(threads)) < 0) return NULL;
-    if (take_floats(w_o, "weights", n, a.w, &wsum, 1)) return NULL;
-    if (a.mode == FM_MODE_TIES) {
-        if (take_floats(t_o, "t", n, a.t, NULL, 0) || take_floats(u_o, "u", n, a.u, NULL, 0))
-            return NULL;
-    } else {
-        for (int i = 0; i < n; i++) { a.t[i] = 0.f; a.u[i] = INFINITY; }
-    }
+    if (take_doubles(w_o, "weights", n, a.w, &a.wsum, 1)) return NULL;
+    if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN))
+        return NULL;
+    for (int i = 0; i < n; i++) a.sw[i] = (float)((a.w[i] > 0.0) - (a.w[i] < 0.0));
     a.n = n;
     a.N = N;
+    a.on_base = on_base;
+    a.trim = t_o != Py_None;
+    a.elect = elect;
+    a.normalize = normalize;
     a.base_dt = bdt;
     a.models_dt = mdt;
     a.out_dt = odt;
-    a.scale = (float)scale;
-    a.normalize = normalize;
-    a.elect_count = elect_count;
-    a.wsum = (float)wsum;
-    /* as the reference: linear always divides when normalizing, task_arithmetic only by
-     * a non-zero Σ w (summed in double) */
-    a.divide = normalize && (a.mode == FM_MODE_LINEAR || wsum != 0.0);
+    a.scale = scale;
 
     if (base_o != Py_None) {
         Py_buffer *bv = take_buffer(&bs, base_o, "base", N, fm_dtype_size(bdt), 0);
@@ -578,6 +609,9 @@ PyMODINIT_FUNC PyInit__cmerge(void)
     const int bad = !bits || !shift || PyModule_AddIntConstant(m, "F32", FM_F32) ||
         PyModule_AddIntConstant(m, "F16", FM_F16) || PyModule_AddIntConstant(m, "BF16", FM_BF16) ||
         PyModule_AddIntConstant(m, "NBINS", FM_NBINS) ||
+        PyModule_AddIntConstant(m, "ELECT_NONE", FM_ELECT_NONE) ||
+        PyModule_AddIntConstant(m, "ELECT_SUM", FM_ELECT_SUM) ||
+        PyModule_AddIntConstant(m, "ELECT_COUNT", FM_ELECT_COUNT) ||
         PyModule_AddIntConstant(m, "N_COUNTERS", FM_NCOUNTERS) ||
         PyModule_AddIntConstant(m, "MAX_MODELS", FM_MAX_MODELS) ||
         PyModule_AddIntConstant(m, "OPENMP", fm_have_openmp()) ||

@@ -1,0 +1,99 @@
+"""The method table: every merge method, declared once (docs/spec.md §3-§8).
+
+A method is a row of ``METHODS``: its names, whether it needs a base, its knobs, what it
+needs before the elementwise pass (``thresholds``: per-model magnitude thresholds from
+fastmerge.select) and its stages (trim, elect, combine), which ``kernel_config`` turns
+into the flags every backend's fused pass takes (kernel_api.KernelConfig). Adding a
+method = one row here, one section in docs/spec.md, its stage in each kernel.
+
+Knobs (``KNOBS``) carry two defaults: the Python API's and mergekit's (used for YAML
+configs, where an omitted knob must mean what it means in mergekit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernel_api import KernelConfig
+
+REQUIRED = object()   # a knob mergekit requires (no default)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One numeric knob. ``per_model``: one value per model (else one per merge).
+    ``low`` / ``high``: its closed range; ``yaml``: mergekit's key."""
+
+    name: str
+    yaml: str
+    per_model: bool
+    default: float
+    yaml_default: object
+    low: float = float("-inf")
+    high: float = float("inf")
+    doc: str = ""
+
+
+KNOBS = {k.name: k for k in (
+    Knob("weights", "weight", True, 1.0, REQUIRED, doc="w_i, the model's weight"),
+    Knob("density", "density", True, 0.2, 1.0, 0.0, 1.0,
+         doc="d_i, the fraction of |τ_i| kept by the trim"),
+    Knob("slack", "slack", True, 0.0, 0.0, 0.0, 1.0,
+         doc="s_i ≤ d_i, the fraction of |τ_i| protected from the sign election"),
+    Knob("scale", "lambda", False, 1.0, 1.0, doc="λ, the task vector's scale"),
+)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: names, knobs and stages (see the module docstring)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    needs_base: bool
+    knobs: tuple[str, ...]        # names in KNOBS it reads
+    thresholds: bool              # needs t_i (and u_i with slack) before the pass
+    elect: bool                   # sign election + selection by sign
+    normalize_default: bool
+    summary: str
+
+    def kernel_config(self, weights, scale: float, normalize: bool, elect: str,
+                      t=None, u=None) -> KernelConfig:
+        """The fused pass's flags for one tensor (the one place they are decided).
+        ``t`` / ``u``: thresholds from fastmerge.select (None: the method has none)."""
+        if self.thresholds and t is None:
+            raise ValueError(f"method {self.name!r} needs its thresholds t")
+        u = tuple(u) if "slack" in self.knobs and u is not None else None
+        return KernelConfig(weights=tuple(float(w) for w in weights),
+                            t=tuple(t) if self.thresholds else None, u=u,
+                            elect=elect if self.elect else "none", normalize=bool(normalize),
+                            scale=float(scale) if self.needs_base else 1.0,
+                            on_base=self.needs_base)
+
+
+METHODS = {m.name: m for m in (
+    Method("linear", ("linear",), needs_base=False, knobs=("weights",), thresholds=False,
+           elect=False, normalize_default=True,
+           summary="θ = Σ w_i θ_i / Σ w_i (no base)"),
+    Method("task_arithmetic", ("task_arithmetic", "task-arithmetic"), needs_base=True,
+           knobs=("weights", "scale"), thresholds=False, elect=False,
+           normalize_default=False, summary="θ = θ_b + λ Σ w_i τ_i"),
+    Method("ties", ("ties",), needs_base=True, knobs=("weights", "density", "scale"),
+           thresholds=True, elect=True, normalize_default=True,
+           summary="trim to the top d_i, elect signs, disjoint mean"),
+    Method("ties_sv", ("ties_sv", "ties-sv"), needs_base=True,
+           knobs=("weights", "density", "slack", "scale"), thresholds=True, elect=True,
+           normalize_default=True,
+           summary="TIES with each model's top s_i protected from the sign election"),
+)}
+ALIASES = {alias: m.name for m in METHODS.values() for alias in m.aliases}
+ELECTS = ("sum", "count")
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (or one of its aliases); KeyError if none."""
+    return METHODS[ALIASES[name]]
+
+
+def names() -> str:
+    """The method names, for messages."""
+    return ", ".join(METHODS)
