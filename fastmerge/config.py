@@ -1,4 +1,4 @@
-"""Merge configs in the YAML format mergekit users already write.
+"""Merge configs in the YAML format mergekit users already write, with mergekit's meaning.
 
     merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv
     base_model: path/or/hub-id
@@ -6,12 +6,27 @@
       - model: path/to/ct
         parameters: {weight: 1.0, density: 0.2, slack: 0.05}
       - model: path/to/sft
-        parameters: {weight: 1.0, density: 0.2, slack: 0.05}
+        parameters:
+          weight: 1.0
+          density: [{filter: mlp, value: 0.5}, {value: 0.2}]   # per-tensor filters
+          slack: [0.0, 0.05]                                    # a gradient over layers
     parameters: {normalize: true, lambda: 1.0, elect: sum, scope: tensor}
-    dtype: float16
+    dtype: float16                   # mergekit's working dtype; out_dtype wins if given
 
-Global ``parameters`` may also hold ``weight``/``density``/``slack`` as defaults for every
-model. A model entry equal to ``base_model`` is skipped (mergekit lists it that way).
+What a key means here is what it means in mergekit (docs/spec.md §11):
+
+* ``weight`` is required (per model, or once under the global ``parameters``);
+  ``density`` defaults to 1.0 and ``lambda`` to 1.0 (mergekit's defaults; the Python
+  API's own defaults differ, see methods.KNOBS). A model's own value wins over the
+  global one, tensor by tensor (a model filter that does not match a tensor falls back
+  to the global value). Numeric knobs take filters and gradients (fastmerge.knobs).
+* ``dtype`` / ``out_dtype``: the output dtype is ``out_dtype``, else ``dtype`` (as in
+  mergekit). mergekit also *computes* in ``dtype``; fastmerge always computes from the
+  stored values in fp32 / fp64 (docs/spec.md §7), so ``dtype`` changes only the output.
+* ``int8_mask`` is accepted and changes nothing (fastmerge's masks are never
+  materialised). ``tokenizer_source`` / ``tokenizer`` are refused until vocabulary
+  alignment lands. A model entry equal to ``base_model`` is skipped (mergekit lists it).
+
 Unknown keys are errors, never silently ignored.
 """
 from __future__ import annotations
@@ -20,16 +35,21 @@ from pathlib import Path
 
 import yaml
 
+from . import knobs, methods
 from .errors import ParameterError
+from .params import FirstOf
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype"}
-GLOBAL_PARAMS = {"normalize", "lambda", "elect", "consensus_method", "scope",
-                 "weight", "density", "slack"}
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+            "int8_mask", "tokenizer_source", "tokenizer"}
+PER_MODEL = ("weights", "density", "slack")          # methods.KNOBS names
+GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope"}
 MODEL_KEYS = {"model", "parameters"}
-MODEL_PARAMS = {"weight", "density", "slack"}
-METHOD_ALIASES = {"ties-sv": "ties_sv", "ties_sv": "ties_sv", "ties": "ties",
-                  "task_arithmetic": "task_arithmetic", "linear": "linear"}
-KNOB_DEFAULTS = {"weight": 1.0, "density": 0.2, "slack": 0.0}
+MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
+GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
+# mergekit methods fastmerge does not have yet: named in the refusal
+MERGEKIT_ONLY = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                 "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
+                 "karcher", "arcee_fusion", "nearswap", "multislerp")
 
 
 def _check_keys(where: str, mapping, allowed: set) -> None:
@@ -39,13 +59,6 @@ def _check_keys(where: str, mapping, allowed: set) -> None:
     if unknown:
         raise ParameterError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                              f"allowed: {', '.join(sorted(allowed))}")
-
-
-def _scalar(where: str, value):
-    if isinstance(value, (dict, list)):
-        raise ParameterError(f"{where} must be a single number (gradients and per-layer "
-                             f"filters are not supported), got {value!r}")
-    return value
 
 
 def load_config(path) -> dict:
@@ -65,15 +78,54 @@ def load_config(path) -> dict:
         raise ParameterError(f"{path}: {exc}") from None
 
 
+def _method(doc) -> methods.Method:
+    name = str(doc["merge_method"]).lower()
+    if name in methods.ALIASES:
+        return methods.get(name)
+    if name in MERGEKIT_ONLY:
+        raise ParameterError(f"merge_method {name!r} is a mergekit method fastmerge does not "
+                             f"have yet; fastmerge has: {methods.names()}")
+    raise ParameterError(f"merge_method must be one of {methods.names()}, got "
+                         f"{doc['merge_method']!r}")
+
+
+def _knob(knob: str, i: int, model_value, global_value):
+    """One model's spec of a per-model knob: a number when it is one for every tensor,
+    else FirstOf(model level, global level, mergekit's default)."""
+    k = methods.KNOBS[knob]
+    where = f"models[{i}].parameters.{k.yaml}"
+    for w, v in ((where, model_value), (f"parameters.{k.yaml}", global_value)):
+        if v is not None:
+            knobs.check_knob(w, v)
+    default = None if k.yaml_default is methods.REQUIRED else k.yaml_default
+    levels = (model_value, global_value, default)
+    first = next((v for v in levels if v is not None), None)
+    if first is None:
+        raise ParameterError(f"models[{i}]: {k.yaml!r} is required (as in mergekit); give it "
+                             f"in models[{i}].parameters or in the global parameters")
+    if isinstance(first, (int, float)):
+        v = float(first)
+        if not k.low <= v <= k.high:
+            raise ParameterError(f"{where if model_value is not None else 'parameters.' + k.yaml}"
+                                 f" must be in [{k.low:g}, {k.high:g}], got {first!r}")
+        return v
+    return FirstOf(levels)
+
+
 def config_to_kwargs(doc) -> dict:
     """Validate a parsed config and map it to ``merge()`` keyword arguments."""
     _check_keys("config", doc, TOP_KEYS)
     if "merge_method" not in doc:
         raise ParameterError("config: 'merge_method' is required")
-    method = METHOD_ALIASES.get(str(doc["merge_method"]).lower())
-    if method is None:
-        raise ParameterError(f"merge_method must be one of {', '.join(sorted(METHOD_ALIASES))}, "
-                             f"got {doc['merge_method']!r}")
+    method = _method(doc)
+    for key in ("tokenizer_source", "tokenizer"):
+        if key in doc:
+            raise ParameterError(f"{key!r} is not supported yet: fastmerge merges models that "
+                                 "share the base's vocabulary; merging models with extended "
+                                 "vocabularies (tokenizer source base / union / a model) is "
+                                 "coming. Remove the key to merge token by token id.")
+    if not isinstance(doc.get("int8_mask", False), bool):
+        raise ParameterError(f"int8_mask must be true or false, got {doc['int8_mask']!r}")
     base = doc.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ParameterError(f"base_model must be a path or hub id, got {base!r}")
@@ -83,7 +135,7 @@ def config_to_kwargs(doc) -> dict:
     if not isinstance(entries, list) or not entries:
         raise ParameterError("config: 'models' must be a non-empty list of {model: ...} entries")
 
-    models, knobs = [], {k: [] for k in MODEL_PARAMS}
+    models, per_model = [], {k: [] for k in PER_MODEL}
     for i, entry in enumerate(entries):
         _check_keys(f"models[{i}]", entry, MODEL_KEYS)
         if not isinstance(entry.get("model"), str):
@@ -94,16 +146,16 @@ def config_to_kwargs(doc) -> dict:
         mp = entry.get("parameters") or {}
         _check_keys(f"models[{i}].parameters", mp, MODEL_PARAMS)
         models.append(entry["model"])
-        for k in MODEL_PARAMS:
-            knobs[k].append(_scalar(f"models[{i}].parameters.{k}",
-                                    mp.get(k, glob.get(k, KNOB_DEFAULTS[k]))))
+        for k in PER_MODEL:
+            y = methods.KNOBS[k].yaml
+            per_model[k].append(_knob(k, i, mp.get(y), glob.get(y)))
     if not models:
         raise ParameterError("config: no model to merge besides the base model")
 
-    kwargs = {"base": base, "models": models, "method": method,
-              "weights": knobs["weight"], "density": knobs["density"], "slack": knobs["slack"]}
+    kwargs = {"base": base, "models": models, "method": method.name, **per_model}
     if "lambda" in glob:
-        kwargs["scale"] = _scalar("parameters.lambda", glob["lambda"])
+        knobs.check_knob("parameters.lambda", glob["lambda"])
+        kwargs["scale"] = glob["lambda"]
     if "normalize" in glob:
         kwargs["normalize"] = glob["normalize"]
     if "elect" in glob and "consensus_method" in glob:
@@ -112,6 +164,7 @@ def config_to_kwargs(doc) -> dict:
         kwargs["elect"] = glob.get("elect", glob.get("consensus_method"))
     if "scope" in glob:
         kwargs["scope"] = glob["scope"]
-    if doc.get("dtype") is not None:
-        kwargs["dtype"] = doc["dtype"]
+    out_dtype = doc.get("out_dtype") or doc.get("dtype")
+    if out_dtype is not None:
+        kwargs["dtype"] = out_dtype
     return kwargs

@@ -31,8 +31,20 @@ def test_mergekit_style_config(tmp_path):
 
 
 @pytest.mark.parametrize("doc, fragment", [
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "x"},
-     "unknown key(s) 'tokenizer_source'"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union"},
+     "'tokenizer_source' is not supported yet"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"source": "base"}},
+     "'tokenizer' is not supported yet"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenzer": 1},
+     "unknown key(s) 'tokenzer'"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1,
+                                                                       "density": 1.5}}]},
+     "models[0].parameters.density must be in [0, 1], got 1.5"),
+    ({"merge_method": "ties", "models": [{"model": "a"}]}, "models[0]: 'weight' is required"),
+    ({"merge_method": "dare_ties", "models": [{"model": "a"}]},
+     "'dare_ties' is a mergekit method fastmerge does not have yet; fastmerge has: linear"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "int8_mask": "yes"}, "int8_mask must be true or false"),
     ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"densty": .2}}]},
      "models[0].parameters: unknown key(s) 'densty'"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "parameters": {"lamda": 1}},
@@ -42,8 +54,9 @@ def test_mergekit_style_config(tmp_path):
     ({"merge_method": "ties", "models": []}, "'models' must be a non-empty list"),
     ({"merge_method": "ties", "base_model": "a", "models": [{"model": "a"}]},
      "no model to merge besides the base"),
-    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"density": [0.1, .2]}}]},
-     "gradients and per-layer filters are not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {
+        "weight": 1, "density": [{"filter": "mlp", "value": "x"}]}}]},
+     "models[0].parameters.density[0].value must be a number"),
     ([1, 2], "config must be a mapping"),
 ])
 def test_bad_configs_name_the_problem(doc, fragment):
@@ -89,3 +102,56 @@ def test_fuzzed_yaml_text_raises_only_parameter_errors(tmp_path_factory, text):
         load_config(path)
     except ParameterError:
         pass
+
+
+def test_omitted_knobs_take_mergekit_defaults():
+    """mergekit: density defaults to 1.0, lambda to 1.0, weight is required; the output
+    dtype is out_dtype, else dtype; int8_mask is accepted and changes nothing."""
+    doc = {"merge_method": "ties", "base_model": "b", "int8_mask": True, "dtype": "float32",
+           "out_dtype": "bfloat16",
+           "models": [{"model": "x", "parameters": {"weight": 1.0}},
+                      {"model": "y", "parameters": {"weight": 0.5}}]}
+    kw = config_to_kwargs(doc)
+    assert kw["density"] == [1.0, 1.0] and kw["weights"] == [1.0, 0.5]
+    assert kw["slack"] == [0.0, 0.0] and "scale" not in kw and kw["dtype"] == "bfloat16"
+    doc["parameters"] = {"weight": 2.0}
+    del doc["models"][1]["parameters"]
+    assert config_to_kwargs(doc)["weights"] == [1.0, 2.0]
+
+
+def test_filters_and_gradients_resolve_per_tensor():
+    """A model's own filter wins where it matches; elsewhere the global value applies,
+    then mergekit's default; gradients interpolate over the layer index."""
+    from fastmerge.params import make_params
+    doc = {"merge_method": "ties", "base_model": "b",
+           "parameters": {"density": [{"filter": "self_attn", "value": 0.3}], "weight": 1.0,
+                          "lambda": [1.0, 0.5]},
+           "models": [{"model": "x", "parameters": {"density": [{"filter": "mlp", "value": 0.5}]}},
+                      {"model": "y", "parameters": {"weight": [0.0, 1.0]}}]}
+    kw = config_to_kwargs(doc)
+    params = make_params(kw["method"], 2, weights=kw["weights"], density=kw["density"],
+                         slack=kw["slack"], scale=kw["scale"])
+    mlp = params.for_tensor("model.layers.0.mlp.up_proj.weight", num_layers=3)
+    attn = params.for_tensor("model.layers.2.self_attn.q_proj.weight", num_layers=3)
+    norm = params.for_tensor("model.norm.weight", num_layers=3)
+    assert mlp.density == (0.5, 1.0) and attn.density == (0.3, 0.3) and norm.density == (1.0, 1.0)
+    assert mlp.weights == (1.0, 0.0) and attn.weights == (1.0, 1.0)
+    assert mlp.scale == 1.0 and attn.scale == 0.5
+    lay1 = params.for_tensor("model.layers.1.mlp.up_proj.weight", num_layers=3)
+    assert lay1.weights == (1.0, 0.5) and lay1.scale == 0.75
+
+
+def test_per_tensor_density_refused_with_model_scope():
+    from fastmerge.params import make_params
+    with pytest.raises(ParameterError, match="scope 'model' takes one density"):
+        make_params("ties", 1, density=[[{"filter": "mlp", "value": 0.5}, {"value": 0.2}]],
+                    scope="model")
+
+
+def test_unset_filtered_weight_names_tensor_and_model():
+    from fastmerge.params import make_params
+    params = make_params("ties", 1, weights=[[{"filter": "mlp", "value": 0.5}]])
+    assert params.for_tensor("model.layers.0.mlp.up_proj.weight", 2).weights == (0.5,)
+    with pytest.raises(ParameterError, match="tensor 'model.norm.weight': weights of model 0 "
+                                             "is not set"):
+        params.for_tensor("model.norm.weight", 2)
