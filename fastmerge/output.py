@@ -6,10 +6,14 @@ folder ``.NAME.partial`` and renamed to ``NAME`` only when complete. A lock file
 (``.NAME.lock``, held with flock, so a killed run releases it) keeps two runs from
 writing the same output. An existing output is replaced only with ``overwrite=True``.
 
-Resume: after each shard is complete its sha256 and the report entries of its tensors
-go into ``.NAME.partial/progress.json`` (with a fingerprint of the inputs, parameters and
-shard plan). ``resume=True`` keeps the shards listed there whose sha256 still matches and
-redoes the rest, so the finished output is byte-identical to an uninterrupted run.
+Resume: after each shard is complete its size, sha256 and the report entries of its
+tensors go into ``.NAME.partial/progress.json`` (with a fingerprint of the inputs,
+parameters and shard plan). ``resume=True`` keeps a shard listed there only when the file
+is still exactly the one journaled — a regular file of the planned tensors with the
+recorded size and sha256, read in full (``_verified_shard``, the only way a journaled
+shard is kept) — and redoes the rest, tensors included, so the finished output is
+byte-identical to an uninterrupted run even when a kept shard was truncated or changed
+after the interruption.
 """
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ import concurrent.futures as cf
 import fcntl
 import hashlib
 import json
+import operator
 import os
 import shutil
+import stat
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -30,12 +37,16 @@ from .plan import TensorTask
 INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "progress.json"
 REPORT_NAME = "fastmerge_report.json"
+_T = TypeVar("_T")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
 def parse_size(size) -> int:
-    """'5GB' / '500MiB' / 1000000 -> bytes (> 0)."""
+    """'5GB' / '5G' / '500MiB' / '500Mi' / 1000000 -> bytes (> 0), case-insensitive.
+    Also the shard size of fastmerge.testing's synthetic checkpoints."""
     if isinstance(size, bool):
         raise ParameterError(f"shard_size must be a size like '5GB' or a byte count, got {size!r}")
     if isinstance(size, int):
@@ -54,17 +65,22 @@ def parse_size(size) -> int:
     return value
 
 
-def plan_shards(tasks: list[TensorTask], shard_size: int) -> list[list[TensorTask]]:
-    """Pack tensors in order into shards of at most shard_size bytes (a bigger tensor gets
-    a shard of its own)."""
-    shards: list[list[TensorTask]] = [[]]
+def plan_shards(items: Sequence[_T], shard_size: int | None,
+                nbytes: Callable[[_T], int] = operator.attrgetter("nbytes")) -> list[list[_T]]:
+    """Pack tensors in order into shards of at most shard_size bytes, greedily like
+    ``save_pretrained``: a new shard starts when the next tensor would take the current
+    one past shard_size (a bigger tensor gets a shard of its own); ``None``: one shard.
+    ``nbytes(item)`` is a tensor's size (default: ``item.nbytes``, as of a TensorTask).
+    The merge output and fastmerge.testing's synthetic checkpoints are both sharded so."""
+    shards: list[list[_T]] = [[]]
     used = 0
-    for task in tasks:
-        if shards[-1] and used + task.nbytes > shard_size:
+    for item in items:
+        size = nbytes(item)
+        if shard_size is not None and shards[-1] and used + size > shard_size:
             shards.append([])
             used = 0
-        shards[-1].append(task)
-        used += task.nbytes
+        shards[-1].append(item)
+        used += size
     return shards
 
 
@@ -130,7 +146,8 @@ class CheckpointWriter:
         self.shards = plan_shards(tasks, shard_size)
         self.names = [shard_name(i, len(self.shards)) for i in range(len(self.shards))]
         self.shard_of = {t.name: i for i, s in enumerate(self.shards) for t in s}
-        self.sha256: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}  # completed shards: this run's, or verified ones
+        self.size: dict[str, int] = {}
         self.recorded: dict[str, dict] = {}  # tensor name -> report entry, completed shards
         self._writer: SafetensorsWriter | None = None
         self._current = -1
@@ -206,23 +223,45 @@ class CheckpointWriter:
             raise OutputError(f"cannot resume {self.output}: the interrupted run in "
                               f"{self.partial} used other inputs, parameters or shard plan; "
                               "run without --resume to start over")
-        keep = set()
-        for name, entry in progress.get("shards", {}).items():
-            if name in self.names and _sha256_file(self.partial / name) == entry["sha256"]:
-                keep.add(name)
-                self.sha256[name] = entry["sha256"]
-                for t in entry["tensors"]:
-                    self.recorded[t["name"]] = t["stats"]
+        shards = progress.get("shards")
+        for i, name in enumerate(self.names):
+            entry = shards.get(name) if isinstance(shards, dict) else None
+            verified = self._verified_shard(i, entry)
+            if verified is not None:
+                self.size[name], self.sha256[name] = entry["size"], entry["sha256"]
+                self.recorded.update(verified)
         for path in self.partial.iterdir():
-            if path.name not in keep and path.name != PROGRESS_NAME:
+            if path.name not in self.sha256 and path.name != PROGRESS_NAME:
                 path.unlink()
         self._write_progress()
+
+    def _verified_shard(self, i: int, entry) -> dict[str, dict] | None:
+        """The report entries {tensor: stats} of planned shard ``i`` when the journal
+        ``entry`` describes its tensors, in order, and the file in the partial folder is a
+        regular file of exactly the journaled size and sha256; else None (redo the shard).
+        The file is read in full: a byte changed or lost after the interruption is caught."""
+        if not isinstance(entry, dict):
+            return None
+        size, digest, tensors = entry.get("size"), entry.get("sha256"), entry.get("tensors")
+        if type(size) is not int or not isinstance(digest, str) or len(digest) != 64 \
+                or not isinstance(tensors, list) or len(tensors) != len(self.shards[i]):
+            return None
+        recorded = {}
+        for task, t in zip(self.shards[i], tensors):
+            if not isinstance(t, dict) or t.get("name") != task.name \
+                    or not isinstance(t.get("stats"), dict):
+                return None
+            recorded[task.name] = t["stats"]
+        if _file_digest(self.partial / self.names[i], size) != (size, digest):
+            return None
+        return recorded
 
     def _write_progress(self) -> None:
         shards = {}
         for i, name in enumerate(self.names):
             if name in self.sha256:
-                shards[name] = {"sha256": self.sha256[name], "tensors": [
+                shards[name] = {"size": self.size[name], "sha256": self.sha256[name],
+                                "tensors": [
                     {"name": t.name, "stats": self.recorded.get(t.name, {})}
                     for t in self.shards[i]]}
         tmp = self.partial / (PROGRESS_NAME + ".tmp")
@@ -282,7 +321,9 @@ class CheckpointWriter:
             release(data)
 
     def _close_shard(self, i: int) -> None:
-        self.sha256[self.names[i]] = self._writer.close()
+        name = self.names[i]
+        self.sha256[name] = self._writer.close()
+        self.size[name] = self._writer.size
         self._writer = None
         self._write_progress()
 
@@ -340,6 +381,31 @@ def _sha256_file(path: Path) -> str | None:
         return h.hexdigest()
     except OSError:
         return None
+
+
+def _file_digest(path: Path, expect_size: int) -> tuple[int, str] | None:
+    """(bytes read, hex sha256) of the regular file at path (a symlink is not followed,
+    a FIFO not waited on), or None when it cannot be read, is no regular file or is not
+    ``expect_size`` bytes long (then it is not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != expect_size:
+            return None
+        h, n = hashlib.sha256(), 0
+        with open(fd, "rb", closefd=False) as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+                n += len(chunk)
+        return n, h.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,9 +36,11 @@ How the weights are made (all in fp32 per chunk, then rounded to ``dtype``):
 Generation is chunked (``CHUNK`` elements) and every chunk has its own generators,
 seeded from ``(seed, tensor name, chunk index, role)`` by a hash, so the values do not
 depend on the order of generation, the memory never holds more than a few chunks, and
-the same seed gives byte-identical files. The safetensors files are written by this
-module, streaming (8-byte little-endian header length, JSON header, raw data), so the
-1b and 7b presets are written with a few hundred MB of memory.
+the same seed gives byte-identical files. The safetensors files are written chunk by
+chunk as the values are made (``fastmerge.io.safetensors_file.SafetensorsWriter``, the
+merge output's writer; shards planned by ``fastmerge.output.plan_shards``, sizes read by
+``fastmerge.output.parse_size``), so the 1b and 7b presets are written with a few
+hundred MB of memory.
 """
 from __future__ import annotations
 
@@ -47,7 +49,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+
+from .io.safetensors_file import SafetensorsWriter
+from .output import parse_size, plan_shards, shard_name
 
 __all__ = ["PRESETS", "llama_config", "llama_tensor_specs", "write_llama_family",
            "state_dicts", "family_tensors", "CHUNK", "DEFAULT_NAMES", "default_tv_scales"]
@@ -70,7 +74,6 @@ DEFAULT_NAMES = ("base", "ct", "sft")
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-_ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -342,66 +345,30 @@ def state_dicts(config=None, n_models: int = 2, dtype=torch.float16, seed: int =
 
 # -- safetensors, streaming --------------------------------------------------------------
 
-def parse_size(size) -> int:
-    """``5GB`` (10^9), ``500MiB`` (2^20), ``123`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a size: {size!r}")
-    unit = m.group(2).upper().rstrip("B").replace("I", "i")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = _DTYPES.get(dtype.lower().replace("torch.", ""))
-    if dtype not in _ST_DTYPE:
+    if dtype not in _DTYPE_NAME:
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
     return dtype
 
 
-def _plan_shards(specs, itemsize: int, shard_size: int | None) -> list[list[tuple]]:
-    """Greedy like ``save_pretrained``: a new shard when the next tensor would overflow."""
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in specs:
-        nbytes = math.prod(shape) * itemsize
-        if shard_size is not None and cur and cur_bytes + nbytes > shard_size:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append((name, shape, nbytes))
-        cur_bytes += nbytes
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def _header(tensors, st_dtype: str) -> bytes:
-    meta, off = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, nbytes in tensors:
-        meta[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-class _StreamingWriter:
-    """One model folder: tensors arrive in spec order, chunk by chunk."""
+class _FolderWriter:
+    """The weights of one model folder: tensors arrive in spec order, chunk by chunk, and
+    go straight into the shard files (one SafetensorsWriter at a time), sharded like
+    ``save_pretrained`` (one shard: ``model.safetensors``, no index)."""
 
     def __init__(self, directory: Path, specs, dtype: torch.dtype, shard_size: int | None):
         self.dir = directory
         self.dtype = dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.shards = _plan_shards(specs, itemsize, shard_size)
+        self.shards = plan_shards(list(specs), shard_size,
+                                  nbytes=lambda spec: math.prod(spec[1]) * dtype.itemsize)
         n = len(self.shards)
-        self.files = (["model.safetensors"] if n == 1 else
-                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-        self.shard_of = {t[0]: i for i, shard in enumerate(self.shards) for t in shard}
-        self.total = sum(t[2] for shard in self.shards for t in shard)
-        self._i, self._f, self._left = -1, None, 0
+        self.files = ["model.safetensors"] if n == 1 else [shard_name(i, n) for i in range(n)]
+        self.shard_of = {name: i for i, shard in enumerate(self.shards) for name, _ in shard}
+        self.total = sum(math.prod(shape) for shard in self.shards
+                         for _, shape in shard) * dtype.itemsize
+        self._i, self._w = -1, None
         for stale in list(directory.glob("model*.safetensors")) + \
                 [directory / "model.safetensors.index.json"]:
             if stale.exists():
@@ -410,26 +377,20 @@ class _StreamingWriter:
     def _open(self, i: int) -> None:
         self._close_current()
         self._i = i
-        self._f = open(self.dir / self.files[i], "wb")
-        self._f.write(_header(self.shards[i], _ST_DTYPE[self.dtype]))
-        self._left = sum(t[2] for t in self.shards[i])
+        self._w = SafetensorsWriter(self.dir / self.files[i],
+                                    [(name, self.dtype, shape) for name, shape in self.shards[i]],
+                                    metadata={"format": "pt"})
 
     def _close_current(self) -> None:
-        if self._f is not None:
-            if self._left != 0:
-                raise RuntimeError(f"{self.files[self._i]}: {self._left} bytes missing")
-            self._f.close()
-            self._f = None
+        w, self._w = self._w, None
+        if w is not None:
+            w.close()  # checks that every byte the header declares arrived
 
     def write(self, name: str, data: torch.Tensor) -> None:
         i = self.shard_of[name]
         if i != self._i:
             self._open(i)
-        if data.dtype == torch.bfloat16:
-            data = data.view(torch.int16)
-        buf = memoryview(data.contiguous().numpy()).cast("B")
-        self._f.write(buf)
-        self._left -= len(buf)
+        self._w.write(data)
 
     def close(self) -> None:
         self._close_current()
@@ -438,14 +399,15 @@ class _StreamingWriter:
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {name: self.files[self.shard_of[name]]
-                                    for shard in self.shards for name, _, _ in shard}}
+                                    for shard in self.shards for name, _ in shard}}
             (self.dir / "model.safetensors.index.json").write_text(
                 json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        """Stop; the shard being written is removed."""
+        w, self._w = self._w, None
+        if w is not None:
+            w.abort()
 
 
 # -- tokenizer and folder files ----------------------------------------------------------
@@ -533,9 +495,7 @@ def write_llama_family(root, config=None, dtype=torch.float16, n_models: int = 2
     names = names[:n_models + 1]
     if len(set(names)) != len(names):
         raise ValueError(f"names must be distinct, got {names}")
-    shard_bytes = None if shard_size is None else parse_size(shard_size)
-    if shard_bytes is not None and shard_bytes <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size!r}")
+    shard_bytes = None if shard_size is None else parse_size(shard_size)  # > 0 or ValueError
     root = Path(root)
     dirs = [root / n for n in names]
     specs = llama_tensor_specs(cfg)
@@ -543,7 +503,7 @@ def write_llama_family(root, config=None, dtype=torch.float16, n_models: int = 2
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         _write_folder_files(d, cfg)
-        writers.append(_StreamingWriter(d, specs, dtype, shard_bytes))
+        writers.append(_FolderWriter(d, specs, dtype, shard_bytes))
     try:
         for name, _, _, parts in family_tensors(cfg, n_models, dtype, seed, tv_scales=tv_scales,
                                                 overlap=overlap, conflict=conflict,

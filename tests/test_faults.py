@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastmerge
 from fastmerge import cli
@@ -37,6 +38,7 @@ from fastmerge.errors import InputError, OutputError
 from fastmerge.io import safetensors_file
 from fastmerge.io.safetensors_file import SafetensorsFile
 from fastmerge.output import INDEX_NAME, PROGRESS_NAME, REPORT_NAME
+from fastmerge.plan import TensorTask
 from fastmerge.testing import PRESETS, write_llama_family
 from fastmerge.verify import verify_output
 
@@ -549,6 +551,132 @@ def test_write_fault_keeps_completed_shards_and_resume_is_byte_identical(
     assert file_ids(out, journaled) == before  # reused, not rewritten
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert tree_digest(tiny_family["inputs"]) == inputs
+
+
+# -- 3b. a completed shard damaged between the interruption and the resume --------------
+
+def interrupt_after_shards(family, out, monkeypatch, k: int) -> list[str]:
+    """A tiny merge into ``out`` that fails (EIO from fsync, as in _inject_fsync_eio) on
+    shard k+1, so the first k shards are complete and journaled; returns their names."""
+    calls = {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == k + 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return os.fsync(fd)
+
+    monkeypatch.setattr(safetensors_file, "os", OsProxy(fsync=fsync))
+    with pytest.raises(OutputError, match="Input/output error.*completed shards are kept"):
+        tiny_merge(family, out)
+    monkeypatch.undo()
+    return sorted(journal(out.parent / f".{out.name}.partial"))
+
+
+def _flip_kept_byte(path: Path) -> None:
+    """One bit of one tensor byte in the middle of the file changes; the size does not."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate_kept(path: Path) -> None:
+    """The file loses its last 100 bytes (a tail that never reached the disk)."""
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+
+
+@pytest.mark.parametrize("damage, victim", [(_flip_kept_byte, 1), (_truncate_kept, 3)],
+                         ids=["byte-flipped", "truncated"])
+def test_resume_redoes_a_completed_shard_damaged_after_the_interruption(
+        tiny_family, tiny_reference, tmp_path, monkeypatch, capsys, damage, victim):
+    ref = tiny_reference
+    names = shard_names(ref)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    journaled = interrupt_after_shards(tiny_family, out, monkeypatch, 4)
+    assert journaled == names[:4]
+    assert sorted(check_partial(partial, ref)) == journaled  # all good before the damage
+    bad = names[victim]
+    damage(partial / bad)
+    assert sha256(partial / bad) != journal(partial)[bad]
+    intact = [n for n in journaled if n != bad]
+    before = file_ids(partial, intact)
+
+    result = tiny_merge(tiny_family, out, resume=True)
+    assert result.path == out
+    assert file_ids(out, intact) == before  # the intact shards were kept, not rewritten
+    assert (out / bad).read_bytes() == (ref / bad).read_bytes()  # the damaged one redone
+    assert result.report["shards"][bad] == sha256(ref / bad)
+    # every output file, fastmerge_report.json included (its tensors in plan order though
+    # a shard before a kept one was redone), is byte-identical to the uninterrupted merge's
+    assert_same_output(out, ref)
+    verify_output(out)
+    assert cli.main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {out}: {len(names)} shards")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_resume_checks_every_journal_entry_before_keeping_a_shard(
+        tiny_family, tiny_reference, tmp_path, monkeypatch):
+    """A journal entry that does not describe the shard exactly (no size, a wrong size,
+    other tensors, not an entry at all) keeps nothing: the shard is redone, the others
+    are kept, the output is byte-identical."""
+    ref = tiny_reference
+    names = shard_names(ref)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    journaled = interrupt_after_shards(tiny_family, out, monkeypatch, 5)
+    assert journaled == names[:5]
+    doc = json.loads((partial / PROGRESS_NAME).read_text())
+    entries = doc["shards"]
+    assert entries[names[0]]["size"] == (partial / names[0]).stat().st_size
+    del entries[names[0]]["size"]                       # e.g. written by an older version
+    entries[names[1]]["size"] += 8                      # the file has other bytes
+    entries[names[2]]["tensors"] = entries[names[2]]["tensors"][1:]  # other tensors
+    entries[names[3]] = entries[names[3]]["sha256"]     # not an entry
+    (partial / PROGRESS_NAME).write_text(json.dumps(doc))
+    before = file_ids(partial, names[:5])
+
+    result = tiny_merge(tiny_family, out, resume=True)
+    after = file_ids(out, names[:5])
+    assert after[names[4]] == before[names[4]]  # kept
+    for name in names[:4]:  # redone: new files (with the same bytes)
+        assert after[name] != before[name], name
+    assert_same_output(out, ref)
+    verify_output(out)
+    assert result.report["shards"] == {n: sha256(ref / n) for n in names}
+
+
+def test_resume_keeps_a_journaled_shard_only_through_the_verified_check(tmp_path):
+    """CheckpointWriter keeps exactly the shards whose files _verified_shard accepts,
+    whatever the journal says: a symlink to the right bytes and a FIFO are redone."""
+    tasks = [TensorTask(f"t{i}", (4,), torch.float16, True) for i in range(4)]
+    out = tmp_path / "out"
+    w = output_mod.CheckpointWriter(out, tasks, 8, fingerprint="fp").open()
+    try:
+        for i, task in enumerate(tasks):
+            w.begin(task)
+            w.write(task, 0, torch.full((4,), float(i), dtype=torch.float16))
+            w.end(task, {"name": task.name, "i": i})
+        w._drain()
+    finally:
+        w.abort(keep_partial=True)
+    partial = tmp_path / ".out.partial"
+    assert sorted(journal(partial)) == w.names
+    real = tmp_path / "elsewhere.safetensors"
+    shutil.move(partial / w.names[0], real)
+    os.symlink(real, partial / w.names[0])
+    (partial / w.names[1]).unlink()
+    os.mkfifo(partial / w.names[1])
+    _truncate_kept(partial / w.names[2])
+    r = output_mod.CheckpointWriter(out, tasks, 8, resume=True, fingerprint="fp").open()
+    try:
+        assert sorted(r.sha256) == [w.names[3]]
+        assert [r.done(t) for t in tasks] == [None, None, None, {"name": "t3", "i": 3}]
+        assert sorted(os.listdir(partial)) == sorted([PROGRESS_NAME, w.names[3]])
+        assert list(journal(partial)) == [w.names[3]]  # the journal now says so too
+    finally:
+        r.abort()
+    assert real.is_file()  # the symlink's target is not touched
 
 
 # -- 4. fastmerge verify -------------------------------------------------------------------

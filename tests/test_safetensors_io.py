@@ -278,9 +278,13 @@ def test_writer_refuses_overflow_and_wrong_dtype(tmp_path):
                                          r"torch.float32"):
         w.write(torch.zeros(3))  # would run from 'a' into 'b'
     w.write(torch.zeros(2))
+    header = w.size  # the header is written at once; size then grows with the data
+    assert header > 8 and header % 8 == 0 and w.position == 8
     w.write(torch.zeros(2, dtype=torch.float16))
+    assert w.size == header + 4
     digest = w.close()
     assert digest == sha256_of(path) and w.close() == digest
+    assert w.size == path.stat().st_size == header + 4  # what the resume journal records
     with pytest.raises(ValueError, match="repeated"):
         SafetensorsWriter(tmp_path / "d.safetensors", [("a", torch.float32, (1,))] * 2)
     with pytest.raises(ValueError, match="cannot be written"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fastmerge import testing
+from fastmerge import output, testing
 from fastmerge.testing import (PRESETS, llama_config, llama_tensor_specs, state_dicts,
                                write_llama_family)
 
@@ -273,6 +273,7 @@ def test_names_dtypes_and_sizes(tmp_path):
     only_base = write_llama_family(tmp_path / "b0", config=TINY, n_models=0)
     assert only_base["models"] == [] and (only_base["base"] / "model.safetensors").is_file()
     assert testing.parse_size("5GB") == 5 * 10**9 and testing.parse_size("2MiB") == 2 << 20
+    assert testing.parse_size("5G") == 5 * 10**9 and testing.parse_size("2 mi") == 2 << 20
     with pytest.raises(ValueError):
         write_llama_family(tmp_path / "bad", config=TINY, n_models=2, tv_scales=[1e-3])
 
@@ -284,3 +285,59 @@ def test_command_line(tmp_path, capsys):
     assert str(tmp_path / "base") in out and str(tmp_path / "sft") in out
     assert re.search(r"written in [\d.]+ s", out)
     assert (tmp_path / "ct" / "model.safetensors.index.json").is_file()
+
+
+# -- one implementation with the merge output ---------------------------------------------
+
+def test_sizes_shards_and_files_are_the_merge_outputs_own():
+    assert testing.parse_size is output.parse_size
+    for bad in ("0", "-5MB", "5 parsecs", 0):
+        with pytest.raises(ValueError):
+            testing.parse_size(bad)
+    # save_pretrained's greedy rule, as the merge output is sharded: a new shard when the
+    # next tensor would overflow, a bigger one alone, None: one shard
+    specs = [("a", (3,)), ("b", (2,)), ("c", (9,)), ("d", (1,)), ("e", (4,))]
+    plan = output.plan_shards(specs, 5, nbytes=lambda s: math.prod(s[1]))
+    assert [[n for n, _ in shard] for shard in plan] == [["a", "b"], ["c"], ["d", "e"]]
+    assert output.plan_shards(specs, None, nbytes=lambda s: math.prod(s[1])) == [specs]
+
+
+def test_shards_are_planned_by_plan_shards_and_written_by_safetensors_writer(
+        tmp_path, monkeypatch):
+    from fastmerge.io.safetensors_file import SafetensorsWriter
+    planned, opened = [], []
+    real_plan = output.plan_shards
+
+    def plan(items, size, **kw):
+        planned.append(size)
+        return real_plan(items, size, **kw)
+
+    class Writer(SafetensorsWriter):
+        def __init__(self, path, *a, **kw):
+            opened.append(path.name)
+            super().__init__(path, *a, **kw)
+
+    monkeypatch.setattr(testing, "plan_shards", plan)
+    monkeypatch.setattr(testing, "SafetensorsWriter", Writer)
+    fam = write_llama_family(tmp_path, config=TINY, n_models=0, shard_size="60KB")
+    files = sorted(p.name for p in fam["base"].glob("*.safetensors"))
+    assert planned == [60_000] and opened == files and len(files) == 5
+
+
+def test_a_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
+    real = testing.family_tensors
+
+    def failing(*a, **kw):
+        for k, item in enumerate(real(*a, **kw)):
+            if k == 6:  # up_proj of layer 0: the second shard holds gate_proj only
+                raise RuntimeError("generation failed")
+            yield item
+
+    monkeypatch.setattr(testing, "family_tensors", failing)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        write_llama_family(tmp_path, config=TINY, n_models=1, shard_size=SHARD)
+    for d in ("base", "ct"):  # the complete first shard stays, the one being written goes
+        assert sorted(p.name for p in (tmp_path / d).glob("*.safetensors")) == \
+            ["model-00001-of-00005.safetensors"]
+        with safe_open(tmp_path / d / "model-00001-of-00005.safetensors", framework="pt"):
+            pass

@@ -617,6 +617,11 @@ class SafetensorsWriter:
         """Data bytes the header declares."""
         return self._total
 
+    @property
+    def size(self) -> int:
+        """Bytes written to the file so far, header included (its size once closed)."""
+        return self._offset
+
     def _entry_at(self, pos: int) -> int:
         return bisect.bisect_right(self._ends, pos)  # first entry whose end is past pos
 
