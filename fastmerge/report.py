@@ -1,4 +1,4 @@
-"""The merge report (SPEC §8): per tensor and per model counts, totals, exact parameters.
+"""The merge report (docs/spec.md §9): per tensor and per model counts, totals, exact parameters.
 
 Per model i: ``population`` |P|, ``kept`` (|τ_i| >= t_i), ``protected`` (|τ_i| >= u_i),
 ``selected`` (kept and sign agrees with γ), ``dropped_by_sign`` (kept ∧ ¬sel ∧ τ≠0),
@@ -9,7 +9,6 @@ no host names), so a resumed or repeated merge writes the same file.
 """
 from __future__ import annotations
 
-import torch
 
 from . import __version__
 from .kernel_api import COUNTERS
@@ -57,8 +56,3 @@ def summary(report: dict) -> str:
             f"  important dropped {row['important_dropped']:,}"
             f" (plain TIES would drop {row['ties_important_dropped']:,})")
     return "\n".join(lines)
-
-
-def counts_tensor(report_tensor: dict) -> torch.Tensor:
-    """Back from a report's tensor entry to the [n, len(COUNTERS)] counter table."""
-    return torch.tensor([[m[c] for c in COUNTERS] for m in report_tensor["models"]])

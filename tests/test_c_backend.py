@@ -551,3 +551,44 @@ def test_fp32_round_trip_is_identity():
     src = torch.randint(-(2 ** 31), 2 ** 31 - 1, (100_000,), generator=g,
                         dtype=torch.int64).to(torch.int32).view(F32)
     assert torch.equal(_convert(src, F32).view(torch.int32), src.view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# the merge's output rounding: fp64 -> fp16 / bf16 / fp32, rounded once
+
+def _doubles_near_every_rounding_boundary() -> torch.Tensor:
+    """fp64 values over ~300 binades, values on the fp16 and bf16 halfway grids (normal and
+    subnormal) and their fp64 neighbours (where rounding through fp32 goes wrong), and
+    specials: overflow edges, ±0, ±inf, NaN, fp64 subnormals."""
+    g = torch.Generator().manual_seed(7)
+    f64 = torch.float64
+    up, down = torch.tensor(float("inf"), dtype=f64), torch.tensor(-float("inf"), dtype=f64)
+    parts = [torch.randn(200_000, generator=g, dtype=f64)
+             * torch.exp2(torch.randint(-160, 140, (200_000,), generator=g).double())]
+    for mant, emin in ((10, -24), (7, -133)):
+        grid = torch.round(torch.randn(50_000, generator=g, dtype=f64) * 2 ** (mant + 1)) / 2 ** (mant + 1)
+        sub = torch.randint(0, 4096, (20_000,), generator=g).double() * 2.0 ** (emin - 1)
+        for x in [grid * 2.0 ** sh for sh in (-30, -10, -3, 0, 5, 14)] + [sub, -sub]:
+            parts += [x, torch.nextafter(x, up), torch.nextafter(x, down)]
+    parts.append(torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0,
+                               65519.99, 65520.0, 3.3961e38, 3.4e38, 1e300, -1e300, 2 ** -14,
+                               2 ** -126, 2 ** -133, 2 ** -134, 2 ** -25, 5e-324], dtype=f64))
+    return torch.cat(parts).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=ids("dtype"))
+def test_fp64_output_rounding_is_one_rounding(dtype):
+    """The kernels' fp64 -> dtype store equals the reference's round_once bit for bit, and
+    for fp16 also numpy's direct fp64 -> fp16 conversion (an independent single rounding;
+    torch's own .to(float16) rounds twice, through fp32, and differs on the halfway cases)."""
+    ext = C._module()
+    x = _doubles_near_every_rounding_boundary()
+    got = torch.empty(x.numel(), dtype=dtype)
+    ext.convert_f64(x.numpy(), C._buffer(got, "dst"), {F32: ext.F32, F16: ext.F16, BF16: ext.BF16}[dtype],
+                    x.numel())
+    _assert_same_bits(got, R.round_once(x, dtype), x.float(), f"fp64 -> {NAME[dtype]}")
+    if dtype == F16:
+        with np.errstate(over="ignore"):                 # overflow to inf is expected
+            direct = torch.from_numpy(x.numpy().astype(np.float16))
+        _assert_same_bits(got, direct, x.float(), "fp64 -> fp16 (numpy)")
+        assert not torch.equal(x.to(F16).view(torch.int16), direct.view(torch.int16))

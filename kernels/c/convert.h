@@ -69,20 +69,47 @@ static inline uint16_t fm_f32_to_bf16(float f)
     return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
-/* fp64 -> fp32 rounded to odd: truncated toward zero, last bit set when inexact. With
- * 13 or more bits to spare, a later round-to-nearest-even to fp16 / bf16 then rounds the
- * fp64 value exactly once (the intermediate rounding cannot create a false halfway case). */
-static inline float fm_f64_to_f32_odd(double x)
+static inline uint64_t fm_d2u(double f) { uint64_t u; memcpy(&u, &f, sizeof u); return u; }
+static inline double fm_u2d(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }
+
+/* fp64 -> fp16, rounded once to nearest even (the fp32 routine's method, on 64 bits):
+ * |x| >= 2^-14: rebias and round at bit 42 by integer addition (carries reach the
+ *   exponent; from 65520 up the result is inf 0x7c00);
+ * |x| <  2^-14: adding 2^28, whose ulp is 2^-24 (the fp16 subnormal step), rounds |x| in
+ *   the fp64 adder itself; the low bits are then the fp16 subnormal. */
+static inline uint16_t fm_f64_to_f16(double f)
 {
-    const float f = (float)x;                        /* round to nearest even */
-    const double back = (double)f;
-    const uint32_t inexact = (back != x) & (x - x == 0.0);    /* finite and not exact */
-    const uint32_t away = inexact & (fabs(back) > fabs(x));   /* rounded up in magnitude */
-    return fm_u2f((fm_f2u(f) - away) | inexact);
+    const uint64_t x = fm_d2u(f);
+    const uint64_t ax = x & 0x7fffffffffffffffull;
+    const uint64_t sign = (x >> 48) & 0x8000u;
+    const uint64_t odd = (ax >> 42) & 1u;
+    const uint64_t normal = ((ax + 0x1ffffffffffull + odd) >> 42) - ((uint64_t)(1023 - 15) << 10);
+    const uint64_t sub = fm_d2u(fm_u2d(ax) + 0x1p28) - 0x41b0000000000000ull;   /* bits(2^28) */
+    uint64_t r = ax < 0x3f10000000000000ull ? sub : normal;                       /* 2^-14 */
+    r = ax >= 0x40effe0000000000ull ? 0x7c00u : r;                                /* 65520 */
+    r = ax > 0x7ff0000000000000ull ? (0x7e00u | ((ax >> 42) & 0x3ffu)) : r;       /* NaN */
+    return (uint16_t)(r | sign);
+}
+
+/* fp64 -> bf16, rounded once to nearest even: as fm_f64_to_f16 with bf16's 8-bit exponent
+ * and 7-bit mantissa (round at bit 45; subnormals below 2^-126 by adding 2^-81, whose ulp
+ * is the bf16 subnormal step 2^-133; from (2 - 2^-8)·2^127 up: inf 0x7f80). NaN: 0x7fc0. */
+static inline uint16_t fm_f64_to_bf16(double f)
+{
+    const uint64_t x = fm_d2u(f);
+    const uint64_t ax = x & 0x7fffffffffffffffull;
+    const uint64_t sign = (x >> 48) & 0x8000u;
+    const uint64_t odd = (ax >> 45) & 1u;
+    const uint64_t normal = ((ax + 0xfffffffffffull + odd) >> 45) - ((uint64_t)(1023 - 127) << 7);
+    const uint64_t sub = fm_d2u(fm_u2d(ax) + 0x1p-81) - 0x3ae0000000000000ull;  /* bits(2^-81) */
+    uint64_t r = ax < 0x3810000000000000ull ? sub : normal;                       /* 2^-126 */
+    r = ax >= 0x47eff00000000000ull ? 0x7f80u : r;                                /* rounds to inf */
+    r = ax > 0x7ff0000000000000ull ? 0x7fc0u : r;                                 /* NaN */
+    return (uint16_t)(r | sign);
 }
 
 /* dst[j] = f32(src[off + j]) for j < len */
-static inline void fm_load(float *restrict dst, const void *restrict src, int dt,
+static inline __attribute__((always_inline)) void fm_load(float *restrict dst, const void *restrict src, int dt,
                            int64_t off, int len)
 {
     if (dt == FM_F32) {
@@ -97,7 +124,7 @@ static inline void fm_load(float *restrict dst, const void *restrict src, int dt
 }
 
 /* dst[j] = f32(src[off + j]) - b[j]  (docs/spec.md §1: τ = f32(θ_i) − f32(θ_b), in fp32) */
-static inline void fm_load_sub(float *restrict dst, const void *restrict src, int dt,
+static inline __attribute__((always_inline)) void fm_load_sub(float *restrict dst, const void *restrict src, int dt,
                                int64_t off, int len, const float *restrict b)
 {
     if (dt == FM_F32) {
@@ -113,7 +140,7 @@ static inline void fm_load_sub(float *restrict dst, const void *restrict src, in
 }
 
 /* dst[off + j] = round_dt(src[j]) for j < len */
-static inline void fm_store(void *restrict dst, int dt, int64_t off,
+static inline __attribute__((always_inline)) void fm_store(void *restrict dst, int dt, int64_t off,
                             const float *restrict src, int len)
 {
     if (dt == FM_F32) {
@@ -128,7 +155,7 @@ static inline void fm_store(void *restrict dst, int dt, int64_t off,
 }
 
 /* dst[off + j] = round_dt(src[j]) for j < len: fp64 rounded once to nearest even */
-static inline void fm_store_f64(void *restrict dst, int dt, int64_t off,
+static inline __attribute__((always_inline)) void fm_store_f64(void *restrict dst, int dt, int64_t off,
                                 const double *restrict src, int len)
 {
     if (dt == FM_F32) {
@@ -136,10 +163,10 @@ static inline void fm_store_f64(void *restrict dst, int dt, int64_t off,
         for (int j = 0; j < len; j++) d[j] = (float)src[j];
     } else if (dt == FM_F16) {
         uint16_t *d = (uint16_t *)dst + off;
-        for (int j = 0; j < len; j++) d[j] = fm_f32_to_f16(fm_f64_to_f32_odd(src[j]));
+        for (int j = 0; j < len; j++) d[j] = fm_f64_to_f16(src[j]);
     } else {
         uint16_t *d = (uint16_t *)dst + off;
-        for (int j = 0; j < len; j++) d[j] = fm_f32_to_bf16(fm_f64_to_f32_odd(src[j]));
+        for (int j = 0; j < len; j++) d[j] = fm_f64_to_bf16(src[j]);
     }
 }
 

@@ -530,11 +530,13 @@ typedef struct {
     double *theta;  /* θ before its one rounding */
 } merge_scratch;
 
-/* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64 */
-FM_INLINE double combine(const fm_merge_args *a, double d, double w, float b, const int NORM)
+/* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64.
+ * Branch-free (the loops calling it vectorise): D / 1.0 is exactly D. */
+FM_INLINE double combine(double d, double w, float b, double lam, int on_base, const int NORM)
 {
-    const double m = NORM && w != 0.0 ? d / w : d;
-    return a->on_base ? (double)b + a->scale * m : m;
+    const double m = NORM ? d / (w != 0.0 ? w : 1.0) : d;
+    const double theta = (double)b + lam * m;
+    return on_base ? theta : m;
 }
 
 /* Election (§5), selection and combine (§6, §7) for one block whose x_i are in s->x.
@@ -604,7 +606,11 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
             c[FM_TIES_IMPORTANT_DROPPED] += c_timp;
         }
     }
-    for (int j = 0; j < len; j++) s->theta[j] = combine(a, d[j], ws[j], s->b[j], NORM);
+    const double lam = a->scale;
+    const int on_base = a->on_base;
+    double *restrict theta = s->theta;
+    const float *restrict b = s->b;
+    for (int j = 0; j < len; j++) theta[j] = combine(d[j], ws[j], b[j], lam, on_base, NORM);
 }
 
 /* elect_block for a compile-time number of models NC: the same operations in the same
@@ -615,7 +621,10 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
                                  int64_t *cnt, const int NC, const int SLACK, const int COUNT,
                                  const int NORM)
 {
-    const float *restrict x = s->x;
+    const float *restrict x = s->x, *restrict b = s->b;
+    double *restrict theta = s->theta;
+    const double lam = a->scale;
+    const int on_base = a->on_base;
     double w[FM_MAX_MODELS];
     float t[FM_MAX_MODELS], u[FM_MAX_MODELS], sw[FM_MAX_MODELS];
     int c_kept[FM_MAX_MODELS], c_sel[FM_MAX_MODELS], c_drop[FM_MAX_MODELS];
@@ -657,7 +666,7 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
                 c_timp[i] += p & !(k & (sx * gt > 0.f));
             }
         }
-        s->theta[j] = combine(a, d, ws, s->b[j], NORM);     /* §7 */
+        theta[j] = combine(d, ws, b[j], lam, on_base, NORM);   /* §7 */
     }
     for (int i = 0; i < NC; i++) {
         int64_t *c = cnt + (size_t)i * FM_NCOUNTERS;
@@ -693,7 +702,11 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
             cnt[(size_t)i * FM_NCOUNTERS + FM_SELECTED] += c_kept;
         }
     }
-    for (int j = 0; j < len; j++) s->theta[j] = combine(a, d[j], a->wsum, s->b[j], NORM);
+    const double lam = a->scale, wsum = a->wsum;
+    const int on_base = a->on_base;
+    double *restrict theta = s->theta;
+    const float *restrict b = s->b;
+    for (int j = 0; j < len; j++) theta[j] = combine(d[j], wsum, b[j], lam, on_base, NORM);
 }
 
 /* One block: load (x_i in fp32, non-finite counted), the pass the flags ask for, store. */
@@ -771,6 +784,7 @@ int fm_merge(const fm_merge_args *a)
             s.d = arena_take(&ar, drow);
             s.ws = arena_take(&ar, drow);
             s.theta = arena_take(&ar, drow);
+            memset(s.b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
             for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
                 merge_range(a, &s, b0, b1, cnt, has_slack);
             free(ar.mem);
@@ -793,5 +807,13 @@ FM_CLONES void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, in
         const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
         fm_load(tmp, src, src_dt, off, len);
         fm_store(dst, dst_dt, off, tmp, len);
+    }
+}
+
+FM_CLONES void fm_convert_f64(void *dst, int dst_dt, const double *src, int64_t N)
+{
+    for (int64_t off = 0; off < N; off += FM_BLOCK) {
+        const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
+        fm_store_f64(dst, dst_dt, off, src + off, len);
     }
 }

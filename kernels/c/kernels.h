@@ -77,6 +77,8 @@ int fm_bracket(const fm_bracket_args *a);
 
 /* dst (dst_dt) = round(f32(src (src_dt))), N elements; for the conversion tests. */
 void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N);
+/* dst (dst_dt) = fp64 src rounded once to nearest even, N elements; for the tests. */
+void fm_convert_f64(void *dst, int dst_dt, const double *src, int64_t N);
 
 void fm_set_num_threads(int n);           /* 0: OpenMP's default */
 int fm_get_num_threads(void);

@@ -528,6 +528,37 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(convert_f64_doc,
+"convert_f64(src, dst, dst_dtype, N)\n--\n\n"
+"dst = fp64 src rounded once to nearest even (the merge's output rounding), for tests.");
+
+static PyObject *py_convert_f64(PyObject *self, PyObject *args)
+{
+    PyObject *src_o, *dst_o;
+    int ddt;
+    long long N;
+    bufset bs = {.count = 0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOiL", &src_o, &dst_o, &ddt, &N)) return NULL;
+    if (check_sizes(1, N) || check_dtype(ddt, "dst_dtype")) return NULL;
+    Py_buffer *sv = take_buffer(&bs, src_o, "src", N, 8, 0);
+    if (!sv) goto fail;
+    Py_buffer *dv = take_buffer(&bs, dst_o, "dst", N, fm_dtype_size(ddt), 1);
+    if (!dv) goto fail;
+    if (overlaps(sv->buf, sv->len, dv->buf, dv->len)) {
+        PyErr_SetString(PyExc_ValueError, "dst: overlaps src");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fm_convert_f64(dv->buf, ddt, sv->buf, N);
+    Py_END_ALLOW_THREADS
+    bufset_release(&bs);
+    Py_RETURN_NONE;
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
 PyDoc_STRVAR(convert_doc,
 "convert(src, src_dtype, dst, dst_dtype, N)\n--\n\n"
 "dst = round_to_nearest_even(f32(src)): the kernels' own conversion routines, for tests.");
@@ -586,6 +617,7 @@ static PyMethodDef methods[] = {
     {"bracket", (PyCFunction)(void (*)(void))py_bracket, METH_VARARGS | METH_KEYWORDS,
      bracket_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
+    {"convert_f64", py_convert_f64, METH_VARARGS, convert_f64_doc},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS,
