@@ -23,8 +23,9 @@ What a key means here is what it means in mergekit (docs/spec.md §11):
 * ``dtype`` / ``out_dtype``: the output dtype is ``out_dtype``, else ``dtype`` (as in
   mergekit). mergekit also *computes* in ``dtype``; fastmerge always computes from the
   stored values in fp32 / fp64 (docs/spec.md §7), so ``dtype`` changes only the output.
-* ``int8_mask`` is accepted and changes nothing (fastmerge's masks are never
-  materialised). ``tokenizer_source`` / ``tokenizer`` are refused until vocabulary
+* ``int8_mask`` (under ``parameters``, where mergekit reads it) is accepted and changes
+  nothing (fastmerge's masks are never materialised). ``consensus_method`` is not read by
+  mergekit's ``ties`` (it always elects by sum); fastmerge reads it as ``elect``. ``tokenizer_source`` / ``tokenizer`` are refused until vocabulary
   alignment lands. A model entry equal to ``base_model`` is skipped (mergekit lists it).
 
 Unknown keys are errors, never silently ignored.
@@ -40,9 +41,9 @@ from .errors import ParameterError
 from .params import FirstOf
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "int8_mask", "tokenizer_source", "tokenizer"}
+            "tokenizer_source", "tokenizer"}
 PER_MODEL = ("weights", "density", "slack")          # methods.KNOBS names
-GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope"}
+GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask"}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
@@ -124,13 +125,14 @@ def config_to_kwargs(doc) -> dict:
                                  "share the base's vocabulary; merging models with extended "
                                  "vocabularies (tokenizer source base / union / a model) is "
                                  "coming. Remove the key to merge token by token id.")
-    if not isinstance(doc.get("int8_mask", False), bool):
-        raise ParameterError(f"int8_mask must be true or false, got {doc['int8_mask']!r}")
     base = doc.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ParameterError(f"base_model must be a path or hub id, got {base!r}")
     glob = doc.get("parameters") or {}
     _check_keys("parameters", glob, GLOBAL_PARAMS)
+    if not isinstance(glob.get("int8_mask", False), bool):
+        raise ParameterError(f"parameters.int8_mask must be true or false, got "
+                             f"{glob['int8_mask']!r}")
     entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise ParameterError("config: 'models' must be a non-empty list of {model: ...} entries")

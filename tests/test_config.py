@@ -44,7 +44,9 @@ def test_mergekit_style_config(tmp_path):
     ({"merge_method": "dare_ties", "models": [{"model": "a"}]},
      "'dare_ties' is a mergekit method fastmerge does not have yet; fastmerge has: linear"),
     ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}],
-      "int8_mask": "yes"}, "int8_mask must be true or false"),
+      "parameters": {"int8_mask": "yes"}}, "parameters.int8_mask must be true or false"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "int8_mask": True}, "config: unknown key(s) 'int8_mask'"),
     ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"densty": .2}}]},
      "models[0].parameters: unknown key(s) 'densty'"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "parameters": {"lamda": 1}},
@@ -107,14 +109,15 @@ def test_fuzzed_yaml_text_raises_only_parameter_errors(tmp_path_factory, text):
 def test_omitted_knobs_take_mergekit_defaults():
     """mergekit: density defaults to 1.0, lambda to 1.0, weight is required; the output
     dtype is out_dtype, else dtype; int8_mask is accepted and changes nothing."""
-    doc = {"merge_method": "ties", "base_model": "b", "int8_mask": True, "dtype": "float32",
+    doc = {"merge_method": "ties", "base_model": "b", "parameters": {"int8_mask": True},
+           "dtype": "float32",
            "out_dtype": "bfloat16",
            "models": [{"model": "x", "parameters": {"weight": 1.0}},
                       {"model": "y", "parameters": {"weight": 0.5}}]}
     kw = config_to_kwargs(doc)
     assert kw["density"] == [1.0, 1.0] and kw["weights"] == [1.0, 0.5]
     assert kw["slack"] == [0.0, 0.0] and "scale" not in kw and kw["dtype"] == "bfloat16"
-    doc["parameters"] = {"weight": 2.0}
+    doc["parameters"]["weight"] = 2.0
     del doc["models"][1]["parameters"]
     assert config_to_kwargs(doc)["weights"] == [1.0, 2.0]
 
