@@ -109,13 +109,14 @@ class Contenders:
         self.n, self.N = models.shape
         self.dens, self.slk = [density] * self.n, [slack] * self.n
         self.find_thresholds = find_thresholds
+        self.targets = Targets.of(self.dens, self.slk, self.N)
         self.out = torch.empty_like(base)
         self.chunk = torch_backend.CHUNK_ELEMS
         t, u = self.thresholds_triton()
         self.t, self.u = t, u
         self.cfg = TIES_SV.kernel_config(WEIGHTS[:self.n], 1.0, True, "sum", t, u)
         # the prefixes of each level of this selection, for kernel-only histogram timing
-        sel = RadixSelect.of(Targets.of(self.dens, self.slk, self.N))
+        sel = RadixSelect.of(self.targets)
         self.levels = []
         while not sel.done:
             p = sel.prefixes()
@@ -125,7 +126,7 @@ class Contenders:
     # triton
     def thresholds_triton(self):
         return self.find_thresholds(self.T.histogram, lambda: [(self.base, self.models)],
-                                    Targets.of(self.dens, self.slk, self.N))
+                                    self.targets)
 
     def hist_triton(self, **launch):
         for level, p in self.levels:
@@ -149,7 +150,7 @@ class Contenders:
     def total_reference(self):
         from fastmerge.methods import METHODS
         TIES_SV = METHODS["ties_sv"]
-        t, u = self.find_thresholds(self.R.histogram, self._chunks, Targets.of(self.dens, self.slk, self.N))
+        t, u = self.find_thresholds(self.R.histogram, self._chunks, self.targets)
         cfg = TIES_SV.kernel_config(WEIGHTS[:self.n], 1.0, True, "sum", t, u)
         for s in range(0, self.N, self.chunk):
             self.R.merge(self.base[s:s + self.chunk], self.models[:, s:s + self.chunk],

@@ -4,20 +4,25 @@ The checkpoint writer never leaves something that looks finished before it is: s
 index, copied config/tokenizer files and the report are written into a hidden sibling
 folder ``.NAME.partial`` and renamed to ``NAME`` only when complete. A lock file
 (``.NAME.lock``, held with flock, so a killed run releases it) keeps two runs from
-writing the same output. An existing output is replaced only with ``overwrite=True``.
+writing the same output. An existing output is replaced only with ``overwrite=True``
+(an existing empty folder is replaced by the final rename itself); a missing parent
+folder is created.
 
 Resume: after each shard is complete its size, sha256 and the report entries of its
 tensors go into ``.NAME.partial/progress.json`` (with a fingerprint of the inputs,
-parameters and shard plan). ``resume=True`` keeps a shard listed there only when the file
-is still exactly the one journaled — a regular file of the planned tensors with the
-recorded size and sha256, read in full (``_verified_shard``, the only way a journaled
-shard is kept) — and redoes the rest, tensors included, so the finished output is
-byte-identical to an uninterrupted run even when a kept shard was truncated or changed
-after the interruption.
+parameters and shard plan, and its parts, so that a refused resume says which changed).
+A run without ``resume`` does not delete the completed shards of an interrupted run: it
+refuses unless ``overwrite=True`` (start over). ``resume=True`` keeps a shard listed
+there only when the file is still exactly the one journaled — a regular file of the
+planned tensors with the recorded size and sha256, read in full (``_verified_shard``, the
+only way a journaled shard is kept) — and redoes the rest, tensors included, so the
+finished output is byte-identical to an uninterrupted run even when a kept shard was
+truncated or changed after the interruption.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import fcntl
 import hashlib
 import json
@@ -111,20 +116,46 @@ class MemorySink:
         return None
 
 
-def check_output_location(output: Path, input_roots: list[Path], overwrite: bool) -> Path:
-    """Refuse an output that exists (unless overwrite) or that is, or lies inside, an input."""
+def format_size(nbytes: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as shard sizes are given)."""
+    value = float(nbytes)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{nbytes} B"  # pragma: no cover
+
+
+def _is_empty_dir(path: Path) -> bool:
+    """A real (not symlinked) folder with nothing in it."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode) and not os.listdir(path)
+    except OSError:
+        return False
+
+
+def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """The absolute output path, or OutputError when the output is, lies inside or
+    contains an input (``inputs``: model folders or files), or exists and is not an empty
+    folder (unless overwrite). A missing parent folder is fine (the writer creates it)."""
     output = Path(output).expanduser().absolute()
     real = Path(os.path.realpath(output))
-    for root in input_roots:
-        r = Path(os.path.realpath(root))
+    for src in inputs:
+        r = Path(os.path.realpath(src))
         if real == r or r in real.parents:
-            raise OutputError(f"output {output} is inside the input model directory {root}; "
-                              "choose a folder outside every input")
-    if output.exists() and not overwrite:
+            what = "the input model directory" if r.is_dir() else "the input file"
+            where = "is" if real == r else "is inside"
+            raise OutputError(f"output {output} {where} {what} {src}; choose a folder "
+                              "outside every input")
+        if real in r.parents:
+            raise OutputError(f"output {output} contains the input {src}; choose a folder "
+                              "that holds no input (replacing it would delete the input)")
+    if os.path.lexists(output) and not overwrite and not _is_empty_dir(output):
         raise OutputError(f"output {output} already exists; pass overwrite=True "
                           "(CLI: --overwrite) to replace it")
-    if not output.parent.is_dir():
-        raise OutputError(f"cannot write {output}: parent folder {output.parent} does not exist")
+    parent = output.parent
+    if os.path.lexists(parent) and not parent.is_dir():
+        raise OutputError(f"cannot write {output}: {parent} is not a folder")
     return output
 
 
@@ -136,11 +167,15 @@ class CheckpointWriter:
     """
 
     def __init__(self, output: Path, tasks: list[TensorTask], shard_size: int,
-                 overwrite: bool = False, resume: bool = False, fingerprint: str = ""):
+                 overwrite: bool = False, resume: bool = False, fingerprint: str = "",
+                 fingerprint_parts: dict | None = None):
         self.output = Path(output)
         self.overwrite = overwrite
         self.resume = resume
         self.fingerprint = fingerprint
+        # what the fingerprint is made of (name -> value or hash), journaled so that a
+        # refused resume can say what changed
+        self.fingerprint_parts = fingerprint_parts
         self.partial = self.output.parent / f".{self.output.name}.partial"
         self.lock_path = self.output.parent / f".{self.output.name}.lock"
         self.shards = plan_shards(tasks, shard_size)
@@ -149,12 +184,14 @@ class CheckpointWriter:
         self.sha256: dict[str, str] = {}  # completed shards: this run's, or verified ones
         self.size: dict[str, int] = {}
         self.recorded: dict[str, dict] = {}  # tensor name -> report entry, completed shards
+        self.resumed = 0  # shards kept from an interrupted run (resume=True)
         self._writer: SafetensorsWriter | None = None
         self._current = -1
         self._lock_fd = None
         self._pool = None
         self._inflight: list[cf.Future] = []
         self._finished = False
+        self.renamed = False  # the output is complete and in place (finish)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _acquire_lock(self) -> int:
@@ -183,7 +220,18 @@ class CheckpointWriter:
         try:
             if self.partial.exists() and self.resume:
                 self._load_progress()
+                self.resumed = len(self.sha256)
             elif self.partial.exists():  # left by a run that was killed: we hold the lock now
+                left = self._journaled()
+                if left and not self.overwrite:
+                    size = format_size(sum(e.get("size", 0) for e in left.values()
+                                           if isinstance(e, dict)
+                                           and type(e.get("size")) is int))
+                    raise OutputError(
+                        f"{self.partial} holds {len(left)} completed shard"
+                        f"{'s' if len(left) != 1 else ''} ({size}) of an interrupted merge "
+                        f"into {self.output}; pass resume=True (CLI: --resume) to continue "
+                        "from them, or overwrite=True (CLI: --overwrite) to start over")
                 shutil.rmtree(self.partial)
             self.partial.mkdir(exist_ok=True)
         except BaseException as exc:  # never keep the lock of a run that did not start
@@ -204,13 +252,38 @@ class CheckpointWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._writer = None  # its file goes with the partial folder
+        if keep_partial and not self.sha256:
+            keep_partial = False  # no completed shard: nothing worth resuming from
         if keep_partial and self.partial.is_dir():
             for path in self.partial.iterdir():
                 if path.name != PROGRESS_NAME and path.name not in self.sha256:
                     path.unlink(missing_ok=True)
+            if not (self.partial / PROGRESS_NAME).exists():  # stopped inside finish()
+                try:
+                    self._write_progress()
+                except OSError:
+                    pass
         else:
             shutil.rmtree(self.partial, ignore_errors=True)
         self._unlock()
+
+    @property
+    def completed(self) -> int:
+        """Shards complete so far (kept from an interrupted run, or written by this one)."""
+        return len(self.sha256)
+
+    @property
+    def completed_bytes(self) -> int:
+        return sum(self.size.values())
+
+    def _journaled(self) -> dict:
+        """The journal's {shard: entry} of the partial folder ({} when it has none)."""
+        try:
+            progress = json.loads((self.partial / PROGRESS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        shards = progress.get("shards") if isinstance(progress, dict) else None
+        return shards if isinstance(shards, dict) else {}
 
     def _load_progress(self) -> None:
         """Keep the verified shards of an interrupted run; drop everything else in it."""
@@ -218,11 +291,14 @@ class CheckpointWriter:
             progress = json.loads((self.partial / PROGRESS_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             progress = {"fingerprint": self.fingerprint, "shards": {}}
+        if not isinstance(progress, dict):
+            progress = {"fingerprint": self.fingerprint, "shards": {}}
         if progress.get("fingerprint") != self.fingerprint:
-            self._unlock()
+            changed = _changed_parts(progress.get("parts"), self.fingerprint_parts)
             raise OutputError(f"cannot resume {self.output}: the interrupted run in "
-                              f"{self.partial} used other inputs, parameters or shard plan; "
-                              "run without --resume to start over")
+                              f"{self.partial} used {changed}; pass overwrite=True "
+                              "(CLI: --overwrite) instead of resume=True (CLI: --resume) "
+                              "to start over")
         shards = progress.get("shards")
         for i, name in enumerate(self.names):
             entry = shards.get(name) if isinstance(shards, dict) else None
@@ -265,7 +341,11 @@ class CheckpointWriter:
                     {"name": t.name, "stats": self.recorded.get(t.name, {})}
                     for t in self.shards[i]]}
         tmp = self.partial / (PROGRESS_NAME + ".tmp")
-        _write_json(tmp, {"fingerprint": self.fingerprint, "shards": shards})
+        doc = {"fingerprint": self.fingerprint}
+        if self.fingerprint_parts is not None:
+            doc["parts"] = self.fingerprint_parts
+        doc["shards"] = shards
+        _write_json(tmp, doc)
         os.replace(tmp, self.partial / PROGRESS_NAME)
 
     def done(self, task: TensorTask) -> dict | None:
@@ -347,16 +427,21 @@ class CheckpointWriter:
         (self.partial / PROGRESS_NAME).unlink()
         _fsync_dir(self.partial)
         old = None
-        if self.output.exists():
+        # an empty folder is replaced by the rename itself (atomically, by rename(2))
+        if os.path.lexists(self.output) and not _is_empty_dir(self.output):
             if not self.overwrite:
-                self._unlock()
-                self._finished = True  # abort() must keep the result it points to
-                raise OutputError(f"output {self.output} appeared during the merge; "
-                                  f"the result is left in {self.partial}")
+                self._appeared()
             old = self.output.parent / f".{self.output.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.rename(self.output, old)
-        os.rename(self.partial, self.output)
+        try:
+            os.rename(self.partial, self.output)
+        except OSError as exc:
+            if old is None and exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR,
+                                             errno.EISDIR):
+                self._appeared()  # something was put into the empty folder meanwhile
+            raise
+        self.renamed = True
         _fsync_dir(self.output.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -364,9 +449,39 @@ class CheckpointWriter:
         return self.output
 
 
+    def _appeared(self):
+        self._unlock()
+        self._finished = True  # abort() must keep the result it points to
+        raise OutputError(f"output {self.output} appeared during the merge; "
+                          f"the result is left in {self.partial}")
+
+
+def _changed_parts(old, new) -> str:
+    """What differs between two journaled fingerprint parts, for the resume refusal:
+    "a different shard plan", "a different backend ('c' then, 'torch' now)", ..."""
+    generic = "different inputs, parameters or shard plan"
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return generic
+    changed = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        before, value = old.get(key), new.get(key)
+        if before == value:
+            continue
+        what = f"different {key}" if key.endswith("s") else f"a different {key}"
+        if key == "inputs" and isinstance(before, dict) and isinstance(value, dict):
+            if list(before) != list(value):
+                what += f" ({', '.join(before)} then; {', '.join(value)} now)"
+            else:
+                what += f" ({', '.join(k for k in value if before[k] != value[k])} changed)"
+        elif isinstance(value, str) and len(value) != 64:  # a plain value, not a hash
+            what += f" ({before!r} then, {value!r} now)"
+        changed.append(what)
+    return ", ".join(changed) if changed else generic
+
+
 def _write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
+        json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)   # strict JSON
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

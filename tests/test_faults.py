@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -270,7 +271,9 @@ def test_sigkill_at_any_moment_then_resume_is_byte_identical(kill_family, kill_r
 
     def one(mode: str, resume: bool) -> None:
         start_listed = len(journal(partial)) if (resume and partial.is_dir()) else 0
-        cmd = merge_cmd(kill_family["cfg"], out, *(["--resume"] if resume else []))
+        # a run that does not resume starts over: without --overwrite it would refuse to
+        # delete the completed shards a killed run left (tests/test_cli.py checks that)
+        cmd = merge_cmd(kill_family["cfg"], out, "--resume" if resume else "--overwrite")
         with open(log_path, "ab") as log_file:
             rc, secs, trigger = _kill_once(cmd, out, partial, rng, mode, start_listed, n,
                                            t_ref, log_file)
@@ -309,6 +312,39 @@ def test_sigkill_at_any_moment_then_resume_is_byte_identical(kill_family, kill_r
     assert file_ids(out, kept) == before  # the verified shards were kept, not rewritten
     assert sorted(os.listdir(work)) == ["out"]  # no partial folder, no lock file left
     assert tree_digest(kill_family["inputs"]) == inputs_before
+
+
+def test_sigint_keeps_completed_shards_and_resume_finishes(kill_family, kill_reference,
+                                                          tmp_path):
+    """Ctrl-C (a real SIGINT) in the middle of a CLI merge: exit 130 with one line naming
+    the kept shards and the command that resumes; that command finishes byte-identically."""
+    ref, _ = kill_reference
+    n = len(shard_names(ref))
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    proc = subprocess.Popen(merge_cmd(kill_family["cfg"], out), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(journal(partial)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the merge finished before the SIGINT landed")
+    assert proc.returncode == 130, stderr
+    kept = check_partial(partial, ref)
+    k = len(kept)
+    assert 0 < k < n
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert f"; {k} of {n} shards are complete (" in stderr
+    assert f"kept in {partial}; continue with: fastmerge merge " in stderr
+    command = stderr.strip().split("continue with: fastmerge ", 1)[1]
+    assert command.endswith(" --resume")
+    proc = subprocess.run([sys.executable, "-m", "fastmerge", *shlex.split(command)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"resumed {k} of {n} shards\n")
+    assert_same_output(out, ref)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 # -- 2. the lock -------------------------------------------------------------------------

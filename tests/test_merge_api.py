@@ -3,7 +3,11 @@
 The streaming merge must equal the reference applied tensor by tensor (thresholds by
 sorting, docs/spec.md §3-§4): counts exactly, outputs bit-for-bit on the torch backend.
 """
+import io
 import json
+import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -344,7 +348,10 @@ def test_cpu_reads_map_the_inputs_unless_their_dtypes_need_converting(family, tm
     a = fastmerge.merge(family["base"], family["models"], output=tmp_path / "a", **kw)
     b = fastmerge.merge(family["base"], [family["models"][0], sft32], output=tmp_path / "b", **kw)
     ga, gb = load_dir(a.path), load_dir(b.path)
-    assert a.report["tensors"] == b.report["tensors"]
+    def counts(report):  # the per-model entries without the model's name (its path)
+        return [{**t, "models": [{k: v for k, v in m.items() if k != "model"}
+                                 for m in t.get("models", [])]} for t in report["tensors"]]
+    assert counts(a.report) == counts(b.report)
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
@@ -376,3 +383,209 @@ def test_backend_limits_are_checked_before_any_file_is_read(tmp_path):
     with pytest.raises(fastmerge.InputError):      # the C backend takes 9: then the files
         fastmerge.merge(tmp_path / "base", missing, method="ties", backend="c",
                         progress=False)
+
+
+# -- the API a user meets first ------------------------------------------------------------
+
+def test_one_result_type_in_memory_and_on_disk(family, tmp_path):
+    base_sd, model_sds = state_dicts(config=TINY, n_models=2, seed=5)
+    mem = fastmerge.merge(base_sd, model_sds, method="ties", density=0.5, backend="torch",
+                          progress=False)
+    assert isinstance(mem, fastmerge.MergeResult)
+    assert mem.path is None and set(mem.state_dict) == set(base_sd)
+    sd, report = mem                                    # unpacks as before
+    assert sd is mem.state_dict and report is mem.report and mem[0] is sd
+    assert repr(mem).startswith(f"MergeResult(state_dict=<{len(base_sd)} tensors>")
+
+    disk = fastmerge.merge(family["base"], family["models"], output=tmp_path / "o",
+                           shard_size=50_000, progress=False)
+    assert isinstance(disk, fastmerge.MergeResult)
+    assert disk.path == tmp_path / "o" and disk.state_dict is None
+    assert disk.shards_total == len(disk.report["shards"]) > 1 and disk.shards_resumed == 0
+    with pytest.raises(TypeError, match="written to .* use result.path and result.report"):
+        sd, report = disk
+
+
+def test_method_name_in_any_case():
+    base_sd, model_sds = state_dicts(config=TINY, n_models=2, seed=6)
+    kw = dict(density=0.4, backend="torch", progress=False)
+    want, _ = fastmerge.merge(base_sd, model_sds, method="ties", **kw)
+    for name in ("TIES", "Ties", " ties "):
+        got, report = fastmerge.merge(base_sd, model_sds, method=name, **kw)
+        assert report["parameters"]["method"] == "ties"
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert make_params("TIES-SV", 2).method == "ties_sv"
+    with pytest.raises(ParameterError, match="method must be one of .* got 'TIEZ'"):
+        make_params("TIEZ", 2)
+    with pytest.raises(ParameterError, match="got None"):
+        make_params(None, 2)
+
+
+def test_dir_and_help_cover_the_api():
+    import inspect
+    names = dir(fastmerge)
+    for name in ("merge", "MergeResult", "MergeInterrupted", "ParameterError", "__version__"):
+        assert name in names, name
+    doc = fastmerge.merge.__doc__
+    for name in inspect.signature(fastmerge.merge).parameters:
+        assert f"\n        {name}:" in doc or f"  {name}:" in doc, name
+    assert "normalize" in doc and "task_arithmetic" in doc  # the per-method default
+
+
+def test_in_memory_inputs_are_named_in_errors_and_the_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base_sd, (a, b) = state_dicts(config=TINY, n_models=2, seed=2)
+    sd, report = fastmerge.merge(base_sd, [a, b], backend="torch", progress=False)
+    assert report["base"] == "base" and report["models"] == ["model 0", "model 1"]
+    del b["model.norm.weight"]
+    with pytest.raises(InputError, match="model 1: missing tensor 'model.norm.weight' "
+                                         "present in base"):
+        fastmerge.merge(base_sd, [a, b], progress=False)
+
+
+def test_in_memory_output_gets_a_config_or_a_warning(family, tmp_path):
+    base_sd, model_sds = read_family(family)
+    with pytest.warns(RuntimeWarning, match="no config.json .*base is an in-memory state "
+                                            "dict.*pass config="):
+        fastmerge.merge(base_sd, model_sds, output=tmp_path / "bare", progress=False)
+    assert not (tmp_path / "bare" / "config.json").exists()
+
+    cfg = json.loads((family["base"] / "config.json").read_text())
+    result = fastmerge.merge(base_sd, model_sds, output=tmp_path / "dict", config=cfg,
+                             dtype="float32", progress=False)
+    written = json.loads((result.path / "config.json").read_text())
+    assert written.get("torch_dtype", written.get("dtype")) == "float32"
+    assert {k: v for k, v in written.items() if k not in ("torch_dtype", "dtype")} == \
+        {k: v for k, v in cfg.items() if k not in ("torch_dtype", "dtype")}
+
+    result = fastmerge.merge(base_sd, model_sds, output=tmp_path / "path",
+                             config=family["base"] / "config.json", progress=False)
+    assert json.loads((result.path / "config.json").read_text()) == cfg
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForCausalLM.from_pretrained(result.path)
+
+    with pytest.raises(ParameterError, match="needs output="):
+        fastmerge.merge(base_sd, model_sds, config=cfg, progress=False)
+    with pytest.raises(ParameterError, match="not both"):
+        fastmerge.merge(base_sd, model_sds, output=tmp_path / "x", config=cfg, config_from=0,
+                        progress=False)
+    with pytest.raises(ParameterError, match="cannot read it as JSON"):
+        fastmerge.merge(base_sd, model_sds, output=tmp_path / "x", config=tmp_path / "no.json",
+                        progress=False)
+
+
+def test_output_folder_rules(family, tmp_path):
+    clean = fastmerge.merge(family["base"], family["models"], output=tmp_path / "clean",
+                            progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    deep = tmp_path / "not" / "yet" / "there"
+    for out in (empty, deep):
+        result = fastmerge.merge(family["base"], family["models"], output=out, progress=False)
+        assert result.path == out
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in
+                                                               clean.path.iterdir())
+    # an output that is, or holds, an input: refused first, even with overwrite
+    inputs = family["base"].parent
+    before = sorted(p.name for p in inputs.iterdir())
+    for out, overwrite, fragment in [
+            (family["base"], False, "is the input model directory"),
+            (inputs, True, "contains the input"),
+            (family["models"][1] / "sub", True, "is inside the input model directory")]:
+        with pytest.raises(OutputError, match=fragment):
+            fastmerge.merge(family["base"], family["models"], output=out, overwrite=overwrite,
+                            progress=False)
+    assert sorted(p.name for p in inputs.iterdir()) == before
+    assert sorted(os.listdir(tmp_path)) == ["clean", "empty", "not"]
+
+
+def _interrupt_at_shard(monkeypatch, k):
+    from fastmerge import output as output_mod
+    real = output_mod.CheckpointWriter.begin
+
+    def begin(self, task):
+        if self.shard_of[task.name] == k and self._current != k:
+            self._drain()
+            raise KeyboardInterrupt
+        return real(self, task)
+
+    monkeypatch.setattr(output_mod.CheckpointWriter, "begin", begin)
+
+
+def test_interrupted_merge_keeps_shards_until_resume_or_overwrite(family, tmp_path,
+                                                                   monkeypatch):
+    kw = dict(shard_size=40_000, progress=False)
+    clean = fastmerge.merge(family["base"], family["models"], output=tmp_path / "clean", **kw)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    _interrupt_at_shard(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        fastmerge.merge(family["base"], family["models"], output=out, **kw)
+    monkeypatch.undo()
+    assert isinstance(exc.value, fastmerge.MergeInterrupted)
+    kept = sorted(partial.glob("*.safetensors"))
+    assert exc.value.shards_done == len(kept) == 3 and exc.value.partial == partial
+    assert exc.value.shards_total == clean.shards_total
+    assert exc.value.bytes_done == sum(p.stat().st_size for p in kept)
+    assert "resume=True" in str(exc.value)
+    with pytest.raises(OutputError, match=r"holds 3 completed shards .* pass resume=True "
+                                          r"\(CLI: --resume\) .* or overwrite=True"):
+        fastmerge.merge(family["base"], family["models"], output=out, **kw)
+    assert sorted(partial.glob("*.safetensors")) == kept
+    result = fastmerge.merge(family["base"], family["models"], output=out, resume=True, **kw)
+    assert (result.shards_resumed, result.shards_total) == (3, clean.shards_total)
+    assert result.report == clean.report
+    for f in clean.path.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+    shutil.rmtree(out)
+    _interrupt_at_shard(monkeypatch, 2)
+    with pytest.raises(fastmerge.MergeInterrupted):
+        fastmerge.merge(family["base"], family["models"], output=out, **kw)
+    monkeypatch.undo()
+    result = fastmerge.merge(family["base"], family["models"], output=out, overwrite=True,
+                             **kw)
+    assert result.shards_resumed == 0 and not partial.exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(density=0.25), "different parameters"),
+    (dict(shard_size=50_000), "a different shard plan"),
+    (dict(backend="torch"), "a different backend ('c' then, 'torch' now)"),
+    ("swap", "different inputs"),
+])
+def test_refused_resume_names_what_changed(family, tmp_path, monkeypatch, change, fragment):
+    from fastmerge import backends
+    try:
+        backends.load("c")
+    except fastmerge.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    kw = dict(shard_size=40_000, progress=False, backend="c")
+    models = family["models"]
+    out = tmp_path / "out"
+    _interrupt_at_shard(monkeypatch, 2)
+    with pytest.raises(fastmerge.MergeInterrupted):
+        fastmerge.merge(family["base"], models, output=out, **kw)
+    monkeypatch.undo()
+    if change == "swap":
+        models, change = models[::-1], {}
+    with pytest.raises(OutputError) as exc:
+        fastmerge.merge(family["base"], models, output=out, resume=True, **{**kw, **change})
+    assert f"cannot resume {out}" in str(exc.value) and fragment in str(exc.value)
+    assert "pass overwrite=True (CLI: --overwrite) instead of resume=True" in str(exc.value)
+
+
+def test_progress_bar_only_on_a_terminal(family, tmp_path, monkeypatch, capsys):
+    fastmerge.merge(family["base"], family["models"], output=tmp_path / "a")  # progress=True
+    assert capsys.readouterr().err == ""   # captured stderr is no terminal: nothing
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    result = fastmerge.merge(family["base"], family["models"], output=tmp_path / "b")
+    text = term.getvalue()
+    n = len(json.loads((result.path / "model.safetensors.index.json").read_text())
+            ["weight_map"])
+    assert "merging" in text and f"0/{n} tensors" in text and "B/s" in text

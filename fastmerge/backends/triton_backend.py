@@ -26,7 +26,8 @@ def unavailable_reason() -> str | None:
     try:
         import triton  # noqa: F401, PLC0415  (imported on first use, on purpose)
     except ImportError as exc:
-        return f"triton cannot be imported ({exc}); pip install triton"
+        return (f"triton cannot be imported ({exc}); install the GPU extra: "
+                'pip install "fastmerge[gpu]" (from a checkout: pip install -e ".[gpu]")')
     if not torch.cuda.is_available() and not triton_interpreted():
         return ("no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton "
                 "kernels on the CPU, slowly, e.g. for tests)")
