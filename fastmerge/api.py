@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import backends
@@ -11,12 +13,76 @@ from .errors import InputError, OutputError, ParameterError
 from .params import make_params
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class MergeResult:
-    """What a merge written to disk returns: the output folder and the report."""
+    """What ``fastmerge.merge()`` returns, in memory or on disk.
 
-    path: Path
-    report: dict
+    path: the output folder (None for an in-memory merge, without ``output``).
+    report: the merge report (docs/spec.md §9); on disk also ``path/fastmerge_report.json``.
+    state_dict: the merged tensors, name -> tensor, of an in-memory merge (None when the
+        merge was written to disk: load it from ``path``, e.g. with ``from_pretrained``).
+    shards_resumed, shards_total: for a merge written to disk, how many of its
+        ``shards_total`` shards were kept from an interrupted run (``resume=True``) rather
+        than written by this one (0 otherwise). The report does not say: a resumed merge
+        writes the same bytes as an uninterrupted one.
+
+    An in-memory result unpacks like a tuple, ``state_dict, report = fastmerge.merge(...)``
+    (as earlier versions returned); a merge written to disk does not (it has no state dict).
+    """
+
+    path: Path | None = None
+    report: dict = field(default_factory=dict)
+    state_dict: dict | None = None
+    shards_resumed: int = 0
+    shards_total: int = 0
+
+    def _pair(self) -> tuple:
+        if self.state_dict is None:
+            raise TypeError(f"this merge was written to {self.path} and has no state dict to "
+                            "unpack; use result.path and result.report (load the weights from "
+                            "the folder, e.g. with from_pretrained)")
+        return self.state_dict, self.report
+
+    def __iter__(self):
+        """``state_dict, report = result`` (in-memory merges only)."""
+        return iter(self._pair())
+
+    def __getitem__(self, index):
+        """``result[0]`` is the state dict, ``result[1]`` the report (in-memory merges)."""
+        return self._pair()[index]
+
+    def __repr__(self) -> str:
+        if self.path is None:
+            what = f"state_dict=<{len(self.state_dict or {})} tensors>"
+        else:
+            what = f"path={str(self.path)!r}, shards_total={self.shards_total}, " \
+                   f"shards_resumed={self.shards_resumed}"
+        return (f"MergeResult({what}, report=<{self.report.get('merged_tensors', 0)} merged "
+                f"tensors>)")
+
+
+class MergeInterrupted(KeyboardInterrupt):
+    """Ctrl-C (KeyboardInterrupt) during a merge to disk, with what was kept for resume.
+
+    output: the output folder asked for. partial: the hidden ``.NAME.partial`` folder that
+    keeps the completed shards (None when no shard was complete: then nothing is kept).
+    shards_done / shards_total / bytes_done: the kept shards, of how many, their size.
+    """
+
+    def __init__(self, output: Path, partial: Path | None, shards_done: int,
+                 shards_total: int, bytes_done: int):
+        from .output import format_size
+        self.output, self.partial = output, partial
+        self.shards_done, self.shards_total, self.bytes_done = (shards_done, shards_total,
+                                                                bytes_done)
+        if partial is None:
+            text = (f"merge into {output} interrupted before the first shard was complete; "
+                    "nothing was kept")
+        else:
+            text = (f"merge into {output} interrupted; {shards_done} of {shards_total} shards "
+                    f"({format_size(bytes_done)}) are kept in {partial}: rerun with "
+                    "resume=True (CLI: --resume) to continue")
+        super().__init__(text)
 
 
 def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, slack=None,
@@ -24,27 +90,79 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           scope: str = "tensor", output=None, dtype=None, device="auto", backend="auto",
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
-          resume: bool = False):
+          config=None, resume: bool = False, seed: int = 0,
+          rescale: bool | None = None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
-    base, models: Hugging Face model folders, ``.safetensors`` files, hub ids, or
-        in-memory state dicts (``base`` may be None for ``method="linear"``).
-    method: one of fastmerge.methods.METHODS (linear, task_arithmetic, ties, ties_sv).
-    weights, density, slack: one value, or one value per model (w_i, d_i, s_i); a value
-        is a number, or as in mergekit a gradient over the layers ([0, 0.5, 1]) or a
-        list of {"filter": substring, "value": ...} entries. Omitted: weights 1.0,
-        density 0.2, slack 0.0 (the API's defaults; a YAML config takes mergekit's).
-    scale: λ (default 1.0; a number, gradient or filter list too);
-        normalize: divide by the selected weights (None: the method's default); elect: "sum" or
-        "count"; scope: "tensor" (per-tensor top-k) or "model" (one global top-k per model).
-    output: folder to write a sharded checkpoint to; returns ``MergeResult(path, report)``.
-        Without it, returns ``(state_dict, report)``.
-    dtype: output dtype (default: each tensor's base dtype). device / backend: "auto"
-        picks Triton on CUDA, the C extension on CPU, else the PyTorch reference.
-    config_from: which input's config/tokenizer files to copy: None (the base), or an
-        index into ``models``.
-    resume: continue an interrupted merge into the same ``output`` from its verified
-        completed shards (the result is byte-identical to an uninterrupted run).
+    Every argument is checked before any tensor data is read; errors name the bad value
+    (and, for per-tensor knobs, the tensor and the model).
+
+    Inputs
+        base: the base model: a Hugging Face model folder, a ``.safetensors`` file, a hub
+            id, or an in-memory state dict (name -> tensor). None only for
+            ``method="linear"``, which needs no base.
+        models: the models to merge (one or a list), in the same forms. In messages and
+            in the report, in-memory inputs are called "base", "model 0", "model 1", ...
+        allow_pickle: also read pickle checkpoints (``*.bin``, ``*.pt``, ``*.pth``), only
+            with ``torch.load(weights_only=True)``; default False (refused: unpickling can
+            run code).
+
+    Method and knobs
+        method: "linear", "task_arithmetic", "ties", "ties_sv", "dare_linear" or
+            "dare_ties" (fastmerge.methods.METHODS; any letter case, "-" for "_" too).
+            Default "ties_sv".
+        weights: w_i; default 1.0.  density: d_i in [0, 1], the fraction of |τ_i| the trim
+            keeps (ties, ties_sv), or each entry's keep probability (dare_*); default 0.2.  slack: s_i in [0, d_i], the fraction
+            protected from the sign election (ties_sv only); default 0.0.
+            Each is one value for every model or one value per model; a value is a number,
+            a gradient over the layers ([0.0, 0.5, 1.0]) or a list of
+            {"filter": substring of the tensor name, "value": ...} entries, as in mergekit.
+            (A YAML config takes mergekit's defaults instead: weight required, density 1.0.)
+        scale: λ, the task vectors' scale (number, gradient or filter list); default 1.0.
+        normalize: divide by the (selected) weights. None (default) takes the method's
+            default: True for linear, ties and ties_sv; False for task_arithmetic and dare_*.
+        seed: the DARE methods' random drop seed (default 0: a merge is reproducible; the
+            drop is bit-identical on every backend, chunking and resumption).
+        rescale: DARE: kept entries weigh w_i / d_i (None: True, as mergekit's default).
+        elect: sign election by "sum" of the weighted changes (default) or by "count".
+        scope: "tensor" (default: thresholds per tensor, as mergekit) or "model" (one
+            threshold per model over the whole checkpoint, as the TIES paper).
+        allow_nonfinite: merge even when a task vector holds NaN/Inf (default False: stop,
+            naming the tensor and the model).
+
+    Output
+        output: a folder to write the merged checkpoint to (sharded safetensors, index,
+            config/tokenizer files and fastmerge_report.json), written in a hidden
+            ``.NAME.partial`` folder and renamed when complete. Its parent is created if
+            missing; it must not exist unless it is an empty folder or ``overwrite``. None
+            (default): the merge stays in memory.
+        dtype: output dtype, "float16", "bfloat16" or "float32" (default: each tensor's
+            base dtype); config.json's ``torch_dtype`` is updated to match.
+        shard_size: largest shard, "5GB" (default), "500MB", "2GiB" or a byte count.
+        overwrite: replace an existing output folder, or start over an interrupted merge
+            whose completed shards wait in ``.NAME.partial`` (default False: refused).
+        resume: continue an interrupted merge into the same ``output`` from its verified
+            completed shards (the result is byte-identical to an uninterrupted run); it is
+            refused, naming what changed, when the inputs, parameters, shard plan, version
+            or backend differ from the interrupted run's.
+        config_from: whose config/tokenizer files to copy into the output: None (default:
+            the base) or an index into ``models``.
+        config: a config.json for the output, as a dict or the path of a config.json (or
+            of a folder holding one); it replaces the copied one. Inputs given as
+            in-memory state dicts or single files have no config.json: without ``config``
+            such an output does not load with ``from_pretrained`` (a RuntimeWarning says so).
+
+    Where it runs
+        device: "auto" (default: CUDA when present, else CPU), "cpu", "cuda" or "cuda:i".
+        backend: "auto" (default: Triton on CUDA, the C extension on CPU, else the PyTorch
+            reference with a warning), "triton", "c" or "torch" (the reference).
+        progress: show a progress bar (bytes and tensors done, rate, ETA) on stderr when
+            stderr is a terminal (default True; nothing is printed otherwise).
+
+    Returns a MergeResult: ``result.path`` and ``result.report`` for a merge to disk;
+    ``result.state_dict`` and ``result.report`` in memory, where it also unpacks as
+    ``state_dict, report = fastmerge.merge(...)``. Ctrl-C during a merge to disk raises
+    MergeInterrupted (a KeyboardInterrupt) saying which completed shards were kept.
     """
     from .io.checkpoint import Checkpoint
     from .output import CheckpointWriter, MemorySink, check_output_location, parse_size
@@ -57,7 +175,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     models = list(models)
     params = make_params(method, len(models), weights=weights, density=density, slack=slack,
                          scale=scale, normalize=normalize, elect=elect, scope=scope,
-                         dtype=dtype, allow_nonfinite=allow_nonfinite)
+                         dtype=dtype, allow_nonfinite=allow_nonfinite, seed=seed,
+                         rescale=rescale)
     if base is None and params.spec.needs_base:
         raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
                              "works without one")
@@ -67,9 +186,19 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
         raise ParameterError(f"config_from must be None (the base) or a model index in "
                              f"0..{len(models) - 1}, got {config_from!r}")
     shard_bytes = parse_size(shard_size)
+    config_doc = None
+    if config is not None:
+        if output is None:
+            raise ParameterError("config is written into the output folder; it needs "
+                                 "output=")
+        if config_from is not None:
+            raise ParameterError("give config (the output's config.json) or config_from (whose "
+                                 "config to copy), not both")
+        config_doc = _read_config_arg(config)
+    local_inputs = _local_inputs([base, *models])
     if output is not None:
         output = Path(output)
-        check_output_location(output, [], overwrite)
+        check_output_location(output, local_inputs, overwrite)
     elif resume:
         raise ParameterError("resume=True needs an output folder")
     module, dev = backends.resolve(backend, device)
@@ -79,46 +208,66 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     try:
         base_ckpt = None
         if base is not None:
-            base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle, label=None)
+            base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle,
+                                        label="base" if isinstance(base, dict) else None)
             opened.append(base_ckpt)
         model_ckpts = []
-        for m in models:
-            model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle))
+        for i, m in enumerate(models):
+            label = f"model {i}" if isinstance(m, dict) else None
+            model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
             opened.append(model_ckpts[-1])
         tasks = plan_merge(base_ckpt, model_ckpts, params)
         backends.check_supported(module, params, {t.out_dtype for t in tasks if t.merged})
         inputs = Inputs(base_ckpt, model_ckpts)
 
+        source = None
         if output is None:
             sink = MemorySink()
         else:
+            k = config_from if config_from is not None else None if base is not None else 0
+            source = base_ckpt if k is None else model_ckpts[k]
+            if config_doc is None:
+                _warn_if_no_config(source, isinstance(base if k is None else models[k], dict),
+                                   output)
             roots = [c.root for c in opened if c.root is not None]
-            output = check_output_location(output, roots, overwrite)
-            fingerprint = _fingerprint(params, module.NAME, opened, tasks, shard_bytes)
+            output = check_output_location(output, [*roots, *local_inputs], overwrite)
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create {output.parent} for the output {output}: "
+                                  f"{exc}") from exc
+            fingerprint, parts = _fingerprint(params, module.NAME, opened, tasks, shard_bytes)
             sink = CheckpointWriter(output, tasks, shard_bytes, overwrite, resume,
-                                    fingerprint).open()
+                                    fingerprint, parts).open()
         bar = _progress_bar(tasks, progress)
         try:
             engine = StreamMerge(inputs, tasks, params, module, dev, sink, progress=bar)
             stats = engine.run()
-            report = build_report(params, module.NAME,
-                                  None if base_ckpt is None else base_ckpt.label,
-                                  [c.label for c in model_ckpts], stats,
+            report = build_report(params, module.NAME, base_ckpt, model_ckpts, stats,
                                   engine.global_thresholds)
             if output is None:
-                return sink.state_dict, report
-            source = base_ckpt if config_from is None else model_ckpts[config_from]
-            if source is None:
-                source = model_ckpts[0]
-            path = sink.finish(report, _config_files(source, params.dtype, sink.partial))
-            return MergeResult(path, report)
+                return MergeResult(None, report, sink.state_dict)
+            path = sink.finish(report, _config_files(source, params.dtype, sink.partial,
+                                                     config_doc))
+            return MergeResult(path, report, None, sink.resumed, len(sink.names))
         except (OSError, KeyboardInterrupt) as exc:
-            if output is not None:  # resumable: keep the completed shards, hidden
-                sink.abort(keep_partial=True)
+            if output is not None and sink.renamed:  # the output is in place already
+                sink.abort()                            # (releases the lock)
                 if isinstance(exc, OSError):
+                    raise OutputError(f"{output} was written, but finishing failed: "
+                                      f"{exc}") from exc
+            elif output is not None:  # resumable: keep the completed shards, hidden
+                sink.abort(keep_partial=True)  # (in-flight shards complete first)
+                kept = sink.completed
+                if isinstance(exc, OSError):
+                    if not kept:
+                        raise OutputError(f"merge into {output} failed: {exc}; no shard was "
+                                          "complete, so nothing was kept") from exc
                     raise OutputError(f"merge into {output} failed: {exc}; completed shards "
                                       f"are kept in {sink.partial} — rerun with resume=True "
                                       "(CLI: --resume) to continue") from exc
+                raise MergeInterrupted(output, sink.partial if kept else None, kept,
+                                       len(sink.names), sink.completed_bytes) from exc
             raise
         except BaseException:
             if output is not None:
@@ -132,42 +281,139 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             c.close()
 
 
-def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int) -> str:
-    """Identity of a merge's inputs, parameters and output plan (checked on resume)."""
-    import hashlib
-
-    from . import __version__
-    doc = {"version": __version__, "backend": backend, "params": params.as_dict(),
-           "shard_bytes": shard_bytes,
-           "tasks": [(t.name, str(t.out_dtype), t.shape, t.merged, t.knobs) for t in tasks],
-           "inputs": [(c.label, [(n, str(c.info(n).dtype), tuple(c.info(n).shape),
-                                  c.info(n).offset, c.info(n).nbytes) for n in c.names])
-                      for c in checkpoints]}
-    return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()
-
-
-def _config_files(ckpt, dtype, partial: Path) -> list[Path]:
-    """Files to copy into the output; config.json gets its dtype updated when it changed."""
-    files = list(ckpt.files_to_copy()) if ckpt.root is not None else []
+def _local_inputs(sources) -> list[Path]:
+    """The inputs given as existing local paths (folders or files), for the output checks
+    made before anything is opened."""
     out = []
-    for f in files:
-        if f.name == "config.json" and dtype is not None:
-            try:
-                cfg = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{f}: cannot read config.json: {exc}") from exc
-            for key in ("torch_dtype", "dtype"):
-                if key in cfg:
-                    cfg[key] = dtype
-            (partial / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            continue
-        out.append(f)
+    for s in sources:
+        if isinstance(s, (str, os.PathLike)) and str(s):
+            p = Path(s).expanduser()
+            if p.exists():
+                out.append(p)
     return out
 
 
+def _read_config_arg(config) -> dict:
+    """merge(config=...): a dict, or the path of a config.json or of a folder holding one."""
+    if isinstance(config, dict):
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise ParameterError(f"config must be JSON-serialisable: {exc}") from None
+        return dict(config)
+    if not isinstance(config, (str, os.PathLike)):
+        raise ParameterError(f"config must be a dict or the path of a config.json, got "
+                             f"{type(config).__name__}")
+    path = Path(config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"config {path}: cannot read it as JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ParameterError(f"config {path}: a config.json holds a JSON object, got "
+                             f"{type(doc).__name__}")
+    return doc
+
+
+def _warn_if_no_config(source, in_memory: bool, output: Path) -> None:
+    """RuntimeWarning when the output would get no config.json (silently unloadable)."""
+    if source.root is not None and any(f.name == "config.json"
+                                       for f in source.files_to_copy()):
+        return
+    why = ("an in-memory state dict" if in_memory else "a single file" if source.root is None
+           else "a folder without config.json")
+    warnings.warn(f"the merged model in {output} will have no config.json ({source.label} is "
+                  f"{why}), so transformers' from_pretrained cannot load it; pass config= "
+                  "(a dict or the path of a config.json) to write one", RuntimeWarning,
+                  stacklevel=3)
+
+
+def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int
+                 ) -> tuple[str, dict]:
+    """Identity of a merge's inputs, parameters and output plan (checked on resume), and
+    its parts (journaled, so that a refused resume can say which part changed)."""
+    import hashlib
+
+    from . import __version__
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, default=str).encode()).hexdigest()
+
+    inputs = {}
+    for c in checkpoints:
+        key, k = c.label, 1
+        while key in inputs:       # the same input given twice
+            k += 1
+            key = f"{c.label} (#{k})"
+        inputs[key] = digest([(n, str(c.info(n).dtype), tuple(c.info(n).shape),
+                               c.info(n).offset, c.info(n).nbytes) for n in c.names])
+    parts = {
+        "inputs": inputs,
+        "parameters": digest({"params": params.as_dict(),
+                              "knobs": [(t.name, t.knobs) for t in tasks]}),
+        "shard plan": digest({"shard_bytes": shard_bytes,
+                              "tasks": [(t.name, str(t.out_dtype), t.shape, t.merged)
+                                        for t in tasks]}),
+        "fastmerge version": __version__,
+        "backend": backend,
+    }
+    return digest(parts), parts
+
+
+def _config_files(ckpt, dtype, partial: Path, config_doc: dict | None = None) -> list[Path]:
+    """Files to copy into the output. config.json is written (``config_doc``, or the
+    input's with its dtype updated) when it is given or its dtype changed."""
+    files = list(ckpt.files_to_copy()) if ckpt.root is not None else []
+    out = []
+    for f in files:
+        if f.name == "config.json" and (dtype is not None or config_doc is not None):
+            if config_doc is None:
+                try:
+                    config_doc = json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as exc:
+                    raise InputError(f"{f}: cannot read config.json: {exc}") from exc
+            continue
+        out.append(f)
+    if config_doc is not None:
+        cfg = dict(config_doc)
+        if dtype is not None:
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = dtype
+        (partial / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+class _Progress:
+    """The progress bar: bytes written, tensors done of all, rate and ETA (tqdm)."""
+
+    def __init__(self, tasks, stream):
+        from tqdm import tqdm
+        self.done, self.total = 0, len(tasks)
+        self.bar = tqdm(total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True,
+                        desc="merging", leave=False, file=stream, dynamic_ncols=True,
+                        postfix=f"0/{self.total} tensors")
+
+    def update(self, nbytes: int) -> None:
+        """One tensor of ``nbytes`` output bytes is done (StreamMerge calls this)."""
+        self.done += 1
+        self.bar.set_postfix_str(f"{self.done}/{self.total} tensors", refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _progress_bar(tasks, enabled: bool):
+    """A bar on stderr only when it is a terminal: logs, pipes and captured streams (CI,
+    notebooks' captured stderr) get nothing, never a stale "merging: 0%" line."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True,
-                desc="merging", leave=False)
+    stream = sys.stderr
+    try:
+        tty = stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        tty = False
+    return _Progress(tasks, stream) if tty else None

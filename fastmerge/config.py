@@ -1,6 +1,6 @@
 """Merge configs in the YAML format mergekit users already write, with mergekit's meaning.
 
-    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv
+    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv | dare_*
     base_model: path/or/hub-id
     models:
       - model: path/to/ct
@@ -43,12 +43,13 @@ from .params import FirstOf
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer"}
 PER_MODEL = ("weights", "density", "slack")          # methods.KNOBS names
-GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask"}
+GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
+               "rescale"}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+MERGEKIT_ONLY = ("breadcrumbs", "breadcrumbs_ties", "della",
                  "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
                  "karcher", "arcee_fusion", "nearswap", "multislerp")
 
@@ -166,6 +167,8 @@ def config_to_kwargs(doc) -> dict:
         kwargs["elect"] = glob.get("elect", glob.get("consensus_method"))
     if "scope" in glob:
         kwargs["scope"] = glob["scope"]
+    if "rescale" in glob:
+        kwargs["rescale"] = glob["rescale"]
     out_dtype = doc.get("out_dtype") or doc.get("dtype")
     if out_dtype is not None:
         kwargs["dtype"] = out_dtype

@@ -22,7 +22,9 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
 ``merge(base, models, out, cfg) -> int64 [n, len(COUNTERS)]``
     The fused pass of docs/spec.md §5-§7 (and §9's counters) writing ``out``: the fp64
     result rounded once, to nearest even, to ``out``'s dtype. ``base`` may be None when
-    ``cfg.on_base`` is False (``linear``).
+    ``cfg.on_base`` is False (``linear``). With DARE's random drop (§8a) the chunk's
+    entries are entries ``cfg.offset .. cfg.offset + N − 1`` of the tensor: the drop
+    depends on that global index only, so any chunking gives the same result.
 
 ``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype) or a sequence of n
 contiguous 1-D tensors of N entries and one dtype (the pipeline passes the rows mapped
@@ -31,7 +33,9 @@ from n files this way, without stacking them); ``base``/``out`` have N elements.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .philox import KEY_MAX, drop_threshold
 
 NBINS = 2048
 DIGIT_BITS = (11, 11, 9)
@@ -49,17 +53,21 @@ ELECTS = ("none", "sum", "count")
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """What one fused pass needs (docs/spec.md §3-§7), thresholds already found; the
+    """What one fused pass needs (docs/spec.md §3-§8a), thresholds already found; the
     stages are flags, set by ``fastmerge.methods`` (the one place that builds these).
 
     x_i = τ_i = f32(θ_i) − f32(θ_b) when ``on_base``, else x_i = f32(θ_i) (no base).
     trim  (``t`` not None): kept_i = |x_i| ≥ t_i; t_i = +inf keeps none. None: all kept.
+    drop  (``density`` not None; DARE, §8a, instead of a trim): kept_i = r_i(g) < T_i with
+      r_i(g) the Philox4x32-10 word of entry g = ``offset`` + j of model i under ``key``
+      and T_i = ⌊d_i·2^32⌋ (``drop_thresholds``; d_i = 1 keeps all, d_i = 0 none).
     slack (``u`` not None): prot_i = |x_i| ≥ u_i; u_i = +inf protects none.
     elect: "none" (sel_i = kept_i, W = Σ_i w_i), or "sum" / "count" (protected-first
       sign election; sel_i = kept_i ∧ sign(w_i·x_i) = γ, W = Σ_i w_i·sel_i).
-    combine: D = Σ_i w_i·sel_i·x_i; m = D / W when ``normalize`` and W ≠ 0, else D;
+    combine: D = Σ_i c_i·sel_i·x_i; m = D / W when ``normalize`` and W ≠ 0, else D;
       θ = f32(θ_b) + λ·m (``on_base``) or θ = m. Evaluated in fp64, models summed in
-      order, then rounded once to the output dtype.
+      order, then rounded once to the output dtype. c_i (``vote_weights``) is w_i, or
+      w_i / d_i with DARE's ``rescale``; "sum" votes are c_i·x_i too. W always sums w_i.
     """
 
     weights: tuple[float, ...]
@@ -69,17 +77,35 @@ class KernelConfig:
     normalize: bool = False
     scale: float = 1.0
     on_base: bool = True
+    density: tuple[float, ...] | None = None    # DARE drop: d_i, the keep probability
+    rescale: bool = False                       # DARE: c_i = w_i / d_i
+    key: int = 0                                # DARE: the tensor's 64-bit Philox key
+    offset: int = 0                             # global index of this chunk's entry 0
 
     def __post_init__(self):
         n = len(self.weights)
         if self.elect not in ELECTS:
             raise ValueError(f"elect must be one of {ELECTS}, got {self.elect!r}")
-        for name in ("t", "u"):
+        for name in ("t", "u", "density"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"cfg.{name} needs {n} entries (one per model), got {len(v)}")
         if self.u is not None and self.elect == "none":
             raise ValueError("slack thresholds (u) need a sign election")
+        if self.density is not None:
+            if self.t is not None or self.u is not None:
+                raise ValueError("a random drop (density) excludes a magnitude trim (t) and "
+                                 "slack (u) in one pass")
+            for d in self.density:
+                drop_threshold(d)                       # checks 0 <= d <= 1
+        elif self.rescale:
+            raise ValueError("rescale needs a random drop (density)")
+        if isinstance(self.key, bool) or not isinstance(self.key, int) or \
+                not 0 <= self.key <= KEY_MAX:
+            raise ValueError(f"key must be an int in [0, 2**64), got {self.key!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or \
+                not 0 <= self.offset < 1 << 62:
+            raise ValueError(f"offset must be an int in [0, 2**62), got {self.offset!r}")
 
     @property
     def n_models(self) -> int:
@@ -91,9 +117,31 @@ class KernelConfig:
         return self.u is not None and any(x != float("inf") for x in self.u)
 
     @property
+    def drops(self) -> bool:
+        """DARE's random drop is on (docs/spec.md §8a)."""
+        return self.density is not None
+
+    @property
+    def drop_thresholds(self) -> tuple[int, ...] | None:
+        """T_i = ⌊d_i·2^32⌋ in [0, 2^32] (2^32: keep all), or None without a drop."""
+        return None if self.density is None else tuple(drop_threshold(d) for d in self.density)
+
+    @property
+    def vote_weights(self) -> tuple[float, ...]:
+        """c_i: the factor of x_i in "sum" votes and in D. w_i, or with ``rescale``
+        w_i / d_i (one fp64 division; 0.0 for d_i = 0, which keeps nothing)."""
+        if not self.rescale:
+            return tuple(self.weights)
+        return tuple(w / d if d != 0 else 0.0 for w, d in zip(self.weights, self.density))
+
+    @property
     def counts(self) -> bool:
-        """Whether the pass has per-model decisions to count (trim or election)."""
-        return self.t is not None or self.elect != "none"
+        """Whether the pass has per-model decisions to count (trim, drop or election)."""
+        return self.t is not None or self.density is not None or self.elect != "none"
+
+    def at(self, offset: int) -> "KernelConfig":
+        """This config for the chunk whose first entry is entry ``offset`` of the tensor."""
+        return self if offset == self.offset else replace(self, offset=int(offset))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ method = one row here, one section in docs/spec.md, its stage in each kernel.
 
 Knobs (``KNOBS``) carry two defaults: the Python API's and mergekit's (used for YAML
 configs, where an omitted knob must mean what it means in mergekit).
+
+A row with ``available=False`` is declared (and may be implemented in the kernels) but not
+yet accepted by ``fastmerge.merge`` or YAML configs (it is left out of ``ALIASES``).
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ class Knob:
 KNOBS = {k.name: k for k in (
     Knob("weights", "weight", True, 1.0, REQUIRED, doc="w_i, the model's weight"),
     Knob("density", "density", True, 0.2, 1.0, 0.0, 1.0,
-         doc="d_i, the fraction of |τ_i| kept by the trim"),
+         doc="d_i, the fraction of τ_i kept: the largest |τ_i| (TIES trim) or, for DARE, "
+             "each entry with probability d_i"),
     Knob("slack", "slack", True, 0.0, 0.0, 0.0, 1.0,
          doc="s_i ≤ d_i, the fraction of |τ_i| protected from the sign election"),
     Knob("scale", "lambda", False, 1.0, 1.0, doc="λ, the task vector's scale"),
@@ -55,19 +59,34 @@ class Method:
     elect: bool                   # sign election + selection by sign
     normalize_default: bool
     summary: str
+    drop: bool = False            # DARE's random drop (docs/spec.md §8a) instead of a trim
+    rescale_default: bool = False # DARE: kept entries weigh w_i / d_i (mergekit's `rescale`)
+    available: bool = True        # accepted by fastmerge.merge / YAML (in ALIASES)
 
     def kernel_config(self, weights, scale: float, normalize: bool, elect: str,
-                      t=None, u=None) -> KernelConfig:
+                      t=None, u=None, *, density=None, rescale: bool | None = None,
+                      key: int | None = None, offset: int = 0) -> KernelConfig:
         """The fused pass's flags for one tensor (the one place they are decided).
-        ``t`` / ``u``: thresholds from fastmerge.select (None: the method has none)."""
+        ``t`` / ``u``: thresholds from fastmerge.select (None: the method has none).
+        DARE methods (``drop``) take ``density`` (d_i per model), ``key`` (the tensor's
+        64-bit Philox key), ``rescale`` (None: the method's default) and ``offset`` (the
+        global index of the chunk's first entry; ``KernelConfig.at`` moves it per chunk);
+        other methods ignore them."""
         if self.thresholds and t is None:
             raise ValueError(f"method {self.name!r} needs its thresholds t")
+        drop = {}
+        if self.drop:
+            if density is None or key is None:
+                raise ValueError(f"method {self.name!r} needs density and key (its random drop)")
+            drop = dict(density=tuple(float(d) for d in density),
+                        rescale=self.rescale_default if rescale is None else bool(rescale),
+                        key=int(key), offset=int(offset))
         u = tuple(u) if "slack" in self.knobs and u is not None else None
         return KernelConfig(weights=tuple(float(w) for w in weights),
                             t=tuple(t) if self.thresholds else None, u=u,
                             elect=elect if self.elect else "none", normalize=bool(normalize),
                             scale=float(scale) if self.needs_base else 1.0,
-                            on_base=self.needs_base)
+                            on_base=self.needs_base, **drop)
 
 
 METHODS = {m.name: m for m in (
@@ -84,8 +103,17 @@ METHODS = {m.name: m for m in (
            knobs=("weights", "density", "slack", "scale"), thresholds=True, elect=True,
            normalize_default=True,
            summary="TIES with each model's top s_i protected from the sign election"),
+    Method("dare_linear", ("dare_linear", "dare-linear"), needs_base=True,
+           knobs=("weights", "density", "scale"), thresholds=False, elect=False,
+           normalize_default=False, drop=True, rescale_default=True,
+           summary="random drop (keep each τ_i entry with probability d_i), rescale by "
+                   "1/d_i, weighted sum"),
+    Method("dare_ties", ("dare_ties", "dare-ties"), needs_base=True,
+           knobs=("weights", "density", "scale"), thresholds=False, elect=True,
+           normalize_default=False, drop=True, rescale_default=True,
+           summary="random drop, rescale by 1/d_i, elect signs, disjoint sum"),
 )}
-ALIASES = {alias: m.name for m in METHODS.values() for alias in m.aliases}
+ALIASES = {alias: m.name for m in METHODS.values() if m.available for alias in m.aliases}
 ELECTS = ("sum", "count")
 
 
@@ -95,5 +123,5 @@ def get(name: str) -> Method:
 
 
 def names() -> str:
-    """The method names, for messages."""
-    return ", ".join(METHODS)
+    """The names of the methods fastmerge.merge accepts, for messages."""
+    return ", ".join(m.name for m in METHODS.values() if m.available)

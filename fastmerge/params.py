@@ -123,6 +123,8 @@ class MergeParams:
     scope: str
     dtype: str | None = None
     allow_nonfinite: bool = False
+    seed: int = 0                     # DARE: the random drop's seed (docs/spec.md §8a)
+    rescale: bool | None = None       # DARE: None is the method's default
 
     @property
     def spec(self) -> methods.Method:
@@ -182,18 +184,30 @@ class MergeParams:
             "slack": [_as_json(v) for v in self.slack], "scale": _as_json(self.scale),
             "normalize": self.normalize, "elect": self.elect, "scope": self.scope,
             "dtype": self.dtype, "allow_nonfinite": self.allow_nonfinite,
+            **({"seed": self.seed, "rescale": self.rescale_used} if self.spec.drop else {}),
         }
+
+    @property
+    def rescale_used(self) -> bool | None:
+        """DARE's rescale as applied (the method's default when not given)."""
+        if not self.spec.drop:
+            return None
+        return self.spec.rescale_default if self.rescale is None else self.rescale
 
 
 def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, density=None,
                 slack=None, scale=None, normalize: bool | None = None, elect: str = "sum",
-                scope: str = "tensor", dtype=None, allow_nonfinite: bool = False) -> MergeParams:
-    """Check every knob and broadcast per-model values. A knob left as None takes the
+                scope: str = "tensor", dtype=None, allow_nonfinite: bool = False,
+                seed: int = 0, rescale: bool | None = None) -> MergeParams:
+    """Check every knob and broadcast per-model values. ``method`` is a name or alias of
+    methods.METHODS in any letter case ("TIES", "ties-sv"). A knob left as None takes the
     API default of methods.KNOBS; ``normalize=None`` the method's default (True for
-    ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic``)."""
-    if method not in methods.ALIASES:
+    ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic`` and the DARE methods).
+    ``seed`` and ``rescale`` are DARE's (docs/spec.md §8a; rescale None: True)."""
+    key = method.strip().lower() if isinstance(method, str) else None
+    if key not in methods.ALIASES:      # any letter case, as YAML's merge_method
         raise ParameterError(f"method must be one of {methods.names()}, got {method!r}")
-    spec = methods.get(method)
+    spec = methods.get(key)
     if not isinstance(n_models, int) or n_models < 1:
         raise ParameterError(f"at least one model to merge is needed, got {n_models!r}")
     if elect not in methods.ELECTS:
@@ -210,10 +224,17 @@ def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, den
                  for k, v in given.items()}
     scale = _check_spec("scale (lambda)", methods.KNOBS["scale"].default if scale is None
                         else scale)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ParameterError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if rescale is not None and not isinstance(rescale, bool):
+        raise ParameterError(f"rescale must be true or false, got {rescale!r}")
+    if rescale is not None and not spec.drop:
+        raise ParameterError(f"rescale is only used by the DARE methods, not {spec.name!r}")
     params = MergeParams(method=spec.name, n_models=n_models, weights=per_model["weights"],
                          density=per_model["density"], slack=per_model["slack"], scale=scale,
                          normalize=normalize, elect=elect, scope=scope,
-                         dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite))
+                         dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite),
+                         seed=seed, rescale=rescale)
     if params.constant:
         params.for_tensor("")        # constant knobs: check their values now
     elif scope == "model" and spec.thresholds and not all(

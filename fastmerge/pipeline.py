@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from . import select
+from . import philox, select
 from .kernel_api import COUNTERS, NONFINITE
 from .plan import TensorTask, kernel_dtype
 
@@ -61,13 +61,18 @@ class TensorStats:
         if "models" in d:
             counts = torch.tensor([[m[c] for c in COUNTERS] for m in d["models"]],
                                   dtype=torch.int64)
-        return cls(d["name"], d["population"], list(d.get("t", [])), list(d.get("u", [])),
-                   counts)
+        # null is how as_dict writes +inf (keep none / protect none); a /1 report or
+        # journal may still hold the float inf itself, which passes through as is
+        def thresholds(key):
+            return [math.inf if x is None else x for x in d.get(key, [])]
+        return cls(d["name"], d["population"], thresholds("t"), thresholds("u"), counts)
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "population": self.population}
         if self.t:
-            d["t"], d["u"] = self.t, self.u
+            # strict JSON: +inf (t: keep none, u: protect none) is written as null
+            d["t"], d["u"] = ([None if x == math.inf else x for x in v]
+                              for v in (self.t, self.u))
         if self.counts is not None:
             d["models"] = [dict(zip(COUNTERS, map(int, row))) for row in self.counts.tolist()]
         return d
@@ -346,7 +351,11 @@ class StreamMerge:
                     self.backend, self._targets(task, task.numel),
                     lambda: ((b, m) for _, _, b, m in src.chunks()), src.whole(), src.sample)
             stats.t, stats.u = list(t), list(u)
-        cfg = p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, t, u)
+        drop = {}
+        if p.spec.drop:     # DARE: the tensor's own Philox stream (docs/spec.md §8a)
+            drop = dict(density=tk.density, rescale=p.rescale,
+                        key=philox.tensor_key(p.seed, task.name))
+        cfg = p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, t, u, **drop)
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():
@@ -354,7 +363,7 @@ class StreamMerge:
                 out = self.reader.pool.take(count, task.out_dtype)
             else:
                 out = torch.empty(count, dtype=task.out_dtype, device=self.device)
-            counts += self.backend.merge(b, m, out, cfg).cpu()
+            counts += self.backend.merge(b, m, out, cfg.at(start)).cpu()
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
             self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import philox
 from .kernel_api import (COUNTERS, DIGIT_BITS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
                          NBINS, NONFINITE, PROTECTED, SELECTED, SHIFT,
                          TIES_IMPORTANT_DROPPED, KernelConfig)
@@ -121,7 +122,7 @@ def _finite_or_nan(values, device) -> torch.Tensor:
 
 def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
           cfg: KernelConfig) -> torch.Tensor:
-    """The fused pass of kernel_api's contract (docs/spec.md §4-§8), in fp64.
+    """The fused pass of kernel_api's contract (docs/spec.md §4-§8a), in fp64.
 
     Writes ``out`` (the fp64 θ rounded once) and returns int64 counters
     ``[n, len(COUNTERS)]`` (all but ``nonfinite`` zero when ``cfg.counts`` is False).
@@ -136,9 +137,15 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     x = x32.double()
     dev = x.device
     w = torch.tensor(cfg.weights, dtype=torch.float64, device=dev).unsqueeze(1)
-    wx = w * x
+    c = torch.tensor(cfg.vote_weights, dtype=torch.float64, device=dev).unsqueeze(1)
+    wx = c * x                                               # c_i·x_i (c_i = w_i but DARE)
     a = x32.abs()
-    kept = a >= _finite_or_nan(cfg.t, dev) if cfg.t is not None else torch.ones_like(a, dtype=torch.bool)
+    if cfg.drops:
+        kept = dare_kept(cfg, models.shape[1], dev)
+    elif cfg.t is not None:
+        kept = a >= _finite_or_nan(cfg.t, dev)
+    else:
+        kept = torch.ones_like(a, dtype=torch.bool)
     if cfg.elect == "none":
         sel = kept
         wsum = 0.0
@@ -168,6 +175,13 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     return counts
 
 
+def dare_kept(cfg: KernelConfig, N: int, device=None) -> torch.Tensor:
+    """DARE's kept_i for entries cfg.offset .. cfg.offset + N − 1 (docs/spec.md §8a):
+    r_i(g) < T_i, bool [n, N]."""
+    return torch.stack([philox.keep_mask(cfg.key, i, cfg.offset, N, T, device)
+                        for i, T in enumerate(cfg.drop_thresholds)])
+
+
 def _elect(votes: torch.Tensor) -> torch.Tensor:
     """γ = +1 where Σ_i votes_i (in model order) >= 0, else −1 (docs/spec.md §5)."""
     return torch.where(_ordered_sum(votes) >= 0, 1.0, -1.0).to(votes.dtype)
@@ -186,12 +200,15 @@ def _count_election(counts, kept, sel, x, prot, sel_ties) -> None:
 
 def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
               out_dtype: torch.dtype | None = None, population: int | None = None,
-              thresholds=None, name: str = ""):
+              thresholds=None, name: str = "", key: int | None = None,
+              rescale: bool | None = None):
     """Merge one tensor by the spec's definition: thresholds by sorting, then ``merge``.
 
     ``params`` is a ``MergeParams`` (its knobs resolved for tensor ``name``);
     ``thresholds`` ((t, u) lists) overrides the sort, e.g. for ``scope="model"``.
-    Returns (out, counts, (t, u)).
+    DARE methods (docs/spec.md §8a) take the tensor's Philox ``key`` (default:
+    ``philox.tensor_key(params.seed, name)``) and ``rescale`` (default: ``params.rescale``,
+    else the method's default). Returns (out, counts, (t, u)).
     """
     ref = base if base is not None else models[0]
     out = torch.empty(ref.shape, dtype=out_dtype or ref.dtype, device=ref.device)
@@ -206,7 +223,13 @@ def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
             t, u = [p[0] for p in pairs], [p[1] for p in pairs]
         else:
             t, u = list(thresholds[0]), list(thresholds[1])
-    cfg = params.spec.kernel_config(tk.weights, tk.scale, params.normalize, params.elect, t, u)
+    drop = {}
+    if params.spec.drop:
+        key = philox.tensor_key(params.seed, name) if key is None else key
+        drop = dict(density=tk.density, key=key,
+                    rescale=params.rescale if rescale is None else rescale)
+    cfg = params.spec.kernel_config(tk.weights, tk.scale, params.normalize, params.elect, t, u,
+                                    **drop)
     flat_base = None if base is None else base.reshape(-1)
     counts = merge(flat_base, models.reshape(n, -1), out.view(-1), cfg)
     return out, counts, (t, u)

@@ -11,6 +11,11 @@ Math (docs/spec.md §1-§9; one tensor of N entries, models i = 1..n, entry j):
     W = Σ w_i·sel_i (no election: Σ w_i);   m = D / W (normalize, W ≠ 0) or D;
     θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE)
 
+DARE (docs/spec.md §8a) replaces the trim by a random drop, kept_i = r_i(g) < T_i, where
+r_i(g) is word g mod 4 of Philox4x32-10(key, (q mod 2^32, ⌊q/2^32⌋, i, 0)), q = ⌊g/4⌋, for
+the entry's index g in the whole tensor; sum votes and D weigh x_i by c_i (w_i, or
+w_i / d_i with rescale); W keeps w_i.
+
 Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64, the
 models summed in order from +0.0, without FMA contraction (``enable_fp_fusion=False``):
 on a GPU and under ``TRITON_INTERPRET=1`` a kernel evaluates the same fp64 expression as
@@ -27,6 +32,13 @@ Layout and determinism:
   rows (from cache) selects and accumulates D and W. Per-model counters are int32
   vectors per program; the partials [P, n, 7] are summed by torch into int64:
   deterministic.
+* DARE's drop (``_merge_drop_kernel``): the blocks are aligned to the tensor's global
+  index, g ≡ 0 (mod 4) at every block start (the chunk's entries shifted by
+  ``offset mod 4``, entries outside the chunk masked), so one Philox call serves four
+  consecutive entries: BLOCK/4 calls on [BLOCK/4] vectors, their four words interleaved
+  into the block's order. Philox is uint32 arithmetic (``tl.umulhi`` and a wrapping
+  product), with the ten round keys computed on the host. The election packs each
+  model's kept bit into an int32 so the second sweep does not draw again.
 * ``histogram``: per block the base is loaded once and each model row in turn
   (``tl.static_range``). A 2048-bin ``tl.histogram`` costs about 2048/32 = 64 bit-twiddling
   steps per entry on Triton 3.6's ballot lowering, far more than the loads, so each slot
@@ -119,6 +131,84 @@ def _nonfinite(x):
 def _count_rows(flags):
     """Per-row count of a [NM, BLOCK] boolean tile, int32 [NM]."""
     return tl.sum(flags.to(tl.int32), axis=1)
+
+
+# ------------------------------------------------------------------------------------
+# DARE's random drop: Philox4x32-10 (docs/spec.md §8a)
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+_M0, _M1 = tl.constexpr(PHILOX_M0), tl.constexpr(PHILOX_M1)     # for the device code
+_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+
+
+def philox_round_keys(key: int) -> list[int]:
+    """The ten (k0, k1) round keys of Philox4x32-10 for a 64-bit key, flattened: round r
+    uses (k0 + r·W0, k1 + r·W1) mod 2^32 (Random123's key schedule)."""
+    k0, k1 = key & 0xFFFFFFFF, key >> 32
+    out = []
+    for r in range(PHILOX_ROUNDS):
+        out += [(k0 + r * PHILOX_W0) & 0xFFFFFFFF, (k1 + r * PHILOX_W1) & 0xFFFFFFFF]
+    return out
+
+
+@triton.jit
+def _philox10(c0, c1, c2, c3, rk_ptr):
+    """Philox4x32-10 of uint32 counters (c0, c1, c2, c3); rk_ptr: the 20 round-key words
+    (int64 memory, ``philox_round_keys``). Per round: (hi0, lo0) = M0·c0, (hi1, lo1) = M1·c2,
+    c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), with uint32 wrap-around products."""
+    m0 = tl.full([1], _M0, tl.uint32)
+    m1 = tl.full([1], _M1, tl.uint32)
+    for r in tl.static_range(_ROUNDS):
+        k0 = tl.load(rk_ptr + 2 * r).to(tl.uint32)
+        k1 = tl.load(rk_ptr + 2 * r + 1).to(tl.uint32)
+        hi0 = tl.umulhi(c0, m0)
+        lo0 = c0 * m0
+        hi1 = tl.umulhi(c2, m1)
+        lo1 = c2 * m1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dare_words(q0, model, rk_ptr, BLOCK: tl.constexpr):
+    """r_model(g) for the BLOCK entries g = 4·q0 .. 4·q0 + BLOCK − 1 (q0 int64): one Philox
+    call per q = q0 .. q0 + BLOCK/4 − 1 on counter (q low, q high, model, 0), its words
+    w = 0..3 at g = 4q + w. uint32 [BLOCK]."""
+    q = q0 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
+    c2 = tl.zeros([BLOCK // 4], tl.uint32) + model
+    c3 = tl.zeros([BLOCK // 4], tl.uint32)
+    r0, r1, r2, r3 = _philox10(c0, c1, c2, c3, rk_ptr)
+    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+
+
+@triton.jit
+def _philox_kernel(ctr_ptr, rk_ptr, out_ptr, M, BLOCK: tl.constexpr):
+    """out[k, w] = word w of Philox4x32-10(ctr[k, :]) for k < M (int64 [M, 4] memory)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = k < M
+    r0, r1, r2, r3 = _philox10(tl.load(ctr_ptr + 4 * k, mask=m, other=0).to(tl.uint32),
+                               tl.load(ctr_ptr + 4 * k + 1, mask=m, other=0).to(tl.uint32),
+                               tl.load(ctr_ptr + 4 * k + 2, mask=m, other=0).to(tl.uint32),
+                               tl.load(ctr_ptr + 4 * k + 3, mask=m, other=0).to(tl.uint32),
+                               rk_ptr)
+    tl.store(out_ptr + 4 * k, r0.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * k + 1, r1.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * k + 2, r2.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * k + 3, r3.to(tl.int64), mask=m)
+
+
+@triton.jit
+def _dare_words_kernel(out_ptr, rk_ptr, N, qbase, shift, model, BLOCK: tl.constexpr):
+    """out[j] = r_model(offset + j) for j < N, blocks placed as in ``_merge_drop_kernel``
+    (offset = 4·qbase + shift)."""
+    blk = tl.program_id(0)
+    offs = _offsets(blk, BLOCK) - shift
+    r = _dare_words(qbase + tl.cast(blk, tl.int64) * (BLOCK // 4), model, rk_ptr, BLOCK)
+    tl.store(out_ptr + offs, r.to(tl.int64), mask=(offs >= 0) & (offs < N))
 
 
 # ------------------------------------------------------------------------------------
@@ -249,28 +339,97 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, NM)
-    rmask = rows < N_MODELS
     scale = tl.load(w_ptr + NM)
     wsum = tl.load(w_ptr + NM + 1)
-    c_kept = tl.zeros([NM], tl.int32)
-    c_prot = tl.zeros([NM], tl.int32)
-    c_sel = tl.zeros([NM], tl.int32)
-    c_drop = tl.zeros([NM], tl.int32)
-    c_imp = tl.zeros([NM], tl.int32)
-    c_timp = tl.zeros([NM], tl.int32)
-    c_nonf = tl.zeros([NM], tl.int32)
+    c = _zero_counters(NM)
     for it in range(ITERS):
         offs = _offsets(pid + it * n_programs, BLOCK)
-        inb = offs < N
-        if ON_BASE:
-            b = _load_f32(base_ptr, offs, inb, BASE_BF16)
-        else:
-            b = tl.zeros([BLOCK], tl.float32)
-        d = tl.zeros([BLOCK], tl.float64)
-        if ELECT == 0:
-            for i in tl.static_range(N_MODELS):
-                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
-                c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
+        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, w_ptr, N, offs,
+                         offs < N, 0, rows, scale, wsum, c, ON_BASE, TRIM, ELECT, SLACK,
+                         NORMALIZE, N_MODELS, NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32,
+                         BLOCK, False)
+    _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
+
+
+@triton.jit(do_not_specialize=["qbase", "shift"])      # they change chunk by chunk
+def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, cnt_ptr, N,
+                       n_programs, qbase, shift, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
+                       N_MODELS: tl.constexpr, NM: tl.constexpr, BASE_BF16: tl.constexpr,
+                       MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+                       OUT_F32: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """``_merge_kernel`` with DARE's random drop (docs/spec.md §8a) in place of the trim,
+    on a base, without slack. The chunk holds entries offset .. offset + N − 1 of the
+    tensor, offset = 4·qbase + shift (0 ≤ shift < 4): block b covers g = 4·qbase + b·BLOCK
+    + 0..BLOCK − 1, i.e. chunk entries j = b·BLOCK − shift + 0..BLOCK − 1 (others masked),
+    so every block starts at g ≡ 0 (mod 4). w_ptr: fp64 [2·NM + 2] = (w_i..., λ, Σ w_i,
+    c_i...); drp_ptr: int64 [NM + 20] = (T_i..., the round keys of ``philox_round_keys``).
+    """
+    pid = tl.program_id(0)
+    rows = tl.arange(0, NM)
+    scale = tl.load(w_ptr + NM)
+    wsum = tl.load(w_ptr + NM + 1)
+    c = _zero_counters(NM)
+    for it in range(ITERS):
+        blk = pid + it * n_programs
+        offs = _offsets(blk, BLOCK) - shift
+        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs,
+                         (offs >= 0) & (offs < N), qbase + tl.cast(blk, tl.int64) * (BLOCK // 4),
+                         rows, scale, wsum, c, True, False, ELECT, False, NORMALIZE, N_MODELS,
+                         NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True)
+    _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
+
+
+@triton.jit
+def _zero_counters(NM: tl.constexpr):
+    """The seven per-model counters (kernel_api.COUNTERS order), int32 [NM] each."""
+    z = tl.zeros([NM], tl.int32)
+    return z, z, z, z, z, z, z
+
+
+@triton.jit
+def _store_counters(cnt_ptr, pid, rows, N_MODELS: tl.constexpr, c):
+    """This program's partial counters into cnt_ptr [programs, N_MODELS, 7]."""
+    cnt = cnt_ptr + (pid * N_MODELS + rows) * 7
+    rmask = rows < N_MODELS
+    c_kept, c_prot, c_sel, c_drop, c_imp, c_timp, c_nonf = c
+    tl.store(cnt + 0, c_kept, mask=rmask)
+    tl.store(cnt + 1, c_prot, mask=rmask)
+    tl.store(cnt + 2, c_sel, mask=rmask)
+    tl.store(cnt + 3, c_drop, mask=rmask)
+    tl.store(cnt + 4, c_imp, mask=rmask)
+    tl.store(cnt + 5, c_timp, mask=rmask)
+    tl.store(cnt + 6, c_nonf, mask=rmask)
+
+
+@triton.jit
+def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs, inb, q0,
+                 rows, scale, wsum, c, ON_BASE: tl.constexpr, TRIM: tl.constexpr,
+                 ELECT: tl.constexpr, SLACK: tl.constexpr, NORMALIZE: tl.constexpr,
+                 N_MODELS: tl.constexpr, NM: tl.constexpr, BASE_BF16: tl.constexpr,
+                 MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr,
+                 BLOCK: tl.constexpr, DROP: tl.constexpr):
+    """One block of the fused pass (entries ``offs``, ``inb`` in the chunk): elect,
+    select, combine, store θ; returns the counters ``c`` plus this block's. DROP: kept_i
+    from DARE's words r_i for g = 4·q0 + 0..BLOCK − 1 (``_dare_words``) instead of t_i."""
+    c_kept, c_prot, c_sel, c_drop, c_imp, c_timp, c_nonf = c
+    rk_ptr = drp_ptr + NM                                        # DROP: the round keys
+    if ON_BASE:
+        b = _load_f32(base_ptr, offs, inb, BASE_BF16)
+    else:
+        b = tl.zeros([BLOCK], tl.float32)
+    d = tl.zeros([BLOCK], tl.float64)
+    if ELECT == 0:
+        for i in tl.static_range(N_MODELS):
+            x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+            c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
+            if DROP:
+                ci = tl.load(w_ptr + NM + 2 + i)
+                k = _dare_words(q0, i, rk_ptr, BLOCK).to(tl.int64) < tl.load(drp_ptr + i)
+                kc = tl.sum(tl.where(k & inb, 1, 0), axis=0)
+                c_kept += _at(rows, i, kc)
+                c_sel += _at(rows, i, kc)
+                d += tl.where(k, ci * x.to(tl.float64), 0.0)
+            else:
                 wi = tl.load(w_ptr + i)
                 if TRIM:
                     k = tl.abs(x) >= tl.load(par_ptr + NM + i)
@@ -280,67 +439,73 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
                     d += tl.where(k, wi * x.to(tl.float64), 0.0)
                 else:
                     d += wi * x.to(tl.float64)
-            ws = tl.zeros([BLOCK], tl.float64) + wsum
-        else:
-            g = tl.zeros([BLOCK], tl.float64)
-            gp = tl.zeros([BLOCK], tl.float64)
-            ap = tl.zeros([BLOCK], tl.int1)
-            for i in tl.static_range(N_MODELS):                  # §5 elect
-                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
-                c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
-                ax = tl.abs(x)
-                if ELECT == 2:
-                    sx = tl.load(par_ptr + i) * tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-                    vote = sx.to(tl.float64)
+        ws = tl.zeros([BLOCK], tl.float64) + wsum
+    else:
+        g = tl.zeros([BLOCK], tl.float64)
+        gp = tl.zeros([BLOCK], tl.float64)
+        ap = tl.zeros([BLOCK], tl.int1)
+        kbits = tl.zeros([BLOCK], tl.int32)                  # DROP: kept_i at bit i
+        for i in tl.static_range(N_MODELS):                  # §5 elect
+            x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+            c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
+            ax = tl.abs(x)
+            if ELECT == 2:
+                sx = tl.load(par_ptr + i) * tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+                vote = sx.to(tl.float64)
+            else:
+                if DROP:
+                    vote = tl.load(w_ptr + NM + 2 + i) * x.to(tl.float64)
                 else:
                     vote = tl.load(w_ptr + i) * x.to(tl.float64)
-                g += tl.where(ax >= tl.load(par_ptr + NM + i), vote, 0.0)
-                if SLACK:
-                    p = ax >= tl.load(par_ptr + 2 * NM + i)
-                    gp += tl.where(p, vote, 0.0)
-                    ap = ap | p
-            gt = tl.where(g >= 0, 1.0, -1.0)
-            if SLACK:
-                gam = tl.where(ap, tl.where(gp >= 0, 1.0, -1.0), gt)
+            if DROP:
+                k = _dare_words(q0, i, rk_ptr, BLOCK).to(tl.int64) < tl.load(drp_ptr + i)
+                kbits = kbits | (k.to(tl.int32) << i)
             else:
-                gam = gt
-            ws = tl.zeros([BLOCK], tl.float64)
-            for i in tl.static_range(N_MODELS):                  # §6 select; §9 counters
-                x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
-                ax = tl.abs(x)
-                wi = tl.load(w_ptr + i)
-                sx = tl.load(par_ptr + i) * x                    # sign(w_i·x_i) = sign(sx)
+                k = ax >= tl.load(par_ptr + NM + i)
+            g += tl.where(k, vote, 0.0)
+            if SLACK:
+                p = ax >= tl.load(par_ptr + 2 * NM + i)
+                gp += tl.where(p, vote, 0.0)
+                ap = ap | p
+        gt = tl.where(g >= 0, 1.0, -1.0)
+        if SLACK:
+            gam = tl.where(ap, tl.where(gp >= 0, 1.0, -1.0), gt)
+        else:
+            gam = gt
+        ws = tl.zeros([BLOCK], tl.float64)
+        for i in tl.static_range(N_MODELS):                  # §6 select; §9 counters
+            x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
+            ax = tl.abs(x)
+            wi = tl.load(w_ptr + i)
+            sx = tl.load(par_ptr + i) * x                    # sign(w_i·x_i) = sign(sx)
+            if DROP:
+                ci = tl.load(w_ptr + NM + 2 + i)
+                k = (((kbits >> i) & 1) != 0) & inb
+            else:
+                ci = wi
                 k = (ax >= tl.load(par_ptr + NM + i)) & inb
-                sel = k & (sx * gam > 0)                         # a zero never matches
-                d += tl.where(sel, wi * x.to(tl.float64), 0.0)
-                ws += tl.where(sel, wi, 0.0)
-                c_kept += _at(rows, i, tl.sum(tl.where(k, 1, 0), axis=0))
-                c_sel += _at(rows, i, tl.sum(tl.where(sel, 1, 0), axis=0))
-                c_drop += _at(rows, i, tl.sum(tl.where(k & ~sel & (x != 0), 1, 0), axis=0))
-                if SLACK:
-                    p = (ax >= tl.load(par_ptr + 2 * NM + i)) & inb
-                    sel_t = k & (sx * gt > 0)
-                    c_prot += _at(rows, i, tl.sum(tl.where(p, 1, 0), axis=0))
-                    c_imp += _at(rows, i, tl.sum(tl.where(p & ~sel, 1, 0), axis=0))
-                    c_timp += _at(rows, i, tl.sum(tl.where(p & ~sel_t, 1, 0), axis=0))
-        if NORMALIZE:                                            # §7 combine
-            m = tl.where(ws != 0, d / tl.where(ws != 0, ws, 1.0), d)
-        else:
-            m = d
-        if ON_BASE:
-            theta = b.to(tl.float64) + scale * m
-        else:
-            theta = m
-        _store_f64(out_ptr, offs, theta, inb, OUT_BF16, OUT_F32)
-
-    cnt = cnt_ptr + (pid * N_MODELS + rows) * 7
-    tl.store(cnt + 0, c_kept, mask=rmask)
-    tl.store(cnt + 1, c_prot, mask=rmask)
-    tl.store(cnt + 2, c_sel, mask=rmask)
-    tl.store(cnt + 3, c_drop, mask=rmask)
-    tl.store(cnt + 4, c_imp, mask=rmask)
-    tl.store(cnt + 5, c_timp, mask=rmask)
-    tl.store(cnt + 6, c_nonf, mask=rmask)
+            sel = k & (sx * gam > 0)                         # a zero never matches
+            d += tl.where(sel, ci * x.to(tl.float64), 0.0)
+            ws += tl.where(sel, wi, 0.0)
+            c_kept += _at(rows, i, tl.sum(tl.where(k, 1, 0), axis=0))
+            c_sel += _at(rows, i, tl.sum(tl.where(sel, 1, 0), axis=0))
+            c_drop += _at(rows, i, tl.sum(tl.where(k & ~sel & (x != 0), 1, 0), axis=0))
+            if SLACK:
+                p = (ax >= tl.load(par_ptr + 2 * NM + i)) & inb
+                sel_t = k & (sx * gt > 0)
+                c_prot += _at(rows, i, tl.sum(tl.where(p, 1, 0), axis=0))
+                c_imp += _at(rows, i, tl.sum(tl.where(p & ~sel, 1, 0), axis=0))
+                c_timp += _at(rows, i, tl.sum(tl.where(p & ~sel_t, 1, 0), axis=0))
+    if NORMALIZE:                                            # §7 combine
+        m = tl.where(ws != 0, d / tl.where(ws != 0, ws, 1.0), d)
+    else:
+        m = d
+    if ON_BASE:
+        theta = b.to(tl.float64) + scale * m
+    else:
+        theta = m
+    _store_f64(out_ptr, offs, theta, inb, OUT_BF16, OUT_F32)
+    return c_kept, c_prot, c_sel, c_drop, c_imp, c_timp, c_nonf
 
 
 # ------------------------------------------------------------------------------------
@@ -458,26 +623,36 @@ _PARAMS_CACHE: dict = {}
 
 
 def _params(cfg: KernelConfig, nm: int, device: torch.device):
-    """(fp64 [NM + 2] = (w_i..., λ, Σ w_i), fp32 [3, NM] = (sign(w_i), t_i, u_i)) on the
-    device, cached: a merge runs chunk after chunk. A threshold of +inf (keep / protect
-    none) and every padded row are NaN, which no comparison passes."""
-    key = (cfg.weights, cfg.t, cfg.u, cfg.scale, nm, str(device))
+    """(fp64 [2·NM + 2] = (w_i..., λ, Σ w_i, c_i...), fp32 [3, NM] = (sign(w_i), t_i, u_i),
+    int64 [NM + 20] = (T_i..., Philox round keys) or None without a drop) on the device,
+    cached: a merge runs chunk after chunk (the offset is a kernel argument). A threshold
+    of +inf (keep / protect none) and every padded row are NaN, which no comparison
+    passes; padded T_i are 0 (keep none)."""
+    key = (cfg.weights, cfg.t, cfg.u, cfg.scale, cfg.density, cfg.rescale, cfg.key, nm,
+           str(device))
     p = _PARAMS_CACHE.get(key)
     if p is None:
         n = cfg.n_models
         wsum = 0.0
         for wi in cfg.weights:          # Σ w_i in model order (W without an election)
             wsum += wi
-        w = torch.zeros(nm + 2, dtype=torch.float64)
+        w = torch.zeros(2 * nm + 2, dtype=torch.float64)
         w[:n] = torch.tensor(cfg.weights, dtype=torch.float64)
         w[nm], w[nm + 1] = float(cfg.scale), wsum
+        w[nm + 2:nm + 2 + n] = torch.tensor(cfg.vote_weights, dtype=torch.float64)
         par = torch.full((3, nm), float("nan"), dtype=torch.float32)
         par[0] = torch.sign(w[:nm]).float()
         for row, v in ((1, cfg.t), (2, cfg.u)):
             if v is not None:
                 par[row, :n] = torch.tensor(v, dtype=torch.float32)
         par[par == float("inf")] = float("nan")
-        p = (w.to(device), par.to(device))
+        drp = None
+        if cfg.drops:
+            drp = torch.zeros(nm + 2 * PHILOX_ROUNDS, dtype=torch.int64)
+            drp[:n] = torch.tensor(cfg.drop_thresholds, dtype=torch.int64)
+            drp[nm:] = torch.tensor(philox_round_keys(cfg.key), dtype=torch.int64)
+            drp = drp.to(device)
+        p = (w.to(device), par.to(device), drp)
         if len(_PARAMS_CACHE) > 64:
             _PARAMS_CACHE.clear()
         _PARAMS_CACHE[key] = p
@@ -506,9 +681,24 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     nm = triton.next_power_of_2(n)
     interp = _interpreted()
     block = _power_of_two(block or (256 if interp else MERGE_BLOCK), "block", 1 << 15)
-    grid, iters = _grid(device, triton.cdiv(N, block), programs)
-    w, par = _params(cfg, nm, device)
+    shift = cfg.offset & 3 if cfg.drops else 0       # DARE: blocks start at g ≡ 0 (mod 4)
+    grid, iters = _grid(device, triton.cdiv(N + shift, block), programs)
+    w, par, drp = _params(cfg, nm, device)
     partial = torch.empty(grid, n, _N_COUNTERS, dtype=torch.int32, device=device)
+    if cfg.drops:
+        if not cfg.on_base:
+            raise ValueError("the Triton DARE kernel merges on a base")
+        with _launch_context(device):
+            _merge_drop_kernel[(grid,)](
+                _kernel_view(base), _kernel_view(models), _kernel_view(out), w, par, drp,
+                partial, N, grid, (cfg.offset - shift) >> 2, shift,
+                ELECT=("none", "sum", "count").index(cfg.elect),
+                NORMALIZE=bool(cfg.normalize), N_MODELS=n, NM=nm,
+                BASE_BF16=base.dtype == torch.bfloat16,
+                MODELS_BF16=models.dtype == torch.bfloat16, OUT_BF16=out.dtype == torch.bfloat16,
+                OUT_F32=out.dtype == torch.float32, BLOCK=block, ITERS=iters, num_warps=4,
+                enable_fp_fusion=False)
+        return partial.sum(0, dtype=torch.int64)
     with _launch_context(device):
         _merge_kernel[(grid,)](
             _kernel_view(base if cfg.on_base else models), _kernel_view(models),
@@ -521,3 +711,31 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
             OUT_F32=out.dtype == torch.float32, BLOCK=block, ITERS=iters, num_warps=4,
             enable_fp_fusion=False)
     return partial.sum(0, dtype=torch.int64)
+
+
+def philox4x32_10(ctr, key, device="cpu") -> list[tuple[int, int, int, int]]:
+    """Philox4x32-10 of counters ``ctr`` (one or a list of 4-tuples of uint32) under the
+    64-bit ``key``, by the kernels' own device routine; tests."""
+    rows = [tuple(ctr)] if len(ctr) == 4 and isinstance(ctr[0], int) else [tuple(c) for c in ctr]
+    c = torch.tensor(rows, dtype=torch.int64, device=device)
+    out = torch.empty_like(c)
+    rk = torch.tensor(philox_round_keys(int(key)), dtype=torch.int64, device=device)
+    block = 16
+    with _launch_context(c.device):
+        _philox_kernel[(triton.cdiv(len(rows), block),)](c, rk, out, len(rows), BLOCK=block)
+    return [tuple(int(v) for v in row) for row in out.cpu()]
+
+
+def dare_words(key: int, model: int, offset: int, n: int, *, block: int = 256,
+               device="cpu") -> torch.Tensor:
+    """DARE's random words r_model(offset .. offset + n − 1) (docs/spec.md §8a), placed in
+    blocks as the merge places them; int64 [n] of uint32 values on ``device``. Tests."""
+    _power_of_two(block, "block", 1 << 15)
+    shift = offset & 3
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    rk = torch.tensor(philox_round_keys(int(key)), dtype=torch.int64, device=device)
+    if n:
+        with _launch_context(out.device):
+            _dare_words_kernel[(triton.cdiv(n + shift, block),)](
+                out, rk, n, (offset - shift) >> 2, shift, int(model), BLOCK=block)
+    return out

@@ -584,8 +584,8 @@ def test_fp64_output_rounding_is_one_rounding(dtype):
     ext = C._module()
     x = _doubles_near_every_rounding_boundary()
     got = torch.empty(x.numel(), dtype=dtype)
-    ext.convert_f64(x.numpy(), C._buffer(got, "dst"), {F32: ext.F32, F16: ext.F16, BF16: ext.BF16}[dtype],
-                    x.numel())
+    ext.convert(x.numpy(), ext.F64, C._buffer(got, "dst"),
+                {F32: ext.F32, F16: ext.F16, BF16: ext.BF16}[dtype], x.numel())
     _assert_same_bits(got, R.round_once(x, dtype), x.float(), f"fp64 -> {NAME[dtype]}")
     if dtype == F16:
         with np.errstate(over="ignore"):                 # overflow to inf is expected

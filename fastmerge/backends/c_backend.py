@@ -142,7 +142,24 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
     bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if cfg.on_base else (None, 0)
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     elect = {"none": ext.ELECT_NONE, "sum": ext.ELECT_SUM, "count": ext.ELECT_COUNT}[cfg.elect]
+    drop = {}
+    if cfg.drops:     # DARE (docs/spec.md §8a): random drop, c_i = w_i or w_i / d_i
+        drop = dict(drop=cfg.drop_thresholds, key=int(cfg.key), offset=int(cfg.offset),
+                    vote_weights=cfg.vote_weights)
     ext.merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
               cfg.on_base, elect, bool(cfg.normalize), tuple(cfg.weights), cfg.t, cfg.u,
-              float(cfg.scale), counts.numpy())
+              float(cfg.scale), counts.numpy(), **drop)
     return counts
+
+
+def philox4x32_10(ctr, key) -> tuple[int, int, int, int]:
+    """The C kernels' Philox4x32-10 of one counter (4 uint32) and key (2 uint32); tests."""
+    return _module().philox4x32_10(tuple(int(c) for c in ctr), tuple(int(k) for k in key))
+
+
+def dare_words(key: int, model: int, offset: int, n: int) -> torch.Tensor:
+    """DARE's random words r_model(offset .. offset + n − 1) (docs/spec.md §8a) from the C
+    merge's own block generator, int64 [n] of uint32 values; tests."""
+    out = torch.empty(n, dtype=torch.int32)
+    _module().dare_words(out.numpy(), int(n), int(key), int(offset), int(model))
+    return out.to(torch.int64) & 0xFFFFFFFF

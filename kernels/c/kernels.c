@@ -12,6 +12,9 @@
  *   sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);  D = Σ w_i·sel_i·x_i,
  *   W = Σ w_i·sel_i (no election: Σ w_i);  m = D / W (normalize, W != 0) or D;
  *   θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE).
+ * DARE (spec §8a) replaces the trim by a random drop: kept_i = r_i(g) < T_i, r_i(g) word
+ * g & 3 of Philox4x32-10(key, (g >> 2 low, high, i, 0)) for the entry's global index g =
+ * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale).
  * Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64
  * (docs/spec.md §7), the models summed in order i = 1..n from +0.0, so every backend
  * evaluates the same fp64 expression. Thresholds of +inf arrive as NaN (no comparison
@@ -515,6 +518,96 @@ int fm_bracket(const fm_bracket_args *a)
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* DARE's random drop (docs/spec.md §8a): Philox4x32-10                                 */
+
+#define FM_PHILOX_M0 0xD2511F53u
+#define FM_PHILOX_M1 0xCD9E8D57u
+#define FM_PHILOX_W0 0x9E3779B9u
+#define FM_PHILOX_W1 0xBB67AE85u
+#define FM_RGROUPS (FM_BLOCK / 4 + 2)   /* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4) */
+
+/* Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R(10, ...)) of counter
+ * (c0, c1, c2, c3) under key (k0, k1), in place. Each round: (hi0, lo0) = M0·c0,
+ * (hi1, lo1) = M1·c2, c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped
+ * between rounds (bumping once more after the last one changes nothing). The 32x32
+ * multiply-high is a 64-bit product: loops over counters vectorise (vpmuludq). */
+FM_INLINE void philox10(uint32_t *c0, uint32_t *c1, uint32_t *c2, uint32_t *c3, uint32_t k0,
+                        uint32_t k1)
+{
+    uint32_t a = *c0, b = *c1, c = *c2, d = *c3;
+    for (int r = 0; r < 10; r++) {
+        const uint64_t p0 = (uint64_t)FM_PHILOX_M0 * a, p1 = (uint64_t)FM_PHILOX_M1 * c;
+        const uint32_t na = (uint32_t)(p1 >> 32) ^ b ^ k0, nc = (uint32_t)(p0 >> 32) ^ d ^ k1;
+        b = (uint32_t)p1;
+        d = (uint32_t)p0;
+        a = na;
+        c = nc;
+        k0 += FM_PHILOX_W0;
+        k1 += FM_PHILOX_W1;
+    }
+    *c0 = a; *c1 = b; *c2 = c; *c3 = d;
+}
+
+void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1)
+{
+    philox10(&ctr[0], &ctr[1], &ctr[2], &ctr[3], k0, k1);
+}
+
+/* r[s + j] = r_model(g0 + j) for j < len (len <= FM_BLOCK), s = g0 & 3: one Philox call
+ * per group q = g >> 2 of four consecutive g, word g & 3 (r holds the whole groups, from
+ * 4·(g0 >> 2)). rw: scratch [4][FM_RGROUPS]. */
+FM_INLINE void dare_words(uint32_t *restrict r, uint32_t *restrict rw, uint64_t g0, int len,
+                          uint32_t k0, uint32_t k1, uint32_t model)
+{
+    const uint64_t q0 = g0 >> 2;
+    const int ng = ((int)(g0 & 3) + len + 3) >> 2;
+    uint32_t *restrict w0 = rw, *restrict w1 = rw + FM_RGROUPS, *restrict w2 = rw + 2 * FM_RGROUPS,
+             *restrict w3 = rw + 3 * FM_RGROUPS;
+    for (int q = 0; q < ng; q++) {
+        const uint64_t c = q0 + (uint64_t)q;
+        uint32_t c0 = (uint32_t)c, c1 = (uint32_t)(c >> 32), c2 = model, c3 = 0;
+        philox10(&c0, &c1, &c2, &c3, k0, k1);
+        w0[q] = c0;
+        w1[q] = c1;
+        w2[q] = c2;
+        w3[q] = c3;
+    }
+    for (int q = 0; q < ng; q++) {
+        r[4 * q] = w0[q];
+        r[4 * q + 1] = w1[q];
+        r[4 * q + 2] = w2[q];
+        r[4 * q + 3] = w3[q];
+    }
+}
+
+/* keep[j] = kept_model(g0 + j) = r_model(g0 + j) < T (T = thr, or 2^32 when all): the
+ * drop mask of one model over one block. Density 1 or 0 needs no random words. */
+FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t *restrict rw,
+                         uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
+                         uint32_t thr, uint32_t all)
+{
+    if (all || thr == 0) {
+        for (int j = 0; j < len; j++) keep[j] = (int32_t)all;
+        return;
+    }
+    dare_words(r, rw, g0, len, k0, k1, model);
+    const uint32_t *restrict rs = r + (g0 & 3);
+    for (int j = 0; j < len; j++) keep[j] = rs[j] < thr;
+}
+
+FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
+                             uint32_t model)
+{
+    uint32_t r[4 * FM_RGROUPS], rw[4 * FM_RGROUPS];
+    for (int64_t off = 0; off < N; off += FM_BLOCK) {
+        const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
+        const uint64_t g0 = (uint64_t)(offset + off);
+        dare_words(r, rw, g0, len, k0, k1, model);
+        memcpy(dst + off, r + (g0 & 3), (size_t)len * sizeof(uint32_t));
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* merge                                                                                */
 
 typedef struct {
@@ -528,6 +621,9 @@ typedef struct {
     double *d;      /* D */
     double *ws;     /* W */
     double *theta;  /* θ before its one rounding */
+    int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
+    uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
+    uint32_t *rw;   /* drop: [4][FM_RGROUPS] Philox outputs by word */
 } merge_scratch;
 
 /* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64.
@@ -540,9 +636,10 @@ FM_INLINE double combine(double d, double w, float b, double lam, int on_base, c
 }
 
 /* Election (§5), selection and combine (§6, §7) for one block whose x_i are in s->x.
- * θ lands in s->theta; counters of model i are added to cnt[i][...]. */
+ * θ lands in s->theta; counters of model i are added to cnt[i][...]. DROP: kept_i comes
+ * from s->km (DARE, §8a) instead of |x_i| >= t_i. */
 FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
-                           const int SLACK, const int COUNT, const int NORM)
+                           const int SLACK, const int COUNT, const int NORM, const int DROP)
 {
     const int n = a->n;
     double *restrict g = s->g, *restrict gp = s->gp, *restrict d = s->d, *restrict ws = s->ws;
@@ -554,13 +651,14 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
         for (int j = 0; j < len; j++) { gp[j] = 0.0; ap[j] = 0; }
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
+        const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
         const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
-        const double wi = a->w[i];
+        const double ci = a->cw[i];
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
             const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
-                                      : wi * (double)x[j];
-            g[j] += ax >= ti ? vote : 0.0;
+                                      : ci * (double)x[j];
+            g[j] += (DROP ? km[j] != 0 : ax >= ti) ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= ui;
                 gp[j] += p ? vote : 0.0;
@@ -577,14 +675,15 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
     for (int j = 0; j < len; j++) { d[j] = 0.0; ws[j] = 0.0; }
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
+        const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
         const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
-        const double wi = a->w[i];
+        const double wi = a->w[i], ci = a->cw[i];
         int c_kept = 0, c_sel = 0, c_drop = 0, c_prot = 0, c_imp = 0, c_timp = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]), sx = swi * x[j];      /* sign(w_i·x_i) = sign(sx) */
-            const int k = ax >= ti;
+            const int k = DROP ? km[j] != 0 : ax >= ti;
             const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
-            d[j] += sel ? wi * (double)x[j] : 0.0;
+            d[j] += sel ? ci * (double)x[j] : 0.0;
             ws[j] += sel ? wi : 0.0;
             c_kept += k;
             c_sel += sel;
@@ -619,18 +718,19 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
  * to elect_block. */
 FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int len,
                                  int64_t *cnt, const int NC, const int SLACK, const int COUNT,
-                                 const int NORM)
+                                 const int NORM, const int DROP)
 {
     const float *restrict x = s->x, *restrict b = s->b;
+    const int32_t *restrict km = s->km;
     double *restrict theta = s->theta;
     const double lam = a->scale;
     const int on_base = a->on_base;
-    double w[FM_MAX_MODELS];
+    double w[FM_MAX_MODELS], cw[FM_MAX_MODELS];
     float t[FM_MAX_MODELS], u[FM_MAX_MODELS], sw[FM_MAX_MODELS];
     int c_kept[FM_MAX_MODELS], c_sel[FM_MAX_MODELS], c_drop[FM_MAX_MODELS];
     int c_prot[FM_MAX_MODELS], c_imp[FM_MAX_MODELS], c_timp[FM_MAX_MODELS];
     for (int i = 0; i < NC; i++) {
-        t[i] = a->t[i]; u[i] = a->u[i]; w[i] = a->w[i]; sw[i] = a->sw[i];
+        t[i] = a->t[i]; u[i] = a->u[i]; w[i] = a->w[i]; cw[i] = a->cw[i]; sw[i] = a->sw[i];
         c_kept[i] = c_sel[i] = c_drop[i] = c_prot[i] = c_imp[i] = c_timp[i] = 0;
     }
     for (int j = 0; j < len; j++) {
@@ -639,8 +739,8 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
         for (int i = 0; i < NC; i++) {                      /* §5 elect */
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi);
             const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
-                                      : w[i] * (double)xi;
-            g += ax >= t[i] ? vote : 0.0;
+                                      : cw[i] * (double)xi;
+            g += (DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : ax >= t[i]) ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= u[i];
                 gp += p ? vote : 0.0;
@@ -652,9 +752,9 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
         double d = 0.0, ws = 0.0;
         for (int i = 0; i < NC; i++) {                      /* §6 select; §9 counters */
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi), sx = sw[i] * xi;
-            const int k = ax >= t[i];
+            const int k = DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : ax >= t[i];
             const int sel = k & (sx * gam > 0.f);
-            d += sel ? w[i] * (double)xi : 0.0;
+            d += sel ? cw[i] * (double)xi : 0.0;
             ws += sel ? w[i] : 0.0;
             c_kept[i] += k;
             c_sel[i] += sel;
@@ -681,23 +781,25 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
     }
 }
 
-/* No election: sel_i = kept_i (every entry without trim), W = Σ w_i (a->wsum). */
+/* No election: sel_i = kept_i, W = Σ w_i (a->wsum). KEEP: 0 every entry kept, 1 trim
+ * (|x_i| >= t_i), 2 DARE's drop (s->km). */
 FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
-                         const int TRIM, const int NORM)
+                         const int KEEP, const int NORM)
 {
     double *restrict d = s->d;
     for (int j = 0; j < len; j++) d[j] = 0.0;
     for (int i = 0; i < a->n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
-        const double wi = a->w[i];
+        const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
+        const double ci = a->cw[i];
         const float ti = a->t[i];
         int c_kept = 0;
         for (int j = 0; j < len; j++) {
-            const int k = TRIM ? fabsf(x[j]) >= ti : 1;
-            d[j] += k ? wi * (double)x[j] : 0.0;
+            const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? fabsf(x[j]) >= ti : 1;
+            d[j] += k ? ci * (double)x[j] : 0.0;
             c_kept += k;
         }
-        if (TRIM) {
+        if (KEEP) {
             cnt[(size_t)i * FM_NCOUNTERS + FM_KEPT] += c_kept;
             cnt[(size_t)i * FM_NCOUNTERS + FM_SELECTED] += c_kept;
         }
@@ -712,7 +814,7 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
 /* One block: load (x_i in fp32, non-finite counted), the pass the flags ask for, store. */
 FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
                                 int64_t blk1, int64_t *cnt, const int ELECT, const int SLACK,
-                                const int NORM)
+                                const int NORM, const int DROP)
 {
     for (int64_t blk = blk0; blk < blk1; blk++) {
         const int64_t off = blk * FM_BLOCK;
@@ -725,13 +827,18 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
             else fm_load(x, a->models[i], a->models_dt, off, len);
             cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += count_nonfinite(x, len);
         }
+        if (DROP)                 /* §8a: kept_i of this block from the entries' global index */
+            for (int i = 0; i < a->n; i++)
+                dare_keep(s->km + (size_t)i * FM_BLOCK, s->rb, s->rw, (uint64_t)(a->offset + off),
+                          len, a->key[0], a->key[1], (uint32_t)i, a->dthr[i], a->dall[i]);
         if (ELECT == FM_ELECT_NONE) {
-            if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
+            if (DROP) sum_block(a, s, len, cnt, 2, NORM);
+            else if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
             else sum_block(a, s, len, cnt, 0, NORM);
         } else if (a->n == 2) {
-            elect_block_fused(a, s, len, cnt, 2, SLACK, ELECT == FM_ELECT_COUNT, NORM);
+            elect_block_fused(a, s, len, cnt, 2, SLACK, ELECT == FM_ELECT_COUNT, NORM, DROP);
         } else {
-            elect_block(a, s, len, cnt, SLACK, ELECT == FM_ELECT_COUNT, NORM);
+            elect_block(a, s, len, cnt, SLACK, ELECT == FM_ELECT_COUNT, NORM, DROP);
         }
         fm_store_f64(a->out, a->out_dt, off, s->theta, len);
     }
@@ -740,11 +847,17 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
 FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
                                   int64_t blk1, int64_t *cnt, int has_slack)
 {
-#define FM_RANGE(E, S) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1) \
-                                     : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0))
-    if (a->elect == FM_ELECT_NONE) FM_RANGE(FM_ELECT_NONE, 0);
-    else if (a->elect == FM_ELECT_SUM) { if (has_slack) FM_RANGE(FM_ELECT_SUM, 1); else FM_RANGE(FM_ELECT_SUM, 0); }
-    else { if (has_slack) FM_RANGE(FM_ELECT_COUNT, 1); else FM_RANGE(FM_ELECT_COUNT, 0); }
+#define FM_RANGE(E, S, D) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1, D) \
+                                        : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0, D))
+#define FM_RANGE_ELECT(E) (a->drop ? FM_RANGE(E, 0, 1) : has_slack ? FM_RANGE(E, 1, 0) \
+                                                                    : FM_RANGE(E, 0, 0))
+    if (a->elect == FM_ELECT_NONE) {
+        if (a->drop) FM_RANGE(FM_ELECT_NONE, 0, 1);
+        else FM_RANGE(FM_ELECT_NONE, 0, 0);
+    }
+    else if (a->elect == FM_ELECT_SUM) FM_RANGE_ELECT(FM_ELECT_SUM);
+    else FM_RANGE_ELECT(FM_ELECT_COUNT);
+#undef FM_RANGE_ELECT
 #undef FM_RANGE
 }
 
@@ -769,8 +882,11 @@ int fm_merge(const fm_merge_args *a)
         const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
         arena ar;
         memset(cnt, 0, sizeof cnt);
+        const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
         if (arena_init(&ar, rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
-                                rounded(FM_BLOCK * sizeof(int32_t))) != 0) {
+                                rounded(FM_BLOCK * sizeof(int32_t)) +
+                                rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
+                                rounded(rrow) * 2) != 0) {
             failed = 1;
         } else {
             merge_scratch s;
@@ -784,6 +900,9 @@ int fm_merge(const fm_merge_args *a)
             s.d = arena_take(&ar, drow);
             s.ws = arena_take(&ar, drow);
             s.theta = arena_take(&ar, drow);
+            s.km = arena_take(&ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
+            s.rb = arena_take(&ar, rrow);
+            s.rw = arena_take(&ar, rrow);
             memset(s.b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
             for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
                 merge_range(a, &s, b0, b1, cnt, has_slack);

@@ -55,17 +55,24 @@ typedef struct {
     int64_t N;
     int on_base;                          /* x_i = τ_i, θ = θ_b + λ·m; 0: x_i = θ_i, θ = m */
     int trim;                             /* no election: kept_i = |x_i| >= t_i (0: all kept) */
-    int elect;                            /* FM_ELECT_*; an election always compares with t */
+    int drop;                             /* DARE (spec 8a): kept_i = r_i(g) < T_i, not t */
+    int elect;                            /* FM_ELECT_*; an election compares with t (or drops) */
     int normalize;                        /* m = D / W where W != 0 */
     int base_dt, models_dt, out_dt;
     const void *base;                     /* NULL only when !on_base */
     const void *models[FM_MAX_MODELS];
     void *out;                            /* may be exactly base or a model (same dtype) */
-    double w[FM_MAX_MODELS];              /* w_i */
+    double w[FM_MAX_MODELS];              /* w_i (W, sign(w_i)) */
+    double cw[FM_MAX_MODELS];             /* c_i: x_i's factor in sum votes and D (w_i, or
+                                             w_i / d_i with DARE's rescale) */
     float sw[FM_MAX_MODELS];              /* sign(w_i) */
     float t[FM_MAX_MODELS], u[FM_MAX_MODELS];   /* NaN: keep none / protect none */
     double scale;                         /* λ */
     double wsum;                          /* Σ w_i in model order (W without an election) */
+    uint32_t dthr[FM_MAX_MODELS];         /* drop: keep r < dthr[i] ... */
+    uint32_t dall[FM_MAX_MODELS];         /* ... or every entry (1: T_i = 2^32, d_i = 1) */
+    uint32_t key[2];                      /* drop: Philox key (k0, k1) */
+    int64_t offset;                       /* drop: global index g of entry 0 (chunking) */
     int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
     int threads;
 } fm_merge_args;
@@ -74,6 +81,13 @@ typedef struct {
 int fm_histogram(const fm_hist_args *a);
 int fm_merge(const fm_merge_args *a);
 int fm_bracket(const fm_bracket_args *a);
+
+/* Philox4x32-10 (Random123's philox4x32_R(10, ctr, key)) of one counter, in place. */
+void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1);
+/* dst[j] = r_model(offset + j), DARE's random words (spec 8a), by the merge's own block
+ * generator; for the tests. */
+void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
+                   uint32_t model);
 
 /* dst (dst_dt) = round(f32(src (src_dt))), N elements; for the conversion tests. */
 void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N);

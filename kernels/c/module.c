@@ -422,9 +422,65 @@ fail:
     return NULL;
 }
 
+/* key: an int in [0, 2^64) split into Philox's (k0 = low 32 bits, k1 = high 32 bits) */
+static int take_key(PyObject *obj, uint32_t key[2])
+{
+    if (obj == Py_None) {
+        key[0] = key[1] = 0;
+        return 0;
+    }
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_ValueError, "key: expected an int in [0, 2**64), got %.80s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const unsigned long long k = PyLong_AsUnsignedLongLong(obj);
+    if (k == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "key: must be an int in [0, 2**64)");
+        return -1;
+    }
+    key[0] = (uint32_t)k;
+    key[1] = (uint32_t)(k >> 32);
+    return 0;
+}
+
+/* drop: n ints T_i in [0, 2^32] into thr / all (T_i = 2^32: every entry kept) */
+static int take_drop(PyObject *obj, int n, uint32_t *thr, uint32_t *all)
+{
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "drop: expected a sequence of %d ints, got %.80s", n,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_Format(PyExc_ValueError, "drop: %d values expected (one per model), got %zd", n,
+                     PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        long long v = PyLong_Check(item) ? PyLong_AsLongLong(item) : -1;
+        if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+        if (!PyLong_Check(item) || v < 0 || v > (1LL << 32)) {
+            PyErr_Format(PyExc_ValueError, "drop[%d]: must be an int T_i in [0, 2**32]", i);
+            Py_DECREF(seq);
+            return -1;
+        }
+        all[i] = v == (1LL << 32);
+        thr[i] = all[i] ? 0u : (uint32_t)v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 PyDoc_STRVAR(merge_doc,
 "merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, elect,\n"
-"      normalize, weights, t, u, scale, counts, *, threads=0)\n"
+"      normalize, weights, t, u, scale, counts, *, threads=0, drop=None, key=0, offset=0,\n"
+"      vote_weights=None)\n"
 "--\n\n"
 "The fused pass of fastmerge.kernel_api (docs/spec.md 4-7, 9) writing out (the fp64\n"
 "result rounded once, to nearest even) and counts (writable n*7 int64, overwritten,\n"
@@ -432,25 +488,31 @@ PyDoc_STRVAR(merge_doc,
 "scale*m (else x_i = models[i], out = m; base may be None). elect: ELECT_NONE / ELECT_SUM /\n"
 "ELECT_COUNT. weights: n floats; t: n fp32 thresholds or None (no trim; an election\n"
 "needs t); u: n or None (no slack). +inf keeps / protects none. out may be base or a\n"
-"model buffer itself (same dtype) but must not partially overlap any input.");
+"model buffer itself (same dtype) but must not partially overlap any input.\n"
+"DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and u must\n"
+"be None): kept_i = r_i(offset + j) < T_i, r from Philox4x32-10 under key (an int in\n"
+"[0, 2**64)); offset: the global index of entry 0. vote_weights: n floats c_i, x_i's\n"
+"factor in sum votes and in D (None: the weights).");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
                              "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
-                             "scale", "counts", "threads", NULL};
+                             "scale", "counts", "threads", "drop", "key", "offset",
+                             "vote_weights", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
+    PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None;
     int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0;
-    long long N;
+    long long N, offset = 0;
     double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$i", kwlist, &base_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLO", kwlist, &base_o,
                                      &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
                                      &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
-                                     &threads))
+                                     &threads, &drop_o, &key_o, &offset, &cw_o))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
@@ -460,8 +522,18 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
                      "got %d", elect);
         return NULL;
     }
-    if (elect != FM_ELECT_NONE && t_o == Py_None) {
-        PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all)");
+    if (elect != FM_ELECT_NONE && t_o == Py_None && drop_o == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all) "
+                        "or a drop");
+        return NULL;
+    }
+    if (drop_o != Py_None && (t_o != Py_None || u_o != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a random drop excludes trim (t) and slack (u) "
+                        "thresholds");
+        return NULL;
+    }
+    if (offset < 0 || offset > INT64_MAX - N) {
+        PyErr_Format(PyExc_ValueError, "offset must be 0..2**63-1-N, got %lld", offset);
         return NULL;
     }
     if (elect == FM_ELECT_NONE && u_o != Py_None) {
@@ -482,6 +554,12 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     if (take_doubles(w_o, "weights", n, a.w, &a.wsum, 1)) return NULL;
     if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN))
         return NULL;
+    if (cw_o == Py_None) memcpy(a.cw, a.w, sizeof a.cw);
+    else if (take_doubles(cw_o, "vote_weights", n, a.cw, NULL, 1)) return NULL;
+    if (drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall)) return NULL;
+    if (take_key(key_o, a.key)) return NULL;
+    a.drop = drop_o != Py_None;
+    a.offset = offset;
     for (int i = 0; i < n; i++) a.sw[i] = (float)((a.w[i] > 0.0) - (a.w[i] < 0.0));
     a.n = n;
     a.N = N;
@@ -528,29 +606,44 @@ fail:
     return NULL;
 }
 
-PyDoc_STRVAR(convert_f64_doc,
-"convert_f64(src, dst, dst_dtype, N)\n--\n\n"
-"dst = fp64 src rounded once to nearest even (the merge's output rounding), for tests.");
+PyDoc_STRVAR(philox_doc,
+"philox4x32_10(ctr, key) -> (r0, r1, r2, r3)\n--\n\n"
+"Philox4x32-10 of ctr (4 uint32) under key (2 uint32): the kernels' own routine, for tests.");
 
-static PyObject *py_convert_f64(PyObject *self, PyObject *args)
+static PyObject *py_philox(PyObject *self, PyObject *args)
 {
-    PyObject *src_o, *dst_o;
-    int ddt;
-    long long N;
+    unsigned int c[4], k[2];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(IIII)(II)", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1]))
+        return NULL;
+    uint32_t ctr[4] = {c[0], c[1], c[2], c[3]};
+    fm_philox4x32_10(ctr, k[0], k[1]);
+    return Py_BuildValue("(IIII)", ctr[0], ctr[1], ctr[2], ctr[3]);
+}
+
+PyDoc_STRVAR(dare_words_doc,
+"dare_words(dst, N, key, offset, model)\n--\n\n"
+"dst (writable N uint32/int32 items) = DARE's random words r_model(offset + j)\n"
+"(docs/spec.md 8a), made by the merge's own block generator; for tests.");
+
+static PyObject *py_dare_words(PyObject *self, PyObject *args)
+{
+    PyObject *dst_o, *key_o;
+    long long N, offset;
+    int model;
+    uint32_t key[2];
     bufset bs = {.count = 0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOiL", &src_o, &dst_o, &ddt, &N)) return NULL;
-    if (check_sizes(1, N) || check_dtype(ddt, "dst_dtype")) return NULL;
-    Py_buffer *sv = take_buffer(&bs, src_o, "src", N, 8, 0);
-    if (!sv) goto fail;
-    Py_buffer *dv = take_buffer(&bs, dst_o, "dst", N, fm_dtype_size(ddt), 1);
-    if (!dv) goto fail;
-    if (overlaps(sv->buf, sv->len, dv->buf, dv->len)) {
-        PyErr_SetString(PyExc_ValueError, "dst: overlaps src");
-        goto fail;
+    if (!PyArg_ParseTuple(args, "OLOLi", &dst_o, &N, &key_o, &offset, &model)) return NULL;
+    if (check_sizes(1, N) || take_key(key_o, key)) return NULL;
+    if (offset < 0 || offset > INT64_MAX - N || model < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and model must be >= 0 (offset + N < 2**63)");
+        return NULL;
     }
+    Py_buffer *dv = take_buffer(&bs, dst_o, "dst", N, 4, 1);
+    if (!dv) goto fail;
     Py_BEGIN_ALLOW_THREADS
-    fm_convert_f64(dv->buf, ddt, sv->buf, N);
+    fm_dare_words(dv->buf, N, offset, key[0], key[1], (uint32_t)model);
     Py_END_ALLOW_THREADS
     bufset_release(&bs);
     Py_RETURN_NONE;
@@ -561,7 +654,10 @@ fail:
 
 PyDoc_STRVAR(convert_doc,
 "convert(src, src_dtype, dst, dst_dtype, N)\n--\n\n"
-"dst = round_to_nearest_even(f32(src)): the kernels' own conversion routines, for tests.");
+"dst = round_to_nearest_even(f32(src)): the kernels' own conversion routines, for tests.\n"
+"src_dtype F64 (fp64 src, N doubles): the merge's output rounding, fp64 rounded once.");
+
+#define FM_F64_SRC 3   /* convert's src_dtype for fp64 (tests only; kernels take no fp64) */
 
 static PyObject *py_convert(PyObject *self, PyObject *args)
 {
@@ -571,9 +667,10 @@ static PyObject *py_convert(PyObject *self, PyObject *args)
     bufset bs = {.count = 0};
     (void)self;
     if (!PyArg_ParseTuple(args, "OiOiL", &src_o, &sdt, &dst_o, &ddt, &N)) return NULL;
-    if (check_sizes(1, N) || check_dtype(sdt, "src_dtype") || check_dtype(ddt, "dst_dtype"))
+    if (check_sizes(1, N) || (sdt != FM_F64_SRC && check_dtype(sdt, "src_dtype")) ||
+        check_dtype(ddt, "dst_dtype"))
         return NULL;
-    Py_buffer *sv = take_buffer(&bs, src_o, "src", N, fm_dtype_size(sdt), 0);
+    Py_buffer *sv = take_buffer(&bs, src_o, "src", N, sdt == FM_F64_SRC ? 8 : fm_dtype_size(sdt), 0);
     if (!sv) goto fail;
     Py_buffer *dv = take_buffer(&bs, dst_o, "dst", N, fm_dtype_size(ddt), 1);
     if (!dv) goto fail;
@@ -582,7 +679,8 @@ static PyObject *py_convert(PyObject *self, PyObject *args)
         goto fail;
     }
     Py_BEGIN_ALLOW_THREADS
-    fm_convert(dv->buf, ddt, sv->buf, sdt, N);
+    if (sdt == FM_F64_SRC) fm_convert_f64(dv->buf, ddt, sv->buf, N);
+    else fm_convert(dv->buf, ddt, sv->buf, sdt, N);
     Py_END_ALLOW_THREADS
     bufset_release(&bs);
     Py_RETURN_NONE;
@@ -617,7 +715,8 @@ static PyMethodDef methods[] = {
     {"bracket", (PyCFunction)(void (*)(void))py_bracket, METH_VARARGS | METH_KEYWORDS,
      bracket_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
-    {"convert_f64", py_convert_f64, METH_VARARGS, convert_f64_doc},
+    {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
+    {"dare_words", py_dare_words, METH_VARARGS, dare_words_doc},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS,
@@ -627,7 +726,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "fastmerge._cmerge",
-    "fastmerge C CPU kernels (bracket and radix-select passes, fused TIES/TIES-SV "
+    "fastmerge C CPU kernels (bracket and radix-select passes, fused TIES/TIES-SV/DARE "
     "merge); see "
     "kernels/c/kernels.c.", -1, methods, NULL, NULL, NULL, NULL,
 };
@@ -641,6 +740,7 @@ PyMODINIT_FUNC PyInit__cmerge(void)
     const int bad = !bits || !shift || PyModule_AddIntConstant(m, "F32", FM_F32) ||
         PyModule_AddIntConstant(m, "F16", FM_F16) || PyModule_AddIntConstant(m, "BF16", FM_BF16) ||
         PyModule_AddIntConstant(m, "NBINS", FM_NBINS) ||
+        PyModule_AddIntConstant(m, "F64", FM_F64_SRC) ||
         PyModule_AddIntConstant(m, "ELECT_NONE", FM_ELECT_NONE) ||
         PyModule_AddIntConstant(m, "ELECT_SUM", FM_ELECT_SUM) ||
         PyModule_AddIntConstant(m, "ELECT_COUNT", FM_ELECT_COUNT) ||

@@ -1,0 +1,126 @@
+"""Philox4x32-10 and DARE's random drop (docs/spec.md §8a): the reference form.
+
+Philox4x32-R (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011; Random123's ``philox4x32_R``) maps a 128-bit counter ``(c0, c1, c2, c3)`` and a
+64-bit key ``(k0, k1)`` to four 32-bit words. One round:
+
+    (hi0, lo0) = M0 · c0,  (hi1, lo1) = M1 · c2        (32 × 32 → 64-bit products)
+    (c0, c1, c2, c3) ← (hi1 ⊕ c1 ⊕ k0, lo1, hi0 ⊕ c3 ⊕ k1, lo0)
+
+with M0 = 0xD2511F53, M1 = 0xCD9E8D57; between rounds the key is bumped,
+k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). Philox4x32-10 runs 10 rounds.
+
+DARE's stream (docs/spec.md §8a): entry ``g`` (its index in the flattened tensor) of model
+``i`` (0-based position in the merge) draws
+
+    r_i(g) = word (g mod 4) of Philox4x32-10(key, (q mod 2^32, ⌊q / 2^32⌋, i, 0)),
+    q = ⌊g / 4⌋
+
+and is kept iff ``r_i(g) < T_i``, ``T_i = ⌊d_i · 2^32⌋`` (``drop_threshold``).
+
+Two forms here: ``philox4x32`` on Python ints (the definition, for known answers) and
+``philox4x32_torch`` / ``random_words`` vectorised in torch int64 arithmetic (every
+product splits into 16-bit halves, so nothing overflows int64), which the reference
+merge uses. The C and Triton kernels carry their own copies (kernels/c/kernels.c,
+kernels/triton_merge.py), tested against these.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+M0, M1 = 0xD2511F53, 0xCD9E8D57          # round multipliers
+W0, W1 = 0x9E3779B9, 0xBB67AE85          # key increments (Weyl sequence)
+ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+KEY_MAX = (1 << 64) - 1
+KEEP_ALL = 1 << 32                       # T_i for d_i = 1: every 32-bit r is below it
+
+
+def philox4x32(ctr, key, rounds: int = ROUNDS) -> tuple[int, int, int, int]:
+    """Philox4x32-``rounds`` of one counter (4 uint32) and key (2 uint32), on Python ints."""
+    c0, c1, c2, c3 = (int(c) & MASK32 for c in ctr)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        p0, p1 = M0 * c0, M1 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32
+    return c0, c1, c2, c3
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """The 64-bit per-tensor key as Philox's (k0, k1) = (low 32 bits, high 32 bits)."""
+    key = int(key)
+    if not 0 <= key <= KEY_MAX:
+        raise ValueError(f"key must be in [0, 2**64), got {key}")
+    return key & MASK32, key >> 32
+
+
+def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of m · c for a constant m < 2^32 and int64 c in [0, 2^32):
+    c splits into 16-bit halves, so every partial product stays below 2^48."""
+    c_lo, c_hi = c & 0xFFFF, c >> 16
+    p_lo, p_hi = m * c_lo, m * c_hi                      # m·c = p_hi·2^16 + p_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32_torch(c0, c1, c2, c3, key: tuple[int, int], rounds: int = ROUNDS):
+    """Philox4x32-``rounds`` elementwise over int64 tensors holding uint32 values (the four
+    counter words broadcast together); returns four int64 tensors of uint32 values."""
+    import torch  # noqa: PLC0415  (torch loads on first use)
+    k0, k1 = (int(k) & MASK32 for k in key)
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64)
+                                               for c in (c0, c1, c2, c3)))
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        hi0, lo0 = _mulhilo(M0, c0)
+        hi1, lo1 = _mulhilo(M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def random_words(key: int, model: int, offset: int, n: int, device=None) -> torch.Tensor:
+    """r_model(g) for g = offset .. offset + n − 1 (docs/spec.md §8a), int64 [n] of uint32
+    values: one Philox call per four consecutive g (q = g // 4), word g mod 4."""
+    import torch  # noqa: PLC0415  (torch loads on first use)
+    if offset < 0 or n < 0:
+        raise ValueError(f"offset and n must be >= 0, got {offset}, {n}")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    q0, q1 = offset >> 2, (offset + n - 1) >> 2
+    q = torch.arange(q0, q1 + 1, dtype=torch.int64, device=device)
+    words = philox4x32_torch(q & MASK32, q >> 32, int(model), 0, split_key(key))
+    stream = torch.stack(words, dim=1).reshape(-1)       # word w of group q at 4·(q − q0) + w
+    start = offset - 4 * q0
+    return stream[start:start + n]
+
+
+def drop_threshold(density: float) -> int:
+    """T = ⌊d · 2^32⌋ (exact: d is an fp64 number and 2^32 a power of two), in [0, 2^32];
+    r < T keeps with probability T / 2^32, within 2^-32 of d. d = 1 gives 2^32 (keep all)."""
+    d = float(density)
+    if not (math.isfinite(d) and 0.0 <= d <= 1.0):
+        raise ValueError(f"density must be in [0, 1], got {density!r}")
+    return math.floor(math.ldexp(d, 32))
+
+
+def keep_mask(key: int, model: int, offset: int, n: int, threshold: int,
+              device=None) -> torch.Tensor:
+    """kept_model(g) = r_model(g) < T for g = offset .. offset + n − 1 (bool [n])."""
+    import torch  # noqa: PLC0415  (torch loads on first use)
+    return random_words(key, model, offset, n, device) < int(threshold)
+
+
+def tensor_key(seed: int, name: str) -> int:
+    """The 64-bit Philox key of tensor ``name`` in a merge with ``seed`` (docs/spec.md §8a):
+    the first 8 bytes of SHA-256 of the UTF-8 text "<seed>:<name>" (seed in decimal, name
+    the tensor's full name in the checkpoint), read little-endian. Each tensor draws its
+    own stream, the same whatever the order, chunking or resumption of the merge."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
