@@ -375,9 +375,10 @@ class StreamMerge:
     def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
         i = int(counts[:, NONFINITE].nonzero()[0, 0])
         label = self.inputs.models[i].label
-        what = "θ" if self.params.method == "linear" else "task vector τ = θ_i − θ_b"
+        what = "task vector τ = θ_i − θ_b" if self.params.spec.needs_base else "θ"
+        base = self.inputs.base
         raise InputError(
             f"tensor {task.name!r}: {int(counts[i, NONFINITE])} non-finite (NaN/Inf) entries in "
-            f"the {what} of {label}" + ("" if self.inputs.base is None else
-                                       f" (base {self.inputs.base.label})") +
+            f"the {what} of {label}" + ("" if base is None or base.label == "base" else
+                                       f" (base {base.label})") +
             "; pass allow_nonfinite=True to merge anyway")
