@@ -42,15 +42,15 @@ from .params import FirstOf
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer"}
-PER_MODEL = ("weights", "density", "slack")          # methods.KNOBS names
+PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
+METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
                "rescale"}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("breadcrumbs", "breadcrumbs_ties", "della",
-                 "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
+MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
                  "karcher", "arcee_fusion", "nearswap", "multislerp")
 
 
@@ -151,11 +151,18 @@ def config_to_kwargs(doc) -> dict:
         models.append(entry["model"])
         for k in PER_MODEL:
             y = methods.KNOBS[k].yaml
+            if k in METHOD_ONLY and k not in method.knobs:
+                if y in mp or y in glob:
+                    raise ParameterError(f"{y!r} is only used by the methods "
+                                         f"{', '.join(m.name for m in methods.METHODS.values() if k in m.knobs)}"
+                                         f", not {method.name!r}")
+                continue
             per_model[k].append(_knob(k, i, mp.get(y), glob.get(y)))
     if not models:
         raise ParameterError("config: no model to merge besides the base model")
 
-    kwargs = {"base": base, "models": models, "method": method.name, **per_model}
+    kwargs = {"base": base, "models": models, "method": method.name,
+              **{k: v for k, v in per_model.items() if v}}
     if "lambda" in glob:
         knobs.check_knob("parameters.lambda", glob["lambda"])
         kwargs["scale"] = glob["lambda"]

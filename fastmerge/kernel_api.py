@@ -62,6 +62,9 @@ class KernelConfig:
       r_i(g) the Philox4x32-10 word of entry g = ``offset`` + j of model i under ``key``
       and T_i = ⌊d_i·2^32⌋ (``drop_thresholds``; d_i = 1 keeps all, d_i = 0 none).
     slack (``u`` not None): prot_i = |x_i| ≥ u_i; u_i = +inf protects none.
+    upper (``upper`` True; breadcrumbs, §8b): ``u`` is instead the trim's exclusive upper
+      bound h_i: kept_i = t_i ≤ |x_i| < h_i, h_i = +inf drops none from the top (|x_i| = inf
+      included); nothing is protected (no slack).
     elect: "none" (sel_i = kept_i, W = Σ_i w_i), or "sum" / "count" (protected-first
       sign election; sel_i = kept_i ∧ sign(w_i·x_i) = γ, W = Σ_i w_i·sel_i).
     combine: D = Σ_i c_i·sel_i·x_i; m = D / W when ``normalize`` and W ≠ 0, else D;
@@ -81,6 +84,7 @@ class KernelConfig:
     rescale: bool = False                       # DARE: c_i = w_i / d_i
     key: int = 0                                # DARE: the tensor's 64-bit Philox key
     offset: int = 0                             # global index of this chunk's entry 0
+    upper: bool = False                         # u is the trim's upper bound h (§8b)
 
     def __post_init__(self):
         n = len(self.weights)
@@ -90,7 +94,10 @@ class KernelConfig:
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"cfg.{name} needs {n} entries (one per model), got {len(v)}")
-        if self.u is not None and self.elect == "none":
+        if self.upper:
+            if self.t is None or self.u is None:
+                raise ValueError("an upper trim bound (upper) needs thresholds t and u")
+        elif self.u is not None and self.elect == "none":
             raise ValueError("slack thresholds (u) need a sign election")
         if self.density is not None:
             if self.t is not None or self.u is not None:
@@ -114,7 +121,12 @@ class KernelConfig:
     @property
     def has_slack(self) -> bool:
         """Some model protects entries (a finite u_i)."""
-        return self.u is not None and any(x != float("inf") for x in self.u)
+        return not self.upper and self.u is not None and any(x != float("inf") for x in self.u)
+
+    @property
+    def h(self) -> tuple[float, ...] | None:
+        """The trim's exclusive upper bounds h_i (§8b), or None (no upper bound)."""
+        return self.u if self.upper else None
 
     @property
     def drops(self) -> bool:

@@ -44,6 +44,8 @@ KNOBS = {k.name: k for k in (
     Knob("slack", "slack", True, 0.0, 0.0, 0.0, 1.0,
          doc="s_i ≤ d_i, the fraction of |τ_i| protected from the sign election"),
     Knob("scale", "lambda", False, 1.0, 1.0, doc="λ, the task vector's scale"),
+    Knob("gamma", "gamma", True, 0.01, 0.01, 0.0, 1.0,
+         doc="γ_i, breadcrumbs: the fraction of the largest |τ_i| dropped as outliers"),
 )}
 
 
@@ -62,6 +64,7 @@ class Method:
     drop: bool = False            # DARE's random drop (docs/spec.md §8a) instead of a trim
     rescale_default: bool = False # DARE: kept entries weigh w_i / d_i (mergekit's `rescale`)
     available: bool = True        # accepted by fastmerge.merge / YAML (in ALIASES)
+    upper: bool = False           # breadcrumbs (§8b): slot u is the trim's upper bound h
 
     def kernel_config(self, weights, scale: float, normalize: bool, elect: str,
                       t=None, u=None, *, density=None, rescale: bool | None = None,
@@ -81,12 +84,14 @@ class Method:
             drop = dict(density=tuple(float(d) for d in density),
                         rescale=self.rescale_default if rescale is None else bool(rescale),
                         key=int(key), offset=int(offset))
-        u = tuple(u) if "slack" in self.knobs and u is not None else None
+        if self.upper and u is None:
+            raise ValueError(f"method {self.name!r} needs its upper thresholds h (as u)")
+        u = tuple(u) if ("slack" in self.knobs or self.upper) and u is not None else None
         return KernelConfig(weights=tuple(float(w) for w in weights),
                             t=tuple(t) if self.thresholds else None, u=u,
                             elect=elect if self.elect else "none", normalize=bool(normalize),
                             scale=float(scale) if self.needs_base else 1.0,
-                            on_base=self.needs_base, **drop)
+                            on_base=self.needs_base, upper=self.upper, **drop)
 
 
 METHODS = {m.name: m for m in (
@@ -112,6 +117,14 @@ METHODS = {m.name: m for m in (
            knobs=("weights", "density", "scale"), thresholds=False, elect=True,
            normalize_default=False, drop=True, rescale_default=True,
            summary="random drop, rescale by 1/d_i, elect signs, disjoint sum"),
+    Method("breadcrumbs", ("breadcrumbs",), needs_base=True,
+           knobs=("weights", "density", "gamma", "scale"), thresholds=True, elect=False,
+           normalize_default=False, upper=True,
+           summary="drop the top γ_i and the bottom 1 − d_i − γ_i of |τ_i|, weighted sum"),
+    Method("breadcrumbs_ties", ("breadcrumbs_ties", "breadcrumbs-ties"), needs_base=True,
+           knobs=("weights", "density", "gamma", "scale"), thresholds=True, elect=True,
+           normalize_default=False, upper=True,
+           summary="breadcrumbs' trim, elect signs, disjoint sum"),
 )}
 ALIASES = {alias: m.name for m in METHODS.values() if m.available for alias in m.aliases}
 ELECTS = ("sum", "count")

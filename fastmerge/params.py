@@ -105,6 +105,7 @@ class TensorKnobs:
     density: tuple[float, ...]
     slack: tuple[float, ...]
     scale: float
+    gamma: tuple[float, ...] = ()     # breadcrumbs (docs/spec.md §8b): top fraction dropped
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class MergeParams:
     allow_nonfinite: bool = False
     seed: int = 0                     # DARE: the random drop's seed (docs/spec.md §8a)
     rescale: bool | None = None       # DARE: None is the method's default
+    gamma: tuple = ()                 # breadcrumbs (§8b): one spec per model; () otherwise
 
     @property
     def spec(self) -> methods.Method:
@@ -139,7 +141,7 @@ class MergeParams:
     def constant(self) -> bool:
         """Every knob has the same value for every tensor."""
         return all(_is_constant(s) for s in (*self.weights, *self.density, *self.slack,
-                                             self.scale))
+                                             *self.gamma, self.scale))
 
     def for_tensor(self, name: str, num_layers: int = 0) -> TensorKnobs:
         """The knobs of tensor ``name`` (docs/spec.md §2), checked; errors name the
@@ -173,7 +175,8 @@ class MergeParams:
         if self.method == "linear" and self.normalize and math.fsum(w) == 0:
             raise ParameterError(f"{where}linear merge with normalize needs weights that do not sum "
                                  f"to 0, got {list(w)!r}" )
-        return TensorKnobs(w, d, sl, value("scale", None, self.scale))
+        g = tuple(value("gamma", i, s) for i, s in enumerate(self.gamma))
+        return TensorKnobs(w, d, sl, value("scale", None, self.scale), g)
 
     def as_dict(self) -> dict:
         """The exact parameters used, for the merge report."""
@@ -185,6 +188,7 @@ class MergeParams:
             "normalize": self.normalize, "elect": self.elect, "scope": self.scope,
             "dtype": self.dtype, "allow_nonfinite": self.allow_nonfinite,
             **({"seed": self.seed, "rescale": self.rescale_used} if self.spec.drop else {}),
+            **({"gamma": [_as_json(v) for v in self.gamma]} if self.gamma else {}),
         }
 
     @property
@@ -198,12 +202,13 @@ class MergeParams:
 def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, density=None,
                 slack=None, scale=None, normalize: bool | None = None, elect: str = "sum",
                 scope: str = "tensor", dtype=None, allow_nonfinite: bool = False,
-                seed: int = 0, rescale: bool | None = None) -> MergeParams:
+                seed: int = 0, rescale: bool | None = None, gamma=None) -> MergeParams:
     """Check every knob and broadcast per-model values. ``method`` is a name or alias of
     methods.METHODS in any letter case ("TIES", "ties-sv"). A knob left as None takes the
     API default of methods.KNOBS; ``normalize=None`` the method's default (True for
     ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic`` and the DARE methods).
-    ``seed`` and ``rescale`` are DARE's (docs/spec.md §8a; rescale None: True)."""
+    ``seed`` and ``rescale`` are DARE's (docs/spec.md §8a; rescale None: True); ``gamma``
+    (per model, in [0, 1]) is breadcrumbs' (§8b; None: 0.01), refused for other methods."""
     key = method.strip().lower() if isinstance(method, str) else None
     if key not in methods.ALIASES:      # any letter case, as YAML's merge_method
         raise ParameterError(f"method must be one of {methods.names()}, got {method!r}")
@@ -230,16 +235,23 @@ def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, den
         raise ParameterError(f"rescale must be true or false, got {rescale!r}")
     if rescale is not None and not spec.drop:
         raise ParameterError(f"rescale is only used by the DARE methods, not {spec.name!r}")
+    if "gamma" in spec.knobs:
+        gamma = _per_model("gamma", methods.KNOBS["gamma"].default if gamma is None else gamma,
+                           n_models)
+    elif gamma is not None:
+        raise ParameterError(f"gamma is only used by the breadcrumbs methods, not {spec.name!r}")
+    else:
+        gamma = ()
     params = MergeParams(method=spec.name, n_models=n_models, weights=per_model["weights"],
                          density=per_model["density"], slack=per_model["slack"], scale=scale,
                          normalize=normalize, elect=elect, scope=scope,
                          dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite),
-                         seed=seed, rescale=rescale)
+                         seed=seed, rescale=rescale, gamma=gamma)
     if params.constant:
         params.for_tensor("")        # constant knobs: check their values now
     elif scope == "model" and spec.thresholds and not all(
-            _is_constant(s) for s in (*params.density, *params.slack)):
-        raise ParameterError("scope 'model' takes one density and one slack per model for the "
-                             "whole checkpoint; per-tensor values (filters, gradients) need "
-                             "scope 'tensor'")
+            _is_constant(s) for s in (*params.density, *params.slack, *params.gamma)):
+        raise ParameterError("scope 'model' takes one density, slack and gamma per model for "
+                             "the whole checkpoint; per-tensor values (filters, gradients) "
+                             "need scope 'tensor'")
     return params

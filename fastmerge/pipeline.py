@@ -262,6 +262,8 @@ class StreamMerge:
         return TensorSource(self.reader, task, self.chunk_elems, resident)
 
     def _targets(self, task: TensorTask, population: int) -> select.Targets:
+        if self.params.spec.upper:      # breadcrumbs (docs/spec.md §8b): slots (t, h)
+            return select.Targets.breadcrumbs(task.knobs.density, task.knobs.gamma, population)
         return select.Targets.of(task.knobs.density, task.knobs.slack, population)
 
     # -- passes --------------------------------------------------------------------------

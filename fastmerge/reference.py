@@ -87,6 +87,20 @@ def thresholds_by_sort(abs_tau: torch.Tensor, density: float, slack: float,
     return t, u
 
 
+def breadcrumbs_thresholds_by_sort(abs_tau: torch.Tensor, density: float, gamma: float,
+                                   population: int | None = None) -> tuple[float, float]:
+    """(t, h) of docs/spec.md §8b for one model, found by sorting |τ| (brute force)."""
+    p = abs_tau.numel() if population is None else population
+    k, g = int(density * p), int(gamma * p)
+    if density == 1:
+        return 0.0, float("inf")
+    if k == 0:
+        return float("inf"), float("inf")
+    lo = min(k + g, p)
+    hi = lo - k
+    return kth_largest(abs_tau, lo), (kth_largest(abs_tau, hi) if hi > 0 else float("inf"))
+
+
 def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp64 ``x`` rounded once, to nearest even, to ``dtype`` (docs/spec.md §7).
 
@@ -144,6 +158,8 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
         kept = dare_kept(cfg, models.shape[1], dev)
     elif cfg.t is not None:
         kept = a >= _finite_or_nan(cfg.t, dev)
+        if cfg.upper:                                        # §8b: t_i ≤ |x_i| < h_i
+            kept = kept & ~(a >= _finite_or_nan(cfg.h, dev))
     else:
         kept = torch.ones_like(a, dtype=torch.bool)
     if cfg.elect == "none":
@@ -157,7 +173,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
         gamma_ties = _elect(torch.where(kept, vote, 0.0))
         gamma = gamma_ties
         prot = None
-        if cfg.u is not None:
+        if cfg.u is not None and not cfg.upper:
             prot = a >= _finite_or_nan(cfg.u, dev)
             gamma = torch.where(prot.any(0), _elect(torch.where(prot, vote, 0.0)), gamma_ties)
         agree = torch.sign(w) * torch.sign(x)               # sign(w_i·x_i); 0 never matches
@@ -218,8 +234,12 @@ def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
     if params.trims:
         if thresholds is None:
             a = task_vectors(base, models).abs()
-            pairs = [thresholds_by_sort(a[i], tk.density[i], tk.slack[i], population)
-                     for i in range(n)]
+            if params.spec.upper:                             # breadcrumbs: (t, h)
+                pairs = [breadcrumbs_thresholds_by_sort(a[i], tk.density[i], tk.gamma[i],
+                                                        population) for i in range(n)]
+            else:
+                pairs = [thresholds_by_sort(a[i], tk.density[i], tk.slack[i], population)
+                         for i in range(n)]
             t, u = [p[0] for p in pairs], [p[1] for p in pairs]
         else:
             t, u = list(thresholds[0]), list(thresholds[1])

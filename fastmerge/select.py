@@ -69,6 +69,30 @@ class Targets:
             fixed.append((ft, fu))
         return cls(tuple(ks), tuple(fixed), population)
 
+    @classmethod
+    def breadcrumbs(cls, density, gamma, population: int) -> "Targets":
+        """Breadcrumbs' two cutoffs (docs/spec.md §8b): slot 0 the trim's lower bound t_i,
+        slot 1 its exclusive upper bound h_i. With K_i = ⌊d_i·|P|⌋ and G_i = ⌊γ_i·|P|⌋ (the
+        counts mergekit's ``magnitude_outliers`` keeps and drops from the top):
+        d_i = 1 keeps all (t_i = 0, h_i = inf); else K_i = 0 keeps none (t_i = h_i = inf);
+        else t_i is the L_i-th largest with L_i = min(K_i + G_i, |P|) and h_i the
+        (L_i − K_i)-th largest (h_i = inf, none dropped from the top, when that is 0)."""
+        ks, fixed = [], []
+        for d, g in zip(density, gamma):
+            k, kg = int(d * population), int(g * population)
+            if d == 1:
+                ks.append((0, 0))
+                fixed.append((0.0, INF))
+            elif k == 0:
+                ks.append((0, 0))
+                fixed.append((INF, INF))
+            else:
+                lo = min(k + kg, population)
+                hi = lo - k
+                ks.append((lo, hi))
+                fixed.append((None, None if hi > 0 else INF))
+        return cls(tuple(ks), tuple(fixed), population)
+
     @property
     def searched(self) -> bool:
         """Some threshold needs a search (else every one is fixed: density 0 or 1)."""

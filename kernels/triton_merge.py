@@ -324,12 +324,13 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
                   SLACK: tl.constexpr, NORMALIZE: tl.constexpr, N_MODELS: tl.constexpr,
                   NM: tl.constexpr, BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr,
                   OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr, BLOCK: tl.constexpr,
-                  ITERS: tl.constexpr):
+                  ITERS: tl.constexpr, UPPER: tl.constexpr):
     """One fused pass of docs/spec.md §4-§7 (+ §9 counters) over blocks of BLOCK entries.
 
     ELECT 0: no election (sel_i = kept_i; kept_i = |x_i| ≥ t_i with TRIM, else every
     entry; W = Σ w_i = ``wsum``). ELECT 1 / 2: sum / count election, protected-first with
-    SLACK. w_ptr: fp64 [NM + 2] = (w_i..., λ, Σ w_i) (fp64 in memory: a Python float
+    SLACK. UPPER (breadcrumbs, §8b): u_i is the trim's exclusive upper bound h_i instead,
+    kept_i = |x_i| ≥ t_i ∧ ¬(|x_i| ≥ h_i) (no slack). w_ptr: fp64 [NM + 2] = (w_i..., λ, Σ w_i) (fp64 in memory: a Python float
     argument would reach the kernel as fp32); par_ptr: fp32 [3, NM] = (sign(w_i), t_i, u_i), a
     threshold of +inf stored as NaN (no comparison holds). Votes, sums, m and θ are fp64,
     the models taken in order i = 0..n−1 from +0.0 (one row at a time: the same
@@ -347,7 +348,7 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
         c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, w_ptr, N, offs,
                          offs < N, 0, rows, scale, wsum, c, ON_BASE, TRIM, ELECT, SLACK,
                          NORMALIZE, N_MODELS, NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32,
-                         BLOCK, False)
+                         BLOCK, False, UPPER)
     _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
 
 
@@ -375,7 +376,7 @@ def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, c
         c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs,
                          (offs >= 0) & (offs < N), qbase + tl.cast(blk, tl.int64) * (BLOCK // 4),
                          rows, scale, wsum, c, True, False, ELECT, False, NORMALIZE, N_MODELS,
-                         NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True)
+                         NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True, False)
     _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
 
 
@@ -407,7 +408,7 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
                  ELECT: tl.constexpr, SLACK: tl.constexpr, NORMALIZE: tl.constexpr,
                  N_MODELS: tl.constexpr, NM: tl.constexpr, BASE_BF16: tl.constexpr,
                  MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr,
-                 BLOCK: tl.constexpr, DROP: tl.constexpr):
+                 BLOCK: tl.constexpr, DROP: tl.constexpr, UPPER: tl.constexpr):
     """One block of the fused pass (entries ``offs``, ``inb`` in the chunk): elect,
     select, combine, store θ; returns the counters ``c`` plus this block's. DROP: kept_i
     from DARE's words r_i for g = 4·q0 + 0..BLOCK − 1 (``_dare_words``) instead of t_i."""
@@ -433,6 +434,8 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
                 wi = tl.load(w_ptr + i)
                 if TRIM:
                     k = tl.abs(x) >= tl.load(par_ptr + NM + i)
+                    if UPPER:                                # §8b: |x_i| < h_i too
+                        k = k & ~(tl.abs(x) >= tl.load(par_ptr + 2 * NM + i))
                     kc = tl.sum(tl.where(k & inb, 1, 0), axis=0)
                     c_kept += _at(rows, i, kc)
                     c_sel += _at(rows, i, kc)
@@ -462,6 +465,8 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
                 kbits = kbits | (k.to(tl.int32) << i)
             else:
                 k = ax >= tl.load(par_ptr + NM + i)
+                if UPPER:
+                    k = k & ~(ax >= tl.load(par_ptr + 2 * NM + i))
             g += tl.where(k, vote, 0.0)
             if SLACK:
                 p = ax >= tl.load(par_ptr + 2 * NM + i)
@@ -484,6 +489,8 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
             else:
                 ci = wi
                 k = (ax >= tl.load(par_ptr + NM + i)) & inb
+                if UPPER:
+                    k = k & ~(ax >= tl.load(par_ptr + 2 * NM + i))
             sel = k & (sx * gam > 0)                         # a zero never matches
             d += tl.where(sel, ci * x.to(tl.float64), 0.0)
             ws += tl.where(sel, wi, 0.0)
@@ -703,7 +710,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
         _merge_kernel[(grid,)](
             _kernel_view(base if cfg.on_base else models), _kernel_view(models),
             _kernel_view(out), w, par, partial, N, grid,
-            ON_BASE=cfg.on_base, TRIM=cfg.t is not None,
+            ON_BASE=cfg.on_base, TRIM=cfg.t is not None, UPPER=bool(cfg.upper),
             ELECT=("none", "sum", "count").index(cfg.elect), SLACK=cfg.has_slack,
             NORMALIZE=bool(cfg.normalize), N_MODELS=n, NM=nm,
             BASE_BF16=cfg.on_base and base.dtype == torch.bfloat16,

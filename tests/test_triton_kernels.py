@@ -375,14 +375,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
           MODELS_BF16=False, BLOCK=2048, ITERS=8, WB=128, DENSE_MIN=256, NB=2048), 8)
     msig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", w_ptr="*fp64",
                 par_ptr="*fp32", cnt_ptr="*i32", N="i32", n_programs="i32")
-    for on_base, trim, elect, slack, out_f32 in ((False, False, 0, False, False),
-                                                (True, False, 0, False, True),
-                                                (True, True, 1, False, False),
-                                                (True, True, 1, True, True),
-                                                (True, True, 2, True, False)):
+    for on_base, trim, elect, slack, out_f32, upper in ((False, False, 0, False, False, False),
+                                                       (True, False, 0, False, True, False),
+                                                       (True, True, 1, False, False, False),
+                                                       (True, True, 1, True, True, False),
+                                                       (True, True, 2, True, False, False),
+                                                       (True, True, 0, False, False, True),
+                                                       (True, True, 1, False, True, True)):
         build(T._merge_kernel, msig, dict(ON_BASE=on_base, TRIM=trim, ELECT=elect,
               SLACK=slack, NORMALIZE=True, N_MODELS=3, NM=4, BASE_BF16=True, MODELS_BF16=True,
-              OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024, ITERS=8), 4)
+              OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024, ITERS=8, UPPER=upper), 4)
     print("compiled")
 """)
 

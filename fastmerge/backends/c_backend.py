@@ -148,7 +148,7 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
                     vote_weights=cfg.vote_weights)
     ext.merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
               cfg.on_base, elect, bool(cfg.normalize), tuple(cfg.weights), cfg.t, cfg.u,
-              float(cfg.scale), counts.numpy(), **drop)
+              float(cfg.scale), counts.numpy(), upper=bool(cfg.upper), **drop)
     return counts
 
 

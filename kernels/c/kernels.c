@@ -7,6 +7,7 @@
  *                                                    bracket: above = #{key > hi},
  *                                                    inside = the keys in [lo, hi])
  *   x_i = τ_i (or θ_i without a base);  kept_i = |x_i| >= t_i,  prot_i = |x_i| >= u_i
+ *   (breadcrumbs, spec §8b: kept_i = |x_i| >= t_i ∧ ¬(|x_i| >= h_i), no slack)
  *   vote_i = w_i·x_i   (elect="count": sign(w_i)·sign(x_i))
  *   G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G >= 0 else −1
  *   sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);  D = Σ w_i·sel_i·x_i,
@@ -652,13 +653,13 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
-        const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
+        const float ti = a->t[i], ui = a->u[i], hi = a->h[i], swi = a->sw[i];
         const double ci = a->cw[i];
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
             const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
                                       : ci * (double)x[j];
-            g[j] += (DROP ? km[j] != 0 : ax >= ti) ? vote : 0.0;
+            g[j] += (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= ui;
                 gp[j] += p ? vote : 0.0;
@@ -676,12 +677,12 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
-        const float ti = a->t[i], ui = a->u[i], swi = a->sw[i];
+        const float ti = a->t[i], ui = a->u[i], hi = a->h[i], swi = a->sw[i];
         const double wi = a->w[i], ci = a->cw[i];
         int c_kept = 0, c_sel = 0, c_drop = 0, c_prot = 0, c_imp = 0, c_timp = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]), sx = swi * x[j];      /* sign(w_i·x_i) = sign(sx) */
-            const int k = DROP ? km[j] != 0 : ax >= ti;
+            const int k = DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi);
             const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
             d[j] += sel ? ci * (double)x[j] : 0.0;
             ws[j] += sel ? wi : 0.0;
@@ -726,11 +727,11 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
     const double lam = a->scale;
     const int on_base = a->on_base;
     double w[FM_MAX_MODELS], cw[FM_MAX_MODELS];
-    float t[FM_MAX_MODELS], u[FM_MAX_MODELS], sw[FM_MAX_MODELS];
+    float t[FM_MAX_MODELS], u[FM_MAX_MODELS], h[FM_MAX_MODELS], sw[FM_MAX_MODELS];
     int c_kept[FM_MAX_MODELS], c_sel[FM_MAX_MODELS], c_drop[FM_MAX_MODELS];
     int c_prot[FM_MAX_MODELS], c_imp[FM_MAX_MODELS], c_timp[FM_MAX_MODELS];
     for (int i = 0; i < NC; i++) {
-        t[i] = a->t[i]; u[i] = a->u[i]; w[i] = a->w[i]; cw[i] = a->cw[i]; sw[i] = a->sw[i];
+        t[i] = a->t[i]; u[i] = a->u[i]; h[i] = a->h[i]; w[i] = a->w[i]; cw[i] = a->cw[i]; sw[i] = a->sw[i];
         c_kept[i] = c_sel[i] = c_drop[i] = c_prot[i] = c_imp[i] = c_timp[i] = 0;
     }
     for (int j = 0; j < len; j++) {
@@ -740,7 +741,8 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi);
             const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
                                       : cw[i] * (double)xi;
-            g += (DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : ax >= t[i]) ? vote : 0.0;
+            g += (DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : (ax >= t[i]) & !(ax >= h[i]))
+                     ? vote : 0.0;
             if (SLACK) {
                 const int p = ax >= u[i];
                 gp += p ? vote : 0.0;
@@ -752,7 +754,8 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
         double d = 0.0, ws = 0.0;
         for (int i = 0; i < NC; i++) {                      /* §6 select; §9 counters */
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi), sx = sw[i] * xi;
-            const int k = DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : ax >= t[i];
+            const int k = DROP ? km[(size_t)i * FM_BLOCK + j] != 0
+                               : (ax >= t[i]) & !(ax >= h[i]);
             const int sel = k & (sx * gam > 0.f);
             d += sel ? cw[i] * (double)xi : 0.0;
             ws += sel ? w[i] : 0.0;
@@ -792,10 +795,11 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
         const double ci = a->cw[i];
-        const float ti = a->t[i];
+        const float ti = a->t[i], hi = a->h[i];
         int c_kept = 0;
         for (int j = 0; j < len; j++) {
-            const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? fabsf(x[j]) >= ti : 1;
+            const float ax = fabsf(x[j]);
+            const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
             d[j] += k ? ci * (double)x[j] : 0.0;
             c_kept += k;
         }

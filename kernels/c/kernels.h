@@ -67,6 +67,8 @@ typedef struct {
                                              w_i / d_i with DARE's rescale) */
     float sw[FM_MAX_MODELS];              /* sign(w_i) */
     float t[FM_MAX_MODELS], u[FM_MAX_MODELS];   /* NaN: keep none / protect none */
+    float h[FM_MAX_MODELS];               /* breadcrumbs (spec 8b): kept_i also needs
+                                             !(|x_i| >= h_i); NaN: no upper bound */
     double scale;                         /* λ */
     double wsum;                          /* Σ w_i in model order (W without an election) */
     uint32_t dthr[FM_MAX_MODELS];         /* drop: keep r < dthr[i] ... */

@@ -492,27 +492,29 @@ PyDoc_STRVAR(merge_doc,
 "DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and u must\n"
 "be None): kept_i = r_i(offset + j) < T_i, r from Philox4x32-10 under key (an int in\n"
 "[0, 2**64)); offset: the global index of entry 0. vote_weights: n floats c_i, x_i's\n"
-"factor in sum votes and in D (None: the weights).");
+"factor in sum votes and in D (None: the weights).\n"
+"upper (breadcrumbs, docs/spec.md 8b): u holds the trim's exclusive upper bounds h_i:\n"
+"kept_i = t_i <= |x_i| < h_i (+inf: no upper bound); nothing is protected.");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
                              "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
                              "scale", "counts", "threads", "drop", "key", "offset",
-                             "vote_weights", NULL};
+                             "vote_weights", "upper", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
     PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None;
-    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0;
+    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, upper = 0;
     long long N, offset = 0;
     double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLO", kwlist, &base_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOp", kwlist, &base_o,
                                      &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
                                      &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
-                                     &threads, &drop_o, &key_o, &offset, &cw_o))
+                                     &threads, &drop_o, &key_o, &offset, &cw_o, &upper))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
@@ -536,7 +538,12 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
         PyErr_Format(PyExc_ValueError, "offset must be 0..2**63-1-N, got %lld", offset);
         return NULL;
     }
-    if (elect == FM_ELECT_NONE && u_o != Py_None) {
+    if (upper && (t_o == Py_None || u_o == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "upper (breadcrumbs) needs thresholds t and u "
+                        "(u: the trim's exclusive upper bounds h)");
+        return NULL;
+    }
+    if (elect == FM_ELECT_NONE && u_o != Py_None && !upper) {
         PyErr_SetString(PyExc_ValueError, "slack thresholds u need a sign election");
         return NULL;
     }
@@ -554,6 +561,10 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     if (take_doubles(w_o, "weights", n, a.w, &a.wsum, 1)) return NULL;
     if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN))
         return NULL;
+    for (int i = 0; i < FM_MAX_MODELS; i++) {   /* spec 8b: u holds h; nothing protected */
+        a.h[i] = upper && i < n ? a.u[i] : NAN;
+        if (upper) a.u[i] = NAN;
+    }
     if (cw_o == Py_None) memcpy(a.cw, a.w, sizeof a.cw);
     else if (take_doubles(cw_o, "vote_weights", n, a.cw, NULL, 1)) return NULL;
     if (drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall)) return NULL;
