@@ -251,6 +251,15 @@ CASES = [
          "fp32) and out_dtype: the storage dtype", "ties", [(1.0, 0.5), (0.5, 0.5)], TIES,
          _ties_def([1, 0.5], [0.5, 0.5]), top={"dtype": "float32", "out_dtype": "$dtype"},
          dtypes=("float16", "bfloat16")),
+    Case("breadcrumbs", "density 0.5/0.5, gamma 0.01, weights 1/0.5, no election, "
+         "normalize false (mergekit's default)", "breadcrumbs", [(1.0, 0.5), (0.5, 0.5)],
+         {"gamma": 0.01, "normalize": False},
+         {"method": "breadcrumbs", "weights": [1.0, 0.5], "density": [0.5, 0.5],
+          "gamma": 0.01, "normalize": False}),
+    Case("breadcrumbs_ties", "as breadcrumbs with the sum election",
+         "breadcrumbs_ties", [(1.0, 0.5), (0.5, 0.5)], {"gamma": 0.01, "normalize": False},
+         {"method": "breadcrumbs_ties", "weights": [1.0, 0.5], "density": [0.5, 0.5],
+          "gamma": 0.01, "normalize": False}),
 ]
 
 
@@ -827,7 +836,10 @@ def main(argv=None) -> int:
                            [load_folder(Path(m)) for m in r["_models"]])
         dfn = r["_case"].definition
         ties = None
-        if dfn["method"] == "ties":
+        # the candidate values θ_b + λ·Σ_S w_i τ_i (/ Σ_S w_i) per surviving set S hold for
+        # TIES, and for the breadcrumbs methods without normalization (W is then unused)
+        if dfn["method"] == "ties" or (dfn["method"].startswith("breadcrumbs")
+                                       and not dfn["normalize"]):
             ties = {"weights": dfn["weights"], "normalize": dfn["normalize"],
                     "scale": dfn.get("scale", 1.0)}
         outs = {}
