@@ -125,3 +125,49 @@ def check_merge(merge, base, models, cfg, out_dtype):
     assert_counts_equal(got, want)
     assert_ulp_close(actual, expected)
     return actual, got
+
+
+# -- lowering Triton kernels for an H100 without a GPU ------------------------------------
+
+_SM90_PROLOGUE = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastmerge.kernels import triton_merge as T
+
+def build(fn, sig, consts, warps, fma=False, needs=()):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, v in sig.items() if v.startswith("*") or k == "N"}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    divs = [line.split()[0] for line in ptx.splitlines() if line.strip().startswith("div")]
+    assert all(d.startswith(("div.rn.", "div.s", "div.u")) for d in divs), divs
+    assert fma or "fma.rn" not in ptx, f"FMA contraction in {fn.__name__}"
+    for s in needs:
+        assert s in ptx, f"{fn.__name__}: no {s} in the PTX"
+    return k
+"""
+
+
+def compile_for_sm90(body: str) -> None:
+    """Run ``body`` (calls of ``build(fn, signature, constexprs, num_warps, fma=False,
+    needs=())``) in a fresh interpreter without TRITON_INTERPRET: each kernel is lowered to
+    PTX/SASS for sm90 (no GPU needed), with correctly rounded divisions and, unless
+    ``fma``, no FMA contraction. Skips when this Triton has no NVIDIA backend."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import pytest
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = _SM90_PROLOGUE + textwrap.dedent(body) + "\nprint('compiled')\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import subprocess
-import sys
-import textwrap
 import types
 
 import pytest
@@ -34,7 +30,7 @@ from fastmerge import methods, philox
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, KEPT, SELECTED, KernelConfig)
-from tests.checks import make_inputs
+from tests.checks import compile_for_sm90, make_inputs
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -504,49 +500,23 @@ def test_merge_one_with_key():
 # ---------------------------------------------------------------------------------------
 # 7. the Triton DARE kernel lowers for sm90
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastmerge.kernels import triton_merge as T
-
-    def build(fn, sig, consts, warps):
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-                 for k, v in sig.items() if v.startswith("*") or k == "N"}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
-        divs = [line.split()[0] for line in ptx.splitlines() if line.strip().startswith("div")]
-        assert all(d.startswith(("div.rn.", "div.s", "div.u")) for d in divs), divs
-        assert "fma.rn" not in ptx, "FMA contraction"
-        assert "mul.hi.u32" in ptx, "Philox without a 32-bit multiply-high"
-        return k
-
+_SM90_BODY = """
     dsig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", w_ptr="*fp64",
                 par_ptr="*fp32", drp_ptr="*i64", cnt_ptr="*i32", N="i32", n_programs="i32",
                 qbase="i64", shift="i32")
     for elect, out_f32, bf16 in ((0, False, True), (1, True, False), (2, False, True)):
         build(T._merge_drop_kernel, dsig, dict(ELECT=elect, NORMALIZE=True, N_MODELS=3, NM=4,
               BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024,
-              ITERS=8), 4)
+              ITERS=8), 4, needs=("mul.hi.u32",))
     build(T._philox_kernel, dict(ctr_ptr="*i64", rk_ptr="*i64", out_ptr="*i64", M="i32"),
           dict(BLOCK=16), 1)
     build(T._dare_words_kernel, dict(out_ptr="*i64", rk_ptr="*i64", N="i32", qbase="i64",
           shift="i32", model="i32"), dict(BLOCK=256), 4)
-    print("compiled")
-""")
+"""
 
 
 def test_dare_kernel_compiles_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_for_sm90(_SM90_BODY)
 
 
 # ---------------------------------------------------------------------------------------

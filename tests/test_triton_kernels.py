@@ -14,9 +14,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import inspect  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,7 +27,8 @@ from fastmerge.kernel_api import (DIGIT_BITS, NBINS, NONFINITE, NONFINITE_BIN,  
 from fastmerge.kernels import triton_merge as T  # noqa: E402
 from fastmerge.select import RadixSelect, Targets  # noqa: E402
 from tests import checks  # noqa: E402
-from tests.checks import make_inputs, mode_cfg, thresholds_checked, ties_cfg  # noqa: E402
+from tests.checks import (compile_for_sm90, make_inputs, mode_cfg,  # noqa: E402
+                          thresholds_checked, ties_cfg)
 
 pytestmark = [pytest.mark.interpreter,
               # NaN / inf inputs on purpose: numpy warns inside the interpreter
@@ -348,31 +346,11 @@ def test_offsets_are_int64():
         assert "_row_offsets(" in inspect.getsource(rows.fn)
 
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fastmerge.kernels import triton_merge as T
-
-    def build(fn, sig, consts, warps):
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-                 for k, v in sig.items() if v.startswith("*") or k == "N"}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
-        divs = [line.split()[0] for line in ptx.splitlines() if line.strip().startswith("div")]
-        assert all(d.startswith(("div.rn.", "div.s", "div.u")) for d in divs), divs
-        assert "fma.rn" not in ptx or fn is T._histogram_kernel, "FMA contraction in the merge"
-        return k
-
+_SM90_BODY = """
     hsig = dict(base_ptr="*fp16", models_ptr="*fp16", prefix_ptr="*i32", hist_ptr="*i64",
                 N="i32", n_programs="i32", n_replicas="i32")
     build(T._histogram_kernel, hsig, dict(SHIFT=9, BITS=11, N_MODELS=3, BASE_BF16=False,
-          MODELS_BF16=False, BLOCK=2048, ITERS=8, WB=128, DENSE_MIN=256, NB=2048), 8)
+          MODELS_BF16=False, BLOCK=2048, ITERS=8, WB=128, DENSE_MIN=256, NB=2048), 8, fma=True)
     msig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", w_ptr="*fp64",
                 par_ptr="*fp32", cnt_ptr="*i32", N="i32", n_programs="i32")
     for on_base, trim, elect, slack, out_f32, upper in ((False, False, 0, False, False, False),
@@ -385,15 +363,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(T._merge_kernel, msig, dict(ON_BASE=on_base, TRIM=trim, ELECT=elect,
               SLACK=slack, NORMALIZE=True, N_MODELS=3, NM=4, BASE_BF16=True, MODELS_BF16=True,
               OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024, ITERS=8, UPPER=upper), 4)
-    print("compiled")
-""")
+"""
 
 
 def test_kernels_compile_for_sm90():
     """Lower both kernels to SASS for an H100 (no GPU needed): catches what only the
     compiler rejects, and checks the division is the correctly rounded one."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_for_sm90(_SM90_BODY)
