@@ -171,3 +171,36 @@ def compile_for_sm90(body: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- bit-exact comparisons and interruptions shared by several suites ---------------------
+
+def run(merge, base, models, cfg, out_dtype):
+    """(out, counters) of one fused pass; ``out`` starts as garbage, so every entry must
+    be written."""
+    out = torch.full((models.shape[1],), 7.0, dtype=out_dtype)
+    counts = merge(base, models, out, cfg)
+    return out, counts.cpu()
+
+
+def assert_same(a, b, what):
+    """Two (out, counters) pairs identical bit for bit."""
+    (oa, ca), (ob, cb) = a, b
+    assert torch.equal(oa.view(-1).view(torch.uint8), ob.view(-1).view(torch.uint8)), \
+        f"{what}: outputs differ in {int((oa.double() != ob.double()).sum())} entries"
+    assert torch.equal(ca, cb), f"{what}: counters differ\n{ca}\n{cb}"
+
+
+def interrupt_at_shard(monkeypatch, k: int) -> None:
+    """Ctrl-C in the merge's main thread when shard ``k`` is about to start: shards
+    0..k-1 are complete (as a real KeyboardInterrupt between two tensors)."""
+    from fastmerge import output as output_mod
+    real = output_mod.CheckpointWriter.begin
+
+    def begin(self, task):
+        if self.shard_of[task.name] == k and self._current != k:
+            self._drain()
+            raise KeyboardInterrupt
+        return real(self, task)
+
+    monkeypatch.setattr(output_mod.CheckpointWriter, "begin", begin)

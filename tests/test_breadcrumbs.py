@@ -18,7 +18,7 @@ from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import DROPPED_BY_SIGN, KEPT, PROTECTED, SELECTED, KernelConfig
 from fastmerge.params import make_params
-from tests.checks import make_inputs
+from tests.checks import assert_same, make_inputs, run
 from tests.test_exactness import triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -48,19 +48,6 @@ def cfg_for(method, weights, t, h, *, normalize=None, elect="sum", scale=0.8):
     m = methods.METHODS[method]
     return m.kernel_config(weights, scale, m.normalize_default if normalize is None
                            else normalize, elect, t, h)
-
-
-def run(merge, base, models, cfg, dtype):
-    out = torch.full((models.shape[1],), 7.0, dtype=dtype)       # every entry is written
-    counts = merge(base, models, out, cfg)
-    return out, counts.cpu()
-
-
-def assert_same(a, b, what):
-    (oa, ca), (ob, cb) = a, b
-    assert torch.equal(oa.view(-1).view(torch.uint8), ob.view(-1).view(torch.uint8)), \
-        f"{what}: outputs differ in {int((oa.double() != ob.double()).sum())} entries"
-    assert torch.equal(ca, cb), f"{what}: counters differ\n{ca}\n{cb}"
 
 
 # ---------------------------------------------------------------------------------------

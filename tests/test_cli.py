@@ -20,6 +20,7 @@ from fastmerge import cli, config, methods
 from fastmerge import output as output_mod
 from fastmerge.testing import PRESETS, write_llama_family
 from fastmerge.verify import verify_output
+from tests.checks import interrupt_at_shard
 
 CONFIG_YAML = """\
 merge_method: ties_sv
@@ -253,18 +254,6 @@ def test_missing_parent_is_created_and_an_empty_folder_is_used(family, reference
 
 # -- Ctrl-C and --resume ----------------------------------------------------------------
 
-def interrupt_at_shard(monkeypatch, k: int) -> None:
-    """Ctrl-C in the merge's main thread when shard ``k`` is about to start: shards
-    0..k-1 are complete (as a real KeyboardInterrupt between two tensors)."""
-    real = output_mod.CheckpointWriter.begin
-
-    def begin(self, task):
-        if self.shard_of[task.name] == k and self._current != k:
-            self._drain()
-            raise KeyboardInterrupt
-        return real(self, task)
-
-    monkeypatch.setattr(output_mod.CheckpointWriter, "begin", begin)
 
 
 def test_ctrl_c_keeps_shards_and_prints_the_resume_command(family, reference, tmp_path,

@@ -30,7 +30,7 @@ from fastmerge import methods, philox
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, KEPT, SELECTED, KernelConfig)
-from tests.checks import compile_for_sm90, make_inputs
+from tests.checks import compile_for_sm90, assert_same, make_inputs, run
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -58,19 +58,6 @@ def cfg_for(method, n, *, rescale=None, normalize=None, elect="sum", density=Non
                            m.normalize_default if normalize is None else normalize, elect,
                            density=density or DENSITY[n], rescale=rescale, key=key,
                            offset=offset)
-
-
-def run(merge, base, models, cfg, out_dtype):
-    out = torch.full((models.shape[1],), 7.0, dtype=out_dtype)   # every entry must be written
-    counts = merge(base, models, out, cfg)
-    return out, counts.cpu()
-
-
-def assert_same(a, b, what):
-    (oa, ca), (ob, cb) = a, b
-    assert torch.equal(oa.view(-1).view(torch.uint8), ob.view(-1).view(torch.uint8)), \
-        f"{what}: outputs differ in {int((oa.double() != ob.double()).sum())} entries"
-    assert torch.equal(ca, cb), f"{what}: counters differ\n{ca}\n{cb}"
 
 
 # ---------------------------------------------------------------------------------------

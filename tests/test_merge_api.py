@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastmerge
+from tests.checks import interrupt_at_shard
 from fastmerge import pipeline, reference
 from fastmerge.errors import InputError, OutputError, ParameterError
 from fastmerge.io.safetensors_file import SafetensorsFile
@@ -499,17 +500,6 @@ def test_output_folder_rules(family, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["clean", "empty", "not"]
 
 
-def _interrupt_at_shard(monkeypatch, k):
-    from fastmerge import output as output_mod
-    real = output_mod.CheckpointWriter.begin
-
-    def begin(self, task):
-        if self.shard_of[task.name] == k and self._current != k:
-            self._drain()
-            raise KeyboardInterrupt
-        return real(self, task)
-
-    monkeypatch.setattr(output_mod.CheckpointWriter, "begin", begin)
 
 
 def test_interrupted_merge_keeps_shards_until_resume_or_overwrite(family, tmp_path,
@@ -517,7 +507,7 @@ def test_interrupted_merge_keeps_shards_until_resume_or_overwrite(family, tmp_pa
     kw = dict(shard_size=40_000, progress=False)
     clean = fastmerge.merge(family["base"], family["models"], output=tmp_path / "clean", **kw)
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
-    _interrupt_at_shard(monkeypatch, 3)
+    interrupt_at_shard(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt) as exc:
         fastmerge.merge(family["base"], family["models"], output=out, **kw)
     monkeypatch.undo()
@@ -538,7 +528,7 @@ def test_interrupted_merge_keeps_shards_until_resume_or_overwrite(family, tmp_pa
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
     shutil.rmtree(out)
-    _interrupt_at_shard(monkeypatch, 2)
+    interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(fastmerge.MergeInterrupted):
         fastmerge.merge(family["base"], family["models"], output=out, **kw)
     monkeypatch.undo()
@@ -562,7 +552,7 @@ def test_refused_resume_names_what_changed(family, tmp_path, monkeypatch, change
     kw = dict(shard_size=40_000, progress=False, backend="c")
     models = family["models"]
     out = tmp_path / "out"
-    _interrupt_at_shard(monkeypatch, 2)
+    interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(fastmerge.MergeInterrupted):
         fastmerge.merge(family["base"], models, output=out, **kw)
     monkeypatch.undo()
