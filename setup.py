@@ -153,8 +153,8 @@ setup(
     ext_modules=[
         Extension(
             "fastmerge._cmerge",
-            sources=["kernels/c/module.c", "kernels/c/kernels.c"],
-            depends=["kernels/c/kernels.h", "kernels/c/convert.h"],
+            sources=["kernels/c/module.c", "kernels/c/kernels.c", "kernels/c/gram.c"],
+            depends=["kernels/c/kernels.h", "kernels/c/convert.h", "kernels/c/gram.h"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

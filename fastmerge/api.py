@@ -91,7 +91,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           config=None, resume: bool = False, seed: int = 0,
-          rescale: bool | None = None, gamma=None) -> MergeResult:
+          rescale: bool | None = None, gamma=None, t=None,
+          vectors: str | None = None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
     Every argument is checked before any tensor data is read; errors name the bad value
@@ -109,8 +110,10 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
 
     Method and knobs
         method: "linear", "task_arithmetic", "ties", "ties_sv", "dare_linear",
-            "dare_ties", "breadcrumbs" or "breadcrumbs_ties" (fastmerge.methods.METHODS; any letter case, "-" for "_" too).
-            Default "ties_sv".
+            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp" or
+            "model_stock" (fastmerge.methods.METHODS; any letter case, "-" for "_" too).
+            Default "ties_sv". slerp merges one model with the base; nuslerp two models,
+            with a base (task-vector SLERP) or without; model_stock two or more and a base.
         weights: w_i; default 1.0.  density: d_i in [0, 1], the fraction of |τ_i| the trim
             keeps (ties, ties_sv), or each entry's keep probability (dare_*); default 0.2.  slack: s_i in [0, d_i], the fraction
             protected from the sign election (ties_sv only); default 0.0.  gamma: γ_i in
@@ -121,6 +124,13 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             {"filter": substring of the tensor name, "value": ...} entries, as in mergekit.
             (A YAML config takes mergekit's defaults instead: weight required, density 1.0.)
         scale: λ, the task vectors' scale (number, gradient or filter list); default 1.0.
+        t: SLERP's position from the base (0) to the model (1), a number, gradient or
+            filter list (docs/spec.md §8c); default 0.5. NuSLERP takes t = w_1 / (w_0 + w_1)
+            from ``weights`` instead.
+        vectors: what one vector is for slerp, nuslerp and model_stock: "tensor" (default:
+            the whole tensor, mergekit's default), "rows" (each row; mergekit's
+            ``nuslerp_flatten: false`` / ``filter_wise: true``) or "columns" (nuslerp only;
+            mergekit's ``nuslerp_row_wise: true``).
         normalize: divide by the (selected) weights. None (default) takes the method's
             default: True for linear, ties and ties_sv; False for task_arithmetic and dare_*.
         seed: the DARE methods' random drop seed (default 0: a merge is reproducible; the
@@ -178,10 +188,10 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     params = make_params(method, len(models), weights=weights, density=density, slack=slack,
                          scale=scale, normalize=normalize, elect=elect, scope=scope,
                          dtype=dtype, allow_nonfinite=allow_nonfinite, seed=seed,
-                         rescale=rescale, gamma=gamma)
+                         rescale=rescale, gamma=gamma, t=t, vectors=vectors)
     if base is None and params.spec.needs_base:
         raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
-                             "works without one")
+                             "and 'nuslerp' work without one")
     if config_from is not None and (isinstance(config_from, bool) or
                                     not isinstance(config_from, int) or
                                     not 0 <= config_from < len(models)):

@@ -1,6 +1,7 @@
 """Merge configs in the YAML format mergekit users already write, with mergekit's meaning.
 
-    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv | dare_*
+    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv | dare_* |
+                                     # breadcrumbs* | slerp | nuslerp | model_stock
     base_model: path/or/hub-id
     models:
       - model: path/to/ct
@@ -45,13 +46,16 @@ TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_
 PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
 METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
-               "rescale"}
+               "rescale", "t", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+# global keys only some methods read (mergekit's names): which methods
+METHOD_KEYS = {"t": ("slerp",), "nuslerp_flatten": ("nuslerp",),
+               "nuslerp_row_wise": ("nuslerp",), "filter_wise": ("model_stock",)}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
-                 "karcher", "arcee_fusion", "nearswap", "multislerp")
+MERGEKIT_ONLY = ("della", "della_linear", "passthrough", "sce", "karcher", "arcee_fusion",
+                 "nearswap", "multislerp")
 
 
 def _check_keys(where: str, mapping, allowed: set) -> None:
@@ -91,15 +95,18 @@ def _method(doc) -> methods.Method:
                          f"{doc['merge_method']!r}")
 
 
-def _knob(knob: str, i: int, model_value, global_value):
+def _knob(knob: str, i: int, model_value, global_value, method: methods.Method):
     """One model's spec of a per-model knob: a number when it is one for every tensor,
-    else FirstOf(model level, global level, mergekit's default)."""
+    else FirstOf(model level, global level, mergekit's default). A knob the method does
+    not read is never required (model stock and SLERP take no weight)."""
     k = methods.KNOBS[knob]
     where = f"models[{i}].parameters.{k.yaml}"
     for w, v in ((where, model_value), (f"parameters.{k.yaml}", global_value)):
         if v is not None:
             knobs.check_knob(w, v)
-    default = None if k.yaml_default is methods.REQUIRED else k.yaml_default
+    default = k.yaml_default
+    if default is methods.REQUIRED:
+        default = None if knob in method.knobs else k.default
     levels = (model_value, global_value, default)
     first = next((v for v in levels if v is not None), None)
     if first is None:
@@ -112,6 +119,34 @@ def _knob(knob: str, i: int, model_value, global_value):
                                  f" must be in [{k.low:g}, {k.high:g}], got {first!r}")
         return v
     return FirstOf(levels)
+
+
+def _flag(glob: dict, key: str, default: bool) -> bool:
+    v = glob.get(key, default)
+    if not isinstance(v, bool):
+        raise ParameterError(f"parameters.{key} must be true or false, got {v!r}")
+    return v
+
+
+def _geometry_keys(method: methods.Method, glob: dict) -> dict:
+    """``t`` (SLERP, required as in mergekit) and what one vector is (docs/spec.md §8c):
+    NuSLERP's ``nuslerp_flatten`` (default true: the whole tensor; false: each row, or each
+    column with ``nuslerp_row_wise: true``) and model stock's ``filter_wise`` (rows)."""
+    out = {}
+    if method.name == "slerp":
+        if "t" not in glob:
+            raise ParameterError("slerp needs parameters.t (as in mergekit): 0 is the base "
+                                 "model, 1 the other model")
+        knobs.check_knob("parameters.t", glob["t"])
+        out["t"] = glob["t"]
+    elif method.name == "nuslerp":
+        if not _flag(glob, "nuslerp_flatten", True):
+            out["vectors"] = "columns" if _flag(glob, "nuslerp_row_wise", False) else "rows"
+        else:
+            _flag(glob, "nuslerp_row_wise", False)
+    elif method.name == "model_stock" and _flag(glob, "filter_wise", False):
+        out["vectors"] = "rows"
+    return out
 
 
 def config_to_kwargs(doc) -> dict:
@@ -157,12 +192,17 @@ def config_to_kwargs(doc) -> dict:
                                          f"{', '.join(m.name for m in methods.METHODS.values() if k in m.knobs)}"
                                          f", not {method.name!r}")
                 continue
-            per_model[k].append(_knob(k, i, mp.get(y), glob.get(y)))
+            per_model[k].append(_knob(k, i, mp.get(y), glob.get(y), method))
     if not models:
         raise ParameterError("config: no model to merge besides the base model")
 
     kwargs = {"base": base, "models": models, "method": method.name,
               **{k: v for k, v in per_model.items() if v}}
+    for key, users in METHOD_KEYS.items():
+        if key in glob and method.name not in users:
+            raise ParameterError(f"parameters.{key} is only used by {', '.join(users)}, not "
+                                 f"{method.name!r}")
+    kwargs.update(_geometry_keys(method, glob))
     if "lambda" in glob:
         knobs.check_knob("parameters.lambda", glob["lambda"])
         kwargs["scale"] = glob["lambda"]

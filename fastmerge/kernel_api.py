@@ -26,6 +26,19 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     entries are entries ``cfg.offset .. cfg.offset + N − 1`` of the tensor: the drop
     depends on that global index only, so any chunking gives the same result.
 
+``gram(base, models, on_base, seg) -> fp64 [Q, K]`` (optional; docs/spec.md §8c)
+    The statistics pass of SLERP / NuSLERP / model stock. v_k = τ_k (``on_base``) or
+    f32(θ_k). The N entries are pieces of ``seg`` entries (the last may be shorter), each
+    cut into GRAM_BLOCK blocks from its start (Q blocks in all); row q holds, for block q
+    and each pair k ≤ l in the order (0,0), (0,1), .., (0,n−1), (1,1), .. (K = n(n+1)/2),
+    the sum of the exact fp64 products v_k·v_l over the block by a pairwise tree (the
+    block padded with +0.0 to GRAM_BLOCK entries; level by level, p[2m] + p[2m+1]).
+
+``combine(base, models, out, coef, seg, columns, on_base) -> int64 [n]`` (with ``gram``)
+    The elementwise pass of those methods: θ_j = [f32(θ_b) +] Σ_k coef[s, k]·v_k[j] in
+    fp64, k in order from +0.0, rounded once to ``out``'s dtype, with s = j // seg (or
+    j mod seg when ``columns``); returns the non-finite entries of each v_k.
+
 ``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype) or a sequence of n
 contiguous 1-D tensors of N entries and one dtype (the pipeline passes the rows mapped
 from n files this way, without stacking them); ``base``/``out`` have N elements. Thresholds arrive as fp32 values: ``t = 0`` keeps every entry,
@@ -41,6 +54,7 @@ NBINS = 2048
 DIGIT_BITS = (11, 11, 9)
 SHIFT = (20, 9, 0)
 NONFINITE_BIN = 0x7F800000 >> SHIFT[0]  # level-0 bin of +inf; NaN bins are above it
+GRAM_BLOCK = 1024   # entries per block of the statistics pass (a power of two; §8c)
 
 COUNTERS = ("kept", "protected", "selected", "dropped_by_sign", "important_dropped",
             "ties_important_dropped", "nonfinite")
@@ -166,3 +180,5 @@ class Capabilities:
     elects: tuple[str, ...] = ELECTS
     slack: bool = True
     without_base: bool = True                                       # on_base=False
+    gram: bool = False          # gram + combine (§8c); without them the pipeline runs the
+                                # reference's, on the CPU, and says so in the report

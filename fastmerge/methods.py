@@ -46,6 +46,8 @@ KNOBS = {k.name: k for k in (
     Knob("scale", "lambda", False, 1.0, 1.0, doc="λ, the task vector's scale"),
     Knob("gamma", "gamma", True, 0.01, 0.01, 0.0, 1.0,
          doc="γ_i, breadcrumbs: the fraction of the largest |τ_i| dropped as outliers"),
+    Knob("t", "t", False, 0.5, REQUIRED,
+         doc="t, SLERP: where between the base (t = 0) and the model (t = 1)"),
 )}
 
 
@@ -65,6 +67,10 @@ class Method:
     rescale_default: bool = False # DARE: kept entries weigh w_i / d_i (mergekit's `rescale`)
     available: bool = True        # accepted by fastmerge.merge / YAML (in ALIASES)
     upper: bool = False           # breadcrumbs (§8b): slot u is the trim's upper bound h
+    geometry: str | None = None   # §8c: "slerp" / "nuslerp" / "model_stock" (gram + combine
+                                  # passes, fastmerge.geometry) instead of the fused pass
+    models: tuple = (1, None)     # how many models it merges (besides a base): (min, max)
+    vectors: tuple = ("tensor",)  # §8c: what one vector is (VECTORS), the first the default
 
     def kernel_config(self, weights, scale: float, normalize: bool, elect: str,
                       t=None, u=None, *, density=None, rescale: bool | None = None,
@@ -125,6 +131,19 @@ METHODS = {m.name: m for m in (
            knobs=("weights", "density", "gamma", "scale"), thresholds=True, elect=True,
            normalize_default=False, upper=True,
            summary="breadcrumbs' trim, elect signs, disjoint sum"),
+    Method("slerp", ("slerp",), needs_base=True, knobs=("t",), thresholds=False, elect=False,
+           normalize_default=False, geometry="slerp", models=(1, 1),
+           summary="spherical interpolation from the base (t = 0) to the model (t = 1)"),
+    Method("nuslerp", ("nuslerp",), needs_base=False, knobs=("weights",), thresholds=False,
+           elect=False, normalize_default=False, geometry="nuslerp", models=(2, 2),
+           vectors=("tensor", "rows", "columns"),
+           summary="spherical interpolation of two models (of their task vectors with a "
+                   "base) at t = w_1 / (w_0 + w_1), per tensor, row or column"),
+    Method("model_stock", ("model_stock", "model-stock"), needs_base=True, knobs=(),
+           thresholds=False, elect=False, normalize_default=False, geometry="model_stock",
+           models=(2, None), vectors=("tensor", "rows"),
+           summary="θ_b + t·mean τ_i, t = n·cos / (1 + (n − 1)·cos) from the task vectors' "
+                   "mean pairwise cosine"),
 )}
 ALIASES = {alias: m.name for m in METHODS.values() if m.available for alias in m.aliases}
 ELECTS = ("sum", "count")

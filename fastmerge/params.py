@@ -106,6 +106,7 @@ class TensorKnobs:
     slack: tuple[float, ...]
     scale: float
     gamma: tuple[float, ...] = ()     # breadcrumbs (docs/spec.md §8b): top fraction dropped
+    t: float = 0.5                    # SLERP (docs/spec.md §8c)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class MergeParams:
     seed: int = 0                     # DARE: the random drop's seed (docs/spec.md §8a)
     rescale: bool | None = None       # DARE: None is the method's default
     gamma: tuple = ()                 # breadcrumbs (§8b): one spec per model; () otherwise
+    t: Spec = 0.5                     # SLERP (§8c): one spec
+    vectors: str = "tensor"           # SLERP / NuSLERP / model stock (§8c): tensor, rows, columns
 
     @property
     def spec(self) -> methods.Method:
@@ -141,7 +144,7 @@ class MergeParams:
     def constant(self) -> bool:
         """Every knob has the same value for every tensor."""
         return all(_is_constant(s) for s in (*self.weights, *self.density, *self.slack,
-                                             *self.gamma, self.scale))
+                                             *self.gamma, self.scale, self.t))
 
     def for_tensor(self, name: str, num_layers: int = 0) -> TensorKnobs:
         """The knobs of tensor ``name`` (docs/spec.md §2), checked; errors name the
@@ -176,7 +179,8 @@ class MergeParams:
             raise ParameterError(f"{where}linear merge with normalize needs weights that do not sum "
                                  f"to 0, got {list(w)!r}" )
         g = tuple(value("gamma", i, s) for i, s in enumerate(self.gamma))
-        return TensorKnobs(w, d, sl, value("scale", None, self.scale), g)
+        t = value("t", None, self.t) if "t" in self.spec.knobs else 0.5
+        return TensorKnobs(w, d, sl, value("scale", None, self.scale), g, t)
 
     def as_dict(self) -> dict:
         """The exact parameters used, for the merge report."""
@@ -189,6 +193,8 @@ class MergeParams:
             "dtype": self.dtype, "allow_nonfinite": self.allow_nonfinite,
             **({"seed": self.seed, "rescale": self.rescale_used} if self.spec.drop else {}),
             **({"gamma": [_as_json(v) for v in self.gamma]} if self.gamma else {}),
+            **({"t": _as_json(self.t)} if "t" in self.spec.knobs else {}),
+            **({"vectors": self.vectors} if self.spec.geometry else {}),
         }
 
     @property
@@ -202,19 +208,28 @@ class MergeParams:
 def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, density=None,
                 slack=None, scale=None, normalize: bool | None = None, elect: str = "sum",
                 scope: str = "tensor", dtype=None, allow_nonfinite: bool = False,
-                seed: int = 0, rescale: bool | None = None, gamma=None) -> MergeParams:
+                seed: int = 0, rescale: bool | None = None, gamma=None, t=None,
+                vectors: str | None = None) -> MergeParams:
     """Check every knob and broadcast per-model values. ``method`` is a name or alias of
     methods.METHODS in any letter case ("TIES", "ties-sv"). A knob left as None takes the
     API default of methods.KNOBS; ``normalize=None`` the method's default (True for
     ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic`` and the DARE methods).
     ``seed`` and ``rescale`` are DARE's (docs/spec.md §8a; rescale None: True); ``gamma``
-    (per model, in [0, 1]) is breadcrumbs' (§8b; None: 0.01), refused for other methods."""
+    (per model, in [0, 1]) is breadcrumbs' (§8b; None: 0.01), refused for other methods.
+    ``t`` is SLERP's (§8c; None: 0.5) and ``vectors`` ("tensor", "rows" or "columns"; None:
+    "tensor") says what one vector is for SLERP, NuSLERP and model stock."""
     key = method.strip().lower() if isinstance(method, str) else None
     if key not in methods.ALIASES:      # any letter case, as YAML's merge_method
         raise ParameterError(f"method must be one of {methods.names()}, got {method!r}")
     spec = methods.get(key)
     if not isinstance(n_models, int) or n_models < 1:
         raise ParameterError(f"at least one model to merge is needed, got {n_models!r}")
+    low, high = spec.models
+    if not low <= n_models <= (high or n_models):
+        count = (f"exactly {low}" if low == high else f"at least {low}")
+        raise ParameterError(f"method {spec.name!r} merges {count} model"
+                             f"{'s' if (high or 2) > 1 else ''} (besides the base), got "
+                             f"{n_models}")
     if elect not in methods.ELECTS:
         raise ParameterError(f"elect must be one of {', '.join(methods.ELECTS)}, got {elect!r}")
     if scope not in SCOPES:
@@ -242,11 +257,24 @@ def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, den
         raise ParameterError(f"gamma is only used by the breadcrumbs methods, not {spec.name!r}")
     else:
         gamma = ()
+    if "t" in spec.knobs:
+        t = _check_spec("t", methods.KNOBS["t"].default if t is None else t)
+    elif t is not None:
+        raise ParameterError(f"t is only used by method 'slerp', not {spec.name!r}")
+    else:
+        t = 0.5
+    if vectors is None:
+        vectors = spec.vectors[0]
+    elif vectors not in spec.vectors:
+        raise ParameterError(f"vectors must be one of {', '.join(map(repr, spec.vectors))} for "
+                             f"method {spec.name!r}, got {vectors!r}" if spec.geometry else
+                             f"vectors is only used by slerp, nuslerp and model_stock, not "
+                             f"{spec.name!r}")
     params = MergeParams(method=spec.name, n_models=n_models, weights=per_model["weights"],
                          density=per_model["density"], slack=per_model["slack"], scale=scale,
                          normalize=normalize, elect=elect, scope=scope,
                          dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite),
-                         seed=seed, rescale=rescale, gamma=gamma)
+                         seed=seed, rescale=rescale, gamma=gamma, t=t, vectors=vectors)
     if params.constant:
         params.for_tensor("")        # constant knobs: check their values now
     elif scope == "model" and spec.thresholds and not all(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from . import philox, select
+from . import geometry, philox, select
 from .kernel_api import COUNTERS, NONFINITE
 from .plan import TensorTask, kernel_dtype
 
@@ -54,6 +54,7 @@ class TensorStats:
     t: list[float] = field(default_factory=list)
     u: list[float] = field(default_factory=list)
     counts: torch.Tensor | None = None
+    geometry: dict | None = None     # SLERP / NuSLERP / model stock (docs/spec.md §8c)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorStats":
@@ -65,7 +66,8 @@ class TensorStats:
         # journal may still hold the float inf itself, which passes through as is
         def thresholds(key):
             return [math.inf if x is None else x for x in d.get(key, [])]
-        return cls(d["name"], d["population"], thresholds("t"), thresholds("u"), counts)
+        return cls(d["name"], d["population"], thresholds("t"), thresholds("u"), counts,
+                   d.get("geometry"))
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "population": self.population}
@@ -75,6 +77,8 @@ class TensorStats:
                               for v in (self.t, self.u))
         if self.counts is not None:
             d["models"] = [dict(zip(COUNTERS, map(int, row))) for row in self.counts.tolist()]
+        if self.geometry is not None:
+            d["geometry"] = self.geometry
         return d
 
 
@@ -204,9 +208,11 @@ class TensorSource:
     """The chunks of one tensor, read once and kept when they fit in the budget."""
 
     def __init__(self, reader: ChunkReader, task: TensorTask, chunk_elems: int,
-                 resident: bool):
+                 resident: bool, ranges: list[tuple[int, int]] | None = None):
         self.reader, self.task = reader, task
-        self.ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
+        if ranges is None or resident:
+            ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
+        self.ranges = ranges
         self.cached = [reader.read(task, s, c) for s, c in self.ranges] if resident else None
         self.sample = None   # select.sample_keys of the whole tensor, when taken ahead
 
@@ -259,7 +265,10 @@ class StreamMerge:
 
     def _source(self, task: TensorTask) -> TensorSource:
         resident = self._input_bytes(task) <= self.resident_bytes
-        return TensorSource(self.reader, task, self.chunk_elems, resident)
+        ranges = None
+        if self.params.spec.geometry:      # §8c: chunks both of its passes can take
+            ranges = geometry.chunk_ranges(task.shape, self.params.vectors, self.chunk_elems)
+        return TensorSource(self.reader, task, self.chunk_elems, resident, ranges)
 
     def _targets(self, task: TensorTask, population: int) -> select.Targets:
         if self.params.spec.upper:      # breadcrumbs (docs/spec.md §8b): slots (t, h)
@@ -342,6 +351,8 @@ class StreamMerge:
         self.sink.end(task, None)
 
     def _merge(self, task: TensorTask, src: TensorSource) -> None:
+        if self.params.spec.geometry:
+            return self._merge_geometry(task, src)
         p, tk = self.params, task.knobs
         stats = TensorStats(task.name, task.numel)
         t = u = None
@@ -374,6 +385,70 @@ class StreamMerge:
         self.sink.end(task, stats.as_dict())
         self.stats[self._slots[task.name]] = stats
 
+    def _merge_geometry(self, task: TensorTask, src: TensorSource) -> None:
+        """SLERP / NuSLERP / model stock (docs/spec.md §8c): the statistics pass over every
+        chunk, the coefficients on the host, then the combine pass."""
+        p, tk, spec = self.params, task.knobs, self.params.spec
+        be = self.backend if self.backend.CAPABILITIES.gram else _reference_backend()
+        vectors = geometry.effective(task.shape, p.vectors)
+        seg, nseg = (geometry.segment_length(task.shape, vectors),
+                     geometry.segment_count(task.shape, vectors))
+        columns = vectors == "columns"
+        # SLERP's vectors are θ_b and θ_1 themselves; NuSLERP's are task vectors when a
+        # base is given; model stock's always are
+        slerp = spec.geometry == "slerp"
+        on_base = not slerp and self.inputs.base is not None
+
+        def chunks():
+            for start, count, b, m in src.chunks():
+                if slerp:
+                    yield start, count, None, _with_base(b, m)
+                else:
+                    yield start, count, b if on_base else None, m
+
+        parts = []
+        for _, count, b, m in chunks():
+            if columns:
+                parts.append(geometry.gram_columns(b, m, on_base, seg).numpy())
+            else:
+                parts.append(be.gram(b, m, on_base, min(seg, count)).cpu().numpy())
+        if columns:
+            G = geometry.column_sums(np_concat(parts))
+        else:
+            G = geometry.segment_sums(np_concat(parts), nseg)
+        coef, fallback, cos = geometry.coefficients(spec.geometry, G, tk, p.n_models)
+        coef = torch.from_numpy(coef)
+        stats = TensorStats(task.name, task.numel,
+                            geometry=geometry.summary(spec.geometry, vectors, coef, fallback, cos))
+        self.sink.begin(task)
+        for start, count, b, m in chunks():
+            if self.device.type == "cpu":
+                out = self.reader.pool.take(count, task.out_dtype)
+            else:
+                out = torch.empty(count, dtype=task.out_dtype, device=self.device)
+            if columns:
+                c = coef
+            else:
+                first, width = start // seg, min(seg, count)
+                c = coef[first:first + -(-count // width)]
+            nonfinite = be.combine(b, m, out, c, seg if columns else min(seg, count), columns,
+                                   on_base)
+            if not p.allow_nonfinite and bool(nonfinite.any()):
+                self._raise_nonfinite_vectors(task, nonfinite, slerp, on_base)
+            self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
+        self.sink.end(task, stats.as_dict())
+        self.stats[self._slots[task.name]] = stats
+
+    def _raise_nonfinite_vectors(self, task: TensorTask, nonfinite, slerp: bool,
+                                 on_base: bool):
+        k = int(nonfinite.nonzero()[0, 0])
+        who = self.inputs.base.label if slerp and k == 0 else \
+            self.inputs.models[k - 1 if slerp else k].label
+        what = "task vector τ = θ_i − θ_b" if on_base else "θ"
+        raise InputError(f"tensor {task.name!r}: {int(nonfinite[k])} non-finite (NaN/Inf) "
+                         f"entries in the {what} of {who}; pass allow_nonfinite=True to merge "
+                         "anyway")
+
     def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
         i = int(counts[:, NONFINITE].nonzero()[0, 0])
         label = self.inputs.models[i].label
@@ -384,3 +459,23 @@ class StreamMerge:
             f"the {what} of {label}" + ("" if base is None or base.label == "base" else
                                        f" (base {base.label})") +
             "; pass allow_nonfinite=True to merge anyway")
+
+
+def np_concat(parts):
+    import numpy as np
+    return np.concatenate(parts, axis=0)
+
+
+def _with_base(base, models):
+    """[θ_b, θ_1, ...] as the kernels take models: a list of 1-D tensors of one dtype, or
+    one [n + 1, N] tensor (fp32 when the dtypes differ: f32(θ) is exact)."""
+    rows = list(models) if not isinstance(models, torch.Tensor) else list(models.unbind(0))
+    if all(r.dtype == base.dtype for r in rows):
+        return [base, *rows] if not isinstance(models, torch.Tensor) else \
+            torch.cat([base.unsqueeze(0), models])
+    return torch.stack([base.float(), *(r.float() for r in rows)])
+
+
+def _reference_backend():
+    from .backends import torch_backend
+    return torch_backend

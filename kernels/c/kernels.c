@@ -84,13 +84,6 @@ static inline int take_chunk(work *w, int64_t *b0, int64_t *b1)
 
 #define FM_INLINE static inline __attribute__((always_inline))
 
-#if defined(FASTMERGE_TARGET_CLONES) && defined(__x86_64__)
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FM_CLONE_NAMES "x86-64-v4,x86-64-v3,x86-64"
-#else
-#define FM_CLONES
-#define FM_CLONE_NAMES "default"
-#endif
 
 /* ------------------------------------------------------------------------------------ */
 /* threads and scratch                                                                  */

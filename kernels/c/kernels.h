@@ -11,6 +11,16 @@
 
 #include "convert.h"
 
+/* The hot loops of each kernel are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2)
+ * and baseline x86-64 and picked at load time (GCC/Clang target_clones). */
+#if defined(FASTMERGE_TARGET_CLONES) && defined(__x86_64__)
+#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FM_CLONE_NAMES "x86-64-v4,x86-64-v3,x86-64"
+#else
+#define FM_CLONES
+#define FM_CLONE_NAMES "default"
+#endif
+
 #define FM_MAX_MODELS 64
 #define FM_NBINS 2048
 #define FM_LEVELS 3

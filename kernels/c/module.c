@@ -13,6 +13,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "gram.h"
 #include "kernels.h"
 
 /* ------------------------------------------------------------------------------------ */
@@ -719,6 +720,189 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
     return PyLong_FromLong(fm_get_num_threads());
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* SLERP / NuSLERP / model stock (gram.c, docs/spec.md 8c)                                */
+
+/* A C-contiguous fp64 buffer of exactly `count` items. */
+static Py_buffer *take_f64(bufset *bs, PyObject *obj, const char *what, long long count,
+                           int writable)
+{
+    Py_buffer *v = take_buffer(bs, obj, what, count, 8, writable);
+    if (!v) return NULL;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (!(*f == 'd' && f[1] == '\0')) {
+        PyErr_Format(PyExc_ValueError, "%s: an fp64 buffer is needed, got format %.10s", what,
+                     v->format ? v->format : "B");
+        return NULL;
+    }
+    return v;
+}
+
+/* base (on_base) and models, as the passes over vectors take them */
+static int take_vectors(bufset *bs, PyObject *base_o, PyObject *models_o, int n, long long N,
+                        int on_base, int bdt, int mdt, const void **base, const void **models)
+{
+    if (check_sizes(n, N) || check_dtype(mdt, "models_dtype")) return -1;
+    if (on_base ? (base_o == Py_None || check_dtype(bdt, "base_dtype") != 0) : base_o != Py_None) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, on_base ? "on_base needs a base buffer"
+                                                      : "base must be None when on_base is false");
+        return -1;
+    }
+    *base = NULL;
+    if (on_base) {
+        Py_buffer *bv = take_buffer(bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+        if (!bv) return -1;
+        *base = bv->buf;
+    }
+    return take_models(bs, models_o, n, N, mdt, models);
+}
+
+PyDoc_STRVAR(gram_doc,
+"gram(base, models, n, N, base_dtype, models_dtype, on_base, seg, out, *, threads=0)\n"
+"--\n\n"
+"Statistics pass of docs/spec.md 8c: the N entries are pieces of seg entries, each cut\n"
+"into GRAM_BLOCK blocks from its start; out (writable fp64, gram_blocks(N, seg) * n(n+1)/2\n"
+"items, overwritten) gets, per block and pair k <= l, the pairwise-tree sum of v_k*v_l\n"
+"(v_k = f32(models[k]) - f32(base) with on_base, else f32(models[k]); base None then).");
+
+static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "n", "N", "base_dtype", "models_dtype",
+                             "on_base", "seg", "out", "threads", NULL};
+    PyObject *base_o, *models_o, *out_o;
+    int n, bdt, mdt, on_base, threads = 0;
+    long long N, seg;
+    bufset bs = {.count = 0};
+    fm_gram_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiipLO|$i", kwlist, &base_o, &models_o, &n,
+                                     &N, &bdt, &mdt, &on_base, &seg, &out_o, &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (seg < 1) {
+        PyErr_Format(PyExc_ValueError, "seg must be >= 1, got %lld", seg);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    if (take_vectors(&bs, base_o, models_o, n, N, on_base, bdt, mdt, &a.base, a.models))
+        goto fail;
+    Py_buffer *ov = take_f64(&bs, out_o, "out", fm_gram_blocks(N, seg) * (long long)(n * (n + 1) / 2), 1);
+    if (!ov) goto fail;
+    for (int k = 0; k < bs.count - 1; k++)
+        if (overlaps(ov->buf, (size_t)ov->len, bs.views[k].buf, (size_t)bs.views[k].len)) {
+            PyErr_SetString(PyExc_ValueError, "out: overlaps an input");
+            goto fail;
+        }
+    a.n = n;
+    a.N = N;
+    a.on_base = on_base;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.seg = seg;
+    a.out = ov->buf;
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_gram(&a);
+    Py_END_ALLOW_THREADS
+    return kernel_done(&bs, rc);
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
+PyDoc_STRVAR(combine_doc,
+"combine(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, columns,\n"
+"        coef, nseg, seg, nonfinite, *, threads=0)\n"
+"--\n\n"
+"Combine pass of docs/spec.md 8c: out[j] = [f32(base[j]) +] sum_k coef[s][k] * v_k[j]\n"
+"in fp64 (k in order, from +0.0), rounded once to out_dtype, where s = j // seg (or\n"
+"j % seg with columns); coef: fp64 nseg*n finite values covering every s; nonfinite:\n"
+"writable int64 [n], the non-finite entries of each v_k. out may be base or a model\n"
+"buffer itself (same dtype) but must not partially overlap any input.");
+
+static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
+                             "out_dtype", "on_base", "columns", "coef", "nseg", "seg",
+                             "nonfinite", "threads", NULL};
+    PyObject *base_o, *models_o, *out_o, *coef_o, *nf_o;
+    int n, bdt, mdt, odt, on_base, columns, threads = 0;
+    long long N, nseg, seg;
+    bufset bs = {.count = 0};
+    fm_combine_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiippOLLO|$i", kwlist, &base_o, &models_o,
+                                     &out_o, &n, &N, &bdt, &mdt, &odt, &on_base, &columns,
+                                     &coef_o, &nseg, &seg, &nf_o, &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (check_dtype(odt, "out_dtype")) return NULL;
+    if (seg < 1) {
+        PyErr_Format(PyExc_ValueError, "seg must be >= 1, got %lld", seg);
+        return NULL;
+    }
+    const long long need = N == 0 ? 0 : columns ? (N < seg ? N : seg) : (N + seg - 1) / seg;
+    if (nseg < need || nseg > (long long)(PY_SSIZE_T_MAX / 8 / (n > 0 ? n : 1))) {
+        PyErr_Format(PyExc_ValueError, "nseg: %lld segments of coefficients for a chunk that "
+                     "touches %lld", nseg, need);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    if (take_vectors(&bs, base_o, models_o, n, N, on_base, bdt, mdt, &a.base, a.models))
+        goto fail;
+    Py_buffer *cv = take_f64(&bs, coef_o, "coef", nseg * n, 0);
+    if (!cv) goto fail;
+    const double *coef = cv->buf;
+    for (long long k = 0; k < nseg * n; k++)
+        if (!(fabs(coef[k]) <= DBL_MAX)) {
+            bad_number("coef", (int)(k < INT32_MAX ? k : -1), coef[k], "must be finite");
+            goto fail;
+        }
+    Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
+    if (!ov) goto fail;
+    for (int k = -1; k < n; k++) {        /* in place is fine; a shifted alias is not */
+        const void *in = k < 0 ? a.base : a.models[k];
+        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
+        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
+            !(in == ov->buf && len == (size_t)ov->len)) {
+            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
+                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
+            goto fail;
+        }
+    }
+    if (overlaps(ov->buf, (size_t)ov->len, cv->buf, (size_t)cv->len)) {
+        PyErr_SetString(PyExc_ValueError, "out: overlaps coef");
+        goto fail;
+    }
+    Py_buffer *nv = take_int_output(&bs, nf_o, "nonfinite", n, 8);
+    if (!nv) goto fail;
+    a.n = n;
+    a.N = N;
+    a.on_base = on_base;
+    a.columns = columns;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.out_dt = odt;
+    a.out = ov->buf;
+    a.coef = coef;
+    a.seg = seg;
+    a.nonfinite = nv->buf;
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_combine(&a);
+    Py_END_ALLOW_THREADS
+    return kernel_done(&bs, rc);
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_VARARGS | METH_KEYWORDS,
      histogram_doc},
@@ -728,6 +912,9 @@ static PyMethodDef methods[] = {
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
     {"dare_words", py_dare_words, METH_VARARGS, dare_words_doc},
+    {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
+    {"combine", (PyCFunction)(void (*)(void))py_combine, METH_VARARGS | METH_KEYWORDS,
+     combine_doc},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS,
@@ -757,6 +944,7 @@ PyMODINIT_FUNC PyInit__cmerge(void)
         PyModule_AddIntConstant(m, "ELECT_COUNT", FM_ELECT_COUNT) ||
         PyModule_AddIntConstant(m, "N_COUNTERS", FM_NCOUNTERS) ||
         PyModule_AddIntConstant(m, "MAX_MODELS", FM_MAX_MODELS) ||
+        PyModule_AddIntConstant(m, "GRAM_BLOCK", FM_GRAM_BLOCK) ||
         PyModule_AddIntConstant(m, "OPENMP", fm_have_openmp()) ||
         PyModule_AddStringConstant(m, "ISA_CLONES", fm_isa_clones()) ||
         PyModule_AddObjectRef(m, "DIGIT_BITS", bits) || PyModule_AddObjectRef(m, "SHIFT", shift);
