@@ -92,7 +92,7 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           config=None, resume: bool = False, seed: int = 0,
           rescale: bool | None = None, gamma=None, t=None,
-          vectors: str | None = None) -> MergeResult:
+          vectors: str | None = None, layer_range=None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
     Every argument is checked before any tensor data is read; errors name the bad value
@@ -131,6 +131,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             the whole tensor, mergekit's default), "rows" (each row; mergekit's
             ``nuslerp_flatten: false`` / ``filter_wise: true``) or "columns" (nuslerp only;
             mergekit's ``nuslerp_row_wise: true``).
+        layer_range: mergekit's ``slices`` range, (0, L): checked to cover the model's L
+            layers (a YAML config with one slice sets it; None: no check).
         normalize: divide by the (selected) weights. None (default) takes the method's
             default: True for linear, ties and ties_sv; False for task_arithmetic and dare_*.
         seed: the DARE methods' random drop seed (default 0: a merge is reproducible; the
@@ -229,6 +231,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
             opened.append(model_ckpts[-1])
         tasks = plan_merge(base_ckpt, model_ckpts, params)
+        if layer_range is not None:
+            _check_layer_range(layer_range, base_ckpt or model_ckpts[0])
         backends.check_supported(module, params, {t.out_dtype for t in tasks if t.merged})
         inputs = Inputs(base_ckpt, model_ckpts)
 
@@ -291,6 +295,16 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     finally:
         for c in opened:
             c.close()
+
+
+def _check_layer_range(layer_range, ckpt) -> None:
+    """A slice's [start, end] must be the whole model, [0, L] (docs/spec.md §11)."""
+    from .knobs import layer_count
+    n = layer_count(ckpt.config, ckpt.names)
+    if list(layer_range) != [0, n]:
+        raise ParameterError(f"slices: layer_range {list(layer_range)} is not the whole model "
+                             f"({ckpt.label} has {n} layers: [0, {n}]); fastmerge merges whole "
+                             "models")
 
 
 def _local_inputs(sources) -> list[Path]:

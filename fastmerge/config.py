@@ -24,6 +24,11 @@ What a key means here is what it means in mergekit (docs/spec.md §11):
 * ``dtype`` / ``out_dtype``: the output dtype is ``out_dtype``, else ``dtype`` (as in
   mergekit). mergekit also *computes* in ``dtype``; fastmerge always computes from the
   stored values in fp32 / fp64 (docs/spec.md §7), so ``dtype`` changes only the output.
+* ``slices``: mergekit turns ``models:`` into one slice whose sources cover every layer
+  ([0, L]); such a config (one slice, every source ``layer_range: [0, L]``, the model's
+  L) is read as that ``models:`` list, the slice's ``parameters`` over the global ones.
+  Several slices or partial ranges (layer stacking) are refused: fastmerge merges whole
+  models tensor by tensor.
 * ``int8_mask`` (under ``parameters``, where mergekit reads it) is accepted and changes
   nothing (fastmerge's masks are never materialised). ``consensus_method`` is not read by
   mergekit's ``ties`` (it always elects by sum); fastmerge reads it as ``elect``. ``tokenizer_source`` / ``tokenizer`` are refused until vocabulary
@@ -41,8 +46,10 @@ from . import knobs, methods
 from .errors import ParameterError
 from .params import FirstOf
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
+            "out_dtype", "tokenizer_source", "tokenizer"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
 METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
@@ -149,6 +156,46 @@ def _geometry_keys(method: methods.Method, glob: dict) -> dict:
     return out
 
 
+def _one_slice(doc: dict, base) -> tuple[list, dict, tuple[int, int]]:
+    """(model entries, the slice's parameters, its layer range) of a ``slices:`` config
+    that is a ``models:`` list in mergekit's other spelling (see the module doc)."""
+    if "models" in doc:
+        raise ParameterError("config: give 'models' or 'slices', not both (as in mergekit)")
+    slices = doc["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ParameterError("config: 'slices' must be a non-empty list of {sources: ...}")
+    if len(slices) > 1:
+        raise ParameterError(f"config: {len(slices)} slices: fastmerge merges whole models, "
+                             "so it takes one slice whose sources all cover every layer "
+                             "(layer stacking / frankenmerges are not supported)")
+    sl = slices[0]
+    _check_keys("slices[0]", sl, SLICE_KEYS)
+    if sl.get("base_model") not in (None, base):
+        raise ParameterError("slices[0].base_model differs from base_model; give one base")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ParameterError("slices[0].sources must be a non-empty list of {model, "
+                             "layer_range} entries")
+    ranges = set()
+    entries = []
+    for j, src in enumerate(sources):
+        _check_keys(f"slices[0].sources[{j}]", src, SOURCE_KEYS)
+        r = src.get("layer_range")
+        if not (isinstance(r, list) and len(r) == 2 and
+                all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise ParameterError(f"slices[0].sources[{j}].layer_range must be [start, end], "
+                                 f"got {r!r}")
+        ranges.add(tuple(r))
+        entries.append({k: v for k, v in src.items() if k != "layer_range"})
+    if len(ranges) > 1 or next(iter(ranges))[0] != 0:
+        raise ParameterError(f"slices[0]: layer ranges {sorted(map(list, ranges))}: fastmerge "
+                             "merges whole models, so every source must cover [0, L], the "
+                             "model's L layers")
+    params = sl.get("parameters") or {}
+    _check_keys("slices[0].parameters", params, GLOBAL_PARAMS)
+    return entries, params, next(iter(ranges))
+
+
 def config_to_kwargs(doc) -> dict:
     """Validate a parsed config and map it to ``merge()`` keyword arguments."""
     _check_keys("config", doc, TOP_KEYS)
@@ -169,7 +216,13 @@ def config_to_kwargs(doc) -> dict:
     if not isinstance(glob.get("int8_mask", False), bool):
         raise ParameterError(f"parameters.int8_mask must be true or false, got "
                              f"{glob['int8_mask']!r}")
-    entries = doc.get("models")
+    layer_range = None
+    if "slices" in doc:
+        entries, slice_params, layer_range = _one_slice(doc, base)
+        glob = {**glob, **slice_params}
+        _check_keys("slices[0].parameters", glob, GLOBAL_PARAMS)
+    else:
+        entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise ParameterError("config: 'models' must be a non-empty list of {model: ...} entries")
 
@@ -216,6 +269,8 @@ def config_to_kwargs(doc) -> dict:
         kwargs["scope"] = glob["scope"]
     if "rescale" in glob:
         kwargs["rescale"] = glob["rescale"]
+    if layer_range is not None:
+        kwargs["layer_range"] = layer_range
     out_dtype = doc.get("out_dtype") or doc.get("dtype")
     if out_dtype is not None:
         kwargs["dtype"] = out_dtype

@@ -453,3 +453,35 @@ def test_yaml_errors(tmp_path):
     kw = config_to_kwargs({"merge_method": "model_stock", "base_model": "a",
                            "models": [{"model": "b"}, {"model": "c"}]})
     assert kw["method"] == "model_stock" and "vectors" not in kw
+
+
+def test_yaml_slices_spelling_is_the_models_list(tmp_path):
+    """The usual mergekit SLERP recipe: one slice whose sources cover every layer."""
+    from fastmerge import cli
+    from fastmerge.config import config_to_kwargs
+    from fastmerge.testing import PRESETS, write_llama_family
+    fam = write_llama_family(tmp_path / "fam", config=PRESETS["tiny"], n_models=1)
+    b, m = str(fam["base"]), str(fam["models"][0])
+    L = PRESETS["tiny"]["num_hidden_layers"]
+    t_spec = [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.4}]
+    sliced = {"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.1},
+              "slices": [{"sources": [{"model": b, "layer_range": [0, L]},
+                                      {"model": m, "layer_range": [0, L]}],
+                          "parameters": {"t": t_spec}}]}
+    assert cli.main(["merge", str(_yaml(tmp_path, sliced)), str(tmp_path / "s"),
+                     "--no-progress"]) == 0
+    api = fastmerge.merge(b, [m], method="slerp", t=t_spec, output=tmp_path / "a",
+                          progress=False)
+    for f in sorted(api.path.glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "s" / f.name).read_bytes(), f.name
+    short = dict(sliced, slices=[{"sources": [{"model": b, "layer_range": [0, L - 1]},
+                                              {"model": m, "layer_range": [0, L - 1]}]}])
+    with pytest.raises(fastmerge.ParameterError, match="not the whole model"):
+        fastmerge.merge(**config_to_kwargs(short), progress=False)
+    two = dict(sliced, slices=sliced["slices"] * 2)
+    with pytest.raises(fastmerge.ParameterError, match="2 slices"):
+        config_to_kwargs(two)
+    mixed = dict(sliced, slices=[{"sources": [{"model": b, "layer_range": [0, L]},
+                                              {"model": m, "layer_range": [1, L]}]}])
+    with pytest.raises(fastmerge.ParameterError, match="every source must cover"):
+        config_to_kwargs(mixed)
