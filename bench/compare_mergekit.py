@@ -286,6 +286,18 @@ CASES = [
     Case("model_stock_rows", "base + 2 models, filter_wise: true (each row)", "model_stock",
          [(None, None), (None, None)], {"filter_wise": True},
          {"method": "model_stock", "vectors": "rows"}),
+    Case("slerp_fp32_out_dtype", "as slerp with dtype: float32 (mergekit computes in fp32) "
+         "and out_dtype: the storage dtype", "slerp", [(None, None)], {"t": 0.3},
+         {"method": "slerp", "t": 0.3}, base_entry=True,
+         top={"dtype": "float32", "out_dtype": "$dtype"}, dtypes=("float16", "bfloat16")),
+    Case("nuslerp_base_fp32_out_dtype", "as nuslerp_base with dtype: float32 and out_dtype: "
+         "the storage dtype", "nuslerp", [(1.0, None), (2.0, None)], {},
+         {"method": "nuslerp", "weights": [1.0, 2.0]},
+         top={"dtype": "float32", "out_dtype": "$dtype"}, dtypes=("float16", "bfloat16")),
+    Case("model_stock_fp32_out_dtype", "as model_stock with dtype: float32 and out_dtype: "
+         "the storage dtype", "model_stock", [(None, None), (None, None)], {},
+         {"method": "model_stock"}, top={"dtype": "float32", "out_dtype": "$dtype"},
+         dtypes=("float16", "bfloat16")),
 ]
 
 

@@ -95,20 +95,25 @@ FM_CLONES static void gram_range(const fm_gram_args *a, int64_t blk0, int64_t bl
     }
 }
 
-/* [*b0, *b1): thread tid's share of nblk items, split evenly (any split gives the same
- * results: every item is computed alone) */
-static void share(int64_t nblk, int nt, int tid, int64_t *b0, int64_t *b1)
+/* Threads take chunks of `per` blocks from a shared counter (dynamic scheduling: on a
+ * busy machine a descheduled thread does not hold up the others). Every block is
+ * computed alone, so any assignment gives the same results. */
+static int next_chunk(int64_t *next, int64_t per, int64_t nblk, int64_t *b0, int64_t *b1)
 {
-    *b0 = nblk * tid / nt;
-    *b1 = nblk * (tid + 1) / nt;
+    int64_t c;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    c = (*next)++;
+    *b0 = c * per;
+    *b1 = *b0 + per < nblk ? *b0 + per : nblk;
+    return *b0 < nblk;
 }
 
 #ifdef _OPENMP
 #define FM_TID omp_get_thread_num()
-#define FM_NT omp_get_num_threads()
 #else
 #define FM_TID 0
-#define FM_NT 1
 #endif
 
 int fm_gram(const fm_gram_args *a)
@@ -120,6 +125,7 @@ int fm_gram(const fm_gram_args *a)
     const size_t xs = GB * ((size_t)n + 1), ps = GB / 2;   /* per-thread scratch */
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *pall = malloc(sizeof(double) * ps * (size_t)nt);
+    int64_t next = 0;
     if (!xall || !pall) {
         free(xall);
         free(pall);
@@ -130,10 +136,9 @@ int fm_gram(const fm_gram_args *a)
 #endif
     {
         const int tid = FM_TID;
-        int64_t b0, b1;
-        share(Q, FM_NT, tid, &b0, &b1);
         float *x = xall + xs * (size_t)tid;
-        gram_range(a, b0, b1, x, x + (size_t)n * GB, pall + ps * (size_t)tid);
+        for (int64_t b0, b1; next_chunk(&next, 16, Q, &b0, &b1);)
+            gram_range(a, b0, b1, x, x + (size_t)n * GB, pall + ps * (size_t)tid);
     }
     free(xall);
     free(pall);
@@ -194,6 +199,7 @@ int fm_combine(const fm_combine_args *a)
     const size_t xs = CB * ((size_t)n + 1);   /* per-thread scratch */
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *tall = malloc(sizeof(double) * CB * (size_t)nt);
+    int64_t next = 0;
     if (!xall || !tall) {
         free(xall);
         free(tall);
@@ -204,11 +210,11 @@ int fm_combine(const fm_combine_args *a)
 #endif
     {
         const int tid = FM_TID;
-        int64_t b0, b1, cnt[FM_MAX_MODELS] = {0};
-        share(nblk, FM_NT, tid, &b0, &b1);
+        int64_t cnt[FM_MAX_MODELS] = {0};
         float *x = xall + xs * (size_t)tid, *b = x + (size_t)n * CB;
         if (!a->on_base) memset(b, 0, sizeof(float) * CB);
-        combine_range(a, b0, b1, x, b, tall + (size_t)CB * tid, cnt);
+        for (int64_t b0, b1; next_chunk(&next, 64, nblk, &b0, &b1);)
+            combine_range(a, b0, b1, x, b, tall + (size_t)CB * tid, cnt);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_combine_counts)
 #endif
