@@ -42,15 +42,15 @@ from .params import FirstOf
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer"}
-PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
-METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
+PER_MODEL = ("weights", "density", "slack", "gamma", "epsilon")  # methods.KNOBS names
+METHOD_ONLY = {"gamma", "epsilon"}  # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
                "rescale"}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
+MERGEKIT_ONLY = ("slerp", "nuslerp", "model_stock", "passthrough", "sce",
                  "karcher", "arcee_fusion", "nearswap", "multislerp")
 
 
