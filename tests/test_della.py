@@ -433,3 +433,39 @@ def test_yaml_cli_and_resume(tmp_path, monkeypatch):
     with pytest.raises(fastmerge.ParameterError, match="density ± epsilon"):
         fastmerge.merge(fam["base"], fam["models"], method="della", density=0.1,
                         weights=1.0, progress=False)
+
+
+SMALL = {"model.layers.0.w": (3, 43), "model.layers.0.b": (129,), "model.layers.1.c": (2, 3, 5)}
+NEW_MODES = [dict(method="dare_ties", density=[0.5, 0.3], slack=[0.1, 0.05]),
+             dict(method="breadcrumbs_ties", density=[0.5, 0.3], gamma=0.1, slack=[0.1, 0.05]),
+             dict(method="della", density=[0.5, 0.3], epsilon=0.2, slack=[0.1, 0.05],
+                  elect="count"),
+             dict(method="della_linear", density=[0.5, 0.3], epsilon=[0.1, 0.25])]
+
+
+@pytest.mark.parametrize("backend", ["c", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("kw", NEW_MODES, ids=lambda kw: kw["method"])
+def test_merge_on_every_backend(backend, kw):
+    """fastmerge.merge() with slack and DELLA on the C and Triton backends (Triton under
+    the interpreter here) gives the torch backend's bytes and report."""
+    from tests.test_exactness import triton_device
+    total = sum(math.prod(s) for s in SMALL.values())
+    base, models = make_inputs(2, total, BF16, seed=12)
+
+    def sd(x):
+        out, pos = {}, 0
+        for name, shape in SMALL.items():
+            out[name] = x[pos:pos + math.prod(shape)].reshape(shape).clone()
+            pos += math.prod(shape)
+        return out
+    args = (sd(base), [sd(m) for m in models])
+    kw = dict(kw, weights=[1.0, -0.6], seed=7, progress=False)
+    want = fastmerge.merge(*args, backend="torch", **kw)
+    device = triton_device() if backend == "triton" else "cpu"
+    got = fastmerge.merge(*args, backend=backend, device=device, **kw)
+    for name in SMALL:
+        assert torch.equal(got.state_dict[name].cpu().view(torch.int16),
+                           want.state_dict[name].view(torch.int16)), name
+    strip = lambda r: {k: v for k, v in r.items() if k != "backend"}
+    assert strip(got.report) == strip(want.report)
+    assert any(t["kept"] for t in want.report["totals"])
