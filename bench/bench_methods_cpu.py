@@ -61,7 +61,7 @@ def prepare(method: str, base, models):
             vecs, b, on_base = torch.stack([base, models[0]]), None, False
         else:
             vecs, b, on_base = models, base, True
-        knobs = TensorKnobs((1.0, 2.0), (1.0,) * n, (0.0,) * n, 1.0, (), 0.4)
+        knobs = TensorKnobs((1.0, 2.0), (1.0,) * n, (0.0,) * n, 1.0, t=0.4)
 
         def run():
             G = geometry.segment_sums(C.gram(b, vecs, on_base, shape_rows).numpy(), 1)

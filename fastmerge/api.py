@@ -91,7 +91,7 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           config=None, resume: bool = False, seed: int = 0,
-          rescale: bool | None = None, gamma=None, t=None,
+          rescale: bool | None = None, gamma=None, epsilon=None, t=None,
           vectors: str | None = None, layer_range=None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
@@ -110,15 +110,19 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
 
     Method and knobs
         method: "linear", "task_arithmetic", "ties", "ties_sv", "dare_linear",
-            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp" or
-            "model_stock" (fastmerge.methods.METHODS; any letter case, "-" for "_" too).
-            Default "ties_sv". slerp merges one model with the base; nuslerp two models,
-            with a base (task-vector SLERP) or without; model_stock two or more and a base.
+            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+            "slerp", "nuslerp" or "model_stock" (fastmerge.methods.METHODS; any letter
+            case, "-" for "_" too). Default "ties_sv". slerp merges one model with the
+            base; nuslerp two models, with a base (task-vector SLERP) or without;
+            model_stock two or more and a base.
         weights: w_i; default 1.0.  density: d_i in [0, 1], the fraction of |τ_i| the trim
             keeps (ties, ties_sv), or each entry's keep probability (dare_*); default 0.2.  slack: s_i in [0, d_i], the fraction
-            protected from the sign election (ties_sv only); default 0.0.  gamma: γ_i in
+            of the largest |τ_i| protected: always kept and elected first (the methods that elect
+            a sign: ties_sv, dare_ties, breadcrumbs_ties, della; docs/spec.md §4a); default 0.0.  gamma: γ_i in
             [0, 1], the fraction of the largest |τ_i| dropped as outliers (breadcrumbs,
-            breadcrumbs_ties only; docs/spec.md §8b); default 0.01.
+            breadcrumbs_ties only; docs/spec.md §8b); default 0.01.  epsilon: ε_i, DELLA's
+            keep probabilities run from d_i − ε_i to d_i + ε_i by magnitude rank in each row
+            (della, della_linear only; docs/spec.md §8d); default 0.15.
             Each is one value for every model or one value per model; a value is a number,
             a gradient over the layers ([0.0, 0.5, 1.0]) or a list of
             {"filter": substring of the tensor name, "value": ...} entries, as in mergekit.
@@ -190,7 +194,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     params = make_params(method, len(models), weights=weights, density=density, slack=slack,
                          scale=scale, normalize=normalize, elect=elect, scope=scope,
                          dtype=dtype, allow_nonfinite=allow_nonfinite, seed=seed,
-                         rescale=rescale, gamma=gamma, t=t, vectors=vectors)
+                         rescale=rescale, gamma=gamma, epsilon=epsilon, t=t,
+                         vectors=vectors)
     if base is None and params.spec.needs_base:
         raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
                              "and 'nuslerp' work without one")

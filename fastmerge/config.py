@@ -50,8 +50,8 @@ TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dty
             "out_dtype", "tokenizer_source", "tokenizer"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
-METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
+PER_MODEL = ("weights", "density", "slack", "gamma", "epsilon")  # methods.KNOBS names
+METHOD_ONLY = {"gamma", "epsilon"}  # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
                "rescale", "t", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
 # global keys only some methods read (mergekit's names): which methods
@@ -61,8 +61,7 @@ MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("della", "della_linear", "passthrough", "sce", "karcher", "arcee_fusion",
-                 "nearswap", "multislerp")
+MERGEKIT_ONLY = ("passthrough", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp")
 
 
 def _check_keys(where: str, mapping, allowed: set) -> None:

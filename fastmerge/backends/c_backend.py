@@ -143,12 +143,18 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     elect = {"none": ext.ELECT_NONE, "sum": ext.ELECT_SUM, "count": ext.ELECT_COUNT}[cfg.elect]
     drop = {}
-    if cfg.drops:     # DARE (docs/spec.md §8a): random drop, c_i = w_i or w_i / d_i
+    if cfg.keep is not None:  # DELLA (§8d): per-entry T_i(g), c_i(g) = w_i·2^32 / T_i(g)
+        keep = cfg.keep.to(device="cpu", dtype=torch.int64).contiguous()
+        if tuple(keep.shape) != (n, N):
+            raise ValueError(f"cfg.keep: expected shape [{n}, {N}], got {list(keep.shape)}")
+        drop = dict(keep=keep.numpy(), keep_rescale=bool(cfg.rescale), key=int(cfg.key),
+                    offset=int(cfg.offset))
+    elif cfg.drops:   # DARE (docs/spec.md §8a): random drop, c_i = w_i or w_i / d_i
         drop = dict(drop=cfg.drop_thresholds, key=int(cfg.key), offset=int(cfg.offset),
                     vote_weights=cfg.vote_weights)
     ext.merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
               cfg.on_base, elect, bool(cfg.normalize), tuple(cfg.weights), cfg.t, cfg.u,
-              float(cfg.scale), counts.numpy(), upper=bool(cfg.upper), **drop)
+              float(cfg.scale), counts.numpy(), h=cfg.h, **drop)
     return counts
 
 

@@ -84,6 +84,10 @@ typedef struct {
     uint32_t dthr[FM_MAX_MODELS];         /* drop: keep r < dthr[i] ... */
     uint32_t dall[FM_MAX_MODELS];         /* ... or every entry (1: T_i = 2^32, d_i = 1) */
     uint32_t key[2];                      /* drop: Philox key (k0, k1) */
+    const int64_t *keep;                  /* ranked drop (DELLA, spec 8d): [n][N] per-entry
+                                             T_i(g) in [0, 2^32] instead of dthr; NULL: DARE */
+    int keep_rescale;                     /* keep: c_i(g) = (w_i·2^32) / T_i(g) (0 when T = 0),
+                                             else w_i */
     int64_t offset;                       /* drop: global index g of entry 0 (chunking) */
     int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
     int threads;

@@ -481,41 +481,48 @@ static int take_drop(PyObject *obj, int n, uint32_t *thr, uint32_t *all)
 PyDoc_STRVAR(merge_doc,
 "merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, elect,\n"
 "      normalize, weights, t, u, scale, counts, *, threads=0, drop=None, key=0, offset=0,\n"
-"      vote_weights=None)\n"
+"      vote_weights=None, h=None, keep=None, keep_rescale=False)\n"
 "--\n\n"
 "The fused pass of fastmerge.kernel_api (docs/spec.md 4-7, 9) writing out (the fp64\n"
 "result rounded once, to nearest even) and counts (writable n*7 int64, overwritten,\n"
 "kernel_api.COUNTERS order). on_base: x_i = f32(models[i]) - f32(base) and out = base +\n"
 "scale*m (else x_i = models[i], out = m; base may be None). elect: ELECT_NONE / ELECT_SUM /\n"
 "ELECT_COUNT. weights: n floats; t: n fp32 thresholds or None (no trim; an election\n"
-"needs t); u: n or None (no slack). +inf keeps / protects none. out may be base or a\n"
-"model buffer itself (same dtype) but must not partially overlap any input.\n"
-"DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and u must\n"
+"needs t or a drop); u: n or None (no slack; slack needs an election): prot_i = |x_i| >=\n"
+"u_i is always kept and weighs weights[i] (docs/spec.md 4a). +inf keeps / protects none.\n"
+"out may be base or a model buffer itself (same dtype) but must not partially overlap\n"
+"any input.\n"
+"DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and h must\n"
 "be None): kept_i = r_i(offset + j) < T_i, r from Philox4x32-10 under key (an int in\n"
 "[0, 2**64)); offset: the global index of entry 0. vote_weights: n floats c_i, x_i's\n"
-"factor in sum votes and in D (None: the weights).\n"
-"upper (breadcrumbs, docs/spec.md 8b): u holds the trim's exclusive upper bounds h_i:\n"
-"kept_i = t_i <= |x_i| < h_i (+inf: no upper bound); nothing is protected.");
+"factor in sum votes and in D for entries not protected (None: the weights).\n"
+"h (breadcrumbs, docs/spec.md 8b; needs t): the trim's exclusive upper bounds h_i:\n"
+"kept_i = t_i <= |x_i| < h_i (+inf: no upper bound).\n"
+"keep (DELLA, docs/spec.md 8d): an int64 buffer [n, N] of per-entry T_i(g) in [0, 2**32]\n"
+"in place of drop: kept_i = r_i(offset + j) < T_i(j); keep_rescale: c_i(j) =\n"
+"(w_i * 2**32) / T_i(j) (0 when T = 0), else w_i.");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
                              "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
                              "scale", "counts", "threads", "drop", "key", "offset",
-                             "vote_weights", "upper", NULL};
+                             "vote_weights", "h", "keep", "keep_rescale", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
-    PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None;
-    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, upper = 0;
+    PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None, *h_o = Py_None;
+    PyObject *keep_o = Py_None;
+    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, keep_rescale = 0;
     long long N, offset = 0;
     double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOp", kwlist, &base_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOOOp", kwlist, &base_o,
                                      &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
                                      &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
-                                     &threads, &drop_o, &key_o, &offset, &cw_o, &upper))
+                                     &threads, &drop_o, &key_o, &offset, &cw_o, &h_o, &keep_o,
+                                     &keep_rescale))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
@@ -525,26 +532,30 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
                      "got %d", elect);
         return NULL;
     }
+    if (keep_o != Py_None && drop_o != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "keep (per-entry thresholds) replaces drop: give one");
+        return NULL;
+    }
+    if (keep_o != Py_None) drop_o = keep_o;     /* a drop either way (checks below) */
     if (elect != FM_ELECT_NONE && t_o == Py_None && drop_o == Py_None) {
         PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all) "
                         "or a drop");
         return NULL;
     }
-    if (drop_o != Py_None && (t_o != Py_None || u_o != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "a random drop excludes trim (t) and slack (u) "
-                        "thresholds");
+    if (drop_o != Py_None && (t_o != Py_None || h_o != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a random drop excludes trim thresholds (t, h)");
         return NULL;
     }
     if (offset < 0 || offset > INT64_MAX - N) {
         PyErr_Format(PyExc_ValueError, "offset must be 0..2**63-1-N, got %lld", offset);
         return NULL;
     }
-    if (upper && (t_o == Py_None || u_o == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "upper (breadcrumbs) needs thresholds t and u "
-                        "(u: the trim's exclusive upper bounds h)");
+    if (h_o != Py_None && t_o == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "an upper trim bound h (breadcrumbs) needs the "
+                        "lower thresholds t");
         return NULL;
     }
-    if (elect == FM_ELECT_NONE && u_o != Py_None && !upper) {
+    if (elect == FM_ELECT_NONE && u_o != Py_None) {
         PyErr_SetString(PyExc_ValueError, "slack thresholds u need a sign election");
         return NULL;
     }
@@ -560,15 +571,14 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     }
     if ((a.threads = resolve_threads(threads)) < 0) return NULL;
     if (take_doubles(w_o, "weights", n, a.w, &a.wsum, 1)) return NULL;
-    if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN))
+    if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN) ||
+        take_thresholds(h_o, "h", n, a.h, NAN))
         return NULL;
-    for (int i = 0; i < FM_MAX_MODELS; i++) {   /* spec 8b: u holds h; nothing protected */
-        a.h[i] = upper && i < n ? a.u[i] : NAN;
-        if (upper) a.u[i] = NAN;
-    }
     if (cw_o == Py_None) memcpy(a.cw, a.w, sizeof a.cw);
     else if (take_doubles(cw_o, "vote_weights", n, a.cw, NULL, 1)) return NULL;
-    if (drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall)) return NULL;
+    if (keep_o == Py_None && drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall))
+        return NULL;
+    a.keep_rescale = keep_rescale;
     if (take_key(key_o, a.key)) return NULL;
     a.drop = drop_o != Py_None;
     a.offset = offset;
@@ -590,6 +600,18 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
         a.base = bv->buf;
     }
     if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+    if (keep_o != Py_None) {
+        Py_buffer *kv = take_buffer(&bs, keep_o, "keep", (int64_t)n * N, sizeof(int64_t), 0);
+        if (!kv) goto fail;
+        const int64_t *T = kv->buf;
+        for (int64_t k = 0; k < (int64_t)n * N; k++)
+            if (T[k] < 0 || T[k] > ((int64_t)1 << 32)) {
+                PyErr_Format(PyExc_ValueError, "keep[%lld]: must be in [0, 2**32], got %lld",
+                             (long long)k, (long long)T[k]);
+                goto fail;
+            }
+        a.keep = T;
+    }
     Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
     if (!ov) goto fail;
     a.out = ov->buf;
