@@ -98,9 +98,8 @@ def _merge_epilog() -> str:
     if coming:   # declared in the method table, not accepted yet
         lines += wrapped("not yet available:", coming)
     lines += ["", "config keys (mergekit's format and meaning; unknown keys are errors):"]
-    top = sorted(config.TOP_KEYS - {"tokenizer_source", "tokenizer"})
-    lines += wrapped("top level:", top)
-    lines += ["  " + " " * 22 + "(tokenizer_source / tokenizer: refused for now)"]
+    lines += wrapped("top level:", sorted(config.TOP_KEYS))
+    lines += wrapped("tokenizer:", sorted(config.TOKENIZER_KEYS))
     lines += wrapped("models[i]:", sorted(config.MODEL_KEYS))
     lines += wrapped("models[i].parameters:", sorted(config.MODEL_PARAMS))
     lines += wrapped("parameters:", sorted(config.GLOBAL_PARAMS))
@@ -174,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(refused by default: unpickling can run code)")
     m.add_argument("--allow-nonfinite", action="store_true",
                    help="merge tensors holding NaN/Inf instead of stopping")
+    m.add_argument("--config-from", default=None, metavar="MODEL",
+                   help="whose config.json, tokenizer settings and chat template the output "
+                        "gets: base, or a model as the config names it (overrides the "
+                        "config's config_from)")
     _common(m)
 
     v = sub.add_parser("verify", help="check a finished output: index, shard headers, and "
@@ -225,6 +228,10 @@ def cmd_merge(args) -> int:
     from .report import summary
 
     kwargs = load_config(args.config)
+    if args.config_from is not None:
+        kwargs.pop("config_from", None)
+        if args.config_from != "base":
+            kwargs["config_from"] = args.config_from
     # the options' own errors, before the config's (which name the config file)
     try:
         parse_size(args.shard_size)
