@@ -196,6 +196,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             _model_index("config_from", config_from, models)
     if tokenizer_source is not None:
         from .vocab import resolve_source
+        if isinstance(tokenizer_source, (str, os.PathLike)) and \
+                isinstance(base, (str, os.PathLike)) and str(tokenizer_source) == str(base):
+            tokenizer_source = "base"      # mergekit: the base model named as the source
         tokenizer_source = resolve_source(tokenizer_source, models)
     elif pad_to_multiple_of is not None:
         raise ParameterError("pad_to_multiple_of needs a tokenizer_source")
