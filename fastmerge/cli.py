@@ -29,6 +29,8 @@ EPILOG = ("Run 'fastmerge COMMAND --help' for a command's options. The Python AP
 # checks that they agree)
 DEMO_PRESETS = {"tiny": "124k parameters", "small": "27M", "1b": "1.1B",
                 "7b": "6.7B, about 40 GB of disk"}
+# --extended-vocab: tokens the CT model adds (1b/7b: a 57k-token CT, as Yak-Llama2's 56,724)
+DEMO_NEW_TOKENS = {"tiny": 64, "small": 2048, "1b": 24724, "7b": 24724}
 BACKEND_CHOICES = ("auto", "triton", "c", "torch")   # fastmerge.backends.BACKENDS + auto
 INTERRUPTED = 130                                     # 128 + SIGINT, as shells report it
 
@@ -209,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="slack s of both models: the fraction of each model's largest "
                         "entries protected from the sign election, in [0, density] "
                         "(default 0.05)")
+    d.add_argument("--extended-vocab", action="store_true",
+                   help="the CT model extends the base's vocabulary with tokens of a second "
+                        "script and the SFT model adds chat tokens; merged with "
+                        "tokenizer_source union and the SFT's config and chat template "
+                        "(docs/spec.md §13)")
     _common(d)
     return ap
 
@@ -279,8 +286,16 @@ def cmd_demo(args) -> int:
         root = Path(args.workdir).expanduser() if keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        paths = write_llama_family(root / "inputs", config=PRESETS[args.preset], n_models=2,
-                                   names=("base", "ct", "sft"))
+        vocab = {}
+        if args.extended_vocab:
+            from .testing import write_extended_vocab_family
+            fam = write_extended_vocab_family(root / "inputs", config=PRESETS[args.preset],
+                                              new_tokens=DEMO_NEW_TOKENS[args.preset])
+            paths = {"base": fam["base"], "models": [fam["ct"], fam["sft"]]}
+            vocab = dict(tokenizer_source="union", config_from=1)
+        else:
+            paths = write_llama_family(root / "inputs", config=PRESETS[args.preset],
+                                       n_models=2, names=("base", "ct", "sft"))
         where = (f" under {root / 'inputs'}" if keep else
                  " in a temporary folder (removed on exit; --workdir DIR keeps them)")
         print(f"built base + CT + SFT checkpoints ({args.preset}) in "
@@ -289,7 +304,7 @@ def cmd_demo(args) -> int:
         result = merge(paths["base"], paths["models"], method="ties_sv", density=args.density,
                        slack=args.slack, output=root / "merged", overwrite=True,
                        device=args.device, backend=args.backend,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, **vocab)
         print(f"merged with TIES-SV (density {args.density}, slack {args.slack}) in "
               f"{time.perf_counter() - t0:.2f} s" + (f" -> {result.path}" if keep else ""))
         print(summary(result.report))

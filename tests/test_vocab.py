@@ -343,3 +343,11 @@ def test_linear_and_tied_embeddings(tmp_path):
     assert torch.equal(got[name][V + 2:], ct[name][V:])
     assert rep["vocabulary"]["tensors"] == [{"name": name, "merged": V, "averaged": 0,
                                              "copied": 18, "padding": 0}]
+
+
+def test_demo_extended_vocab(capsys):
+    from fastmerge.cli import main
+    assert main(["demo", "--extended-vocab", "--backend", "torch", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary: union, 322 tokens, 322 rows" in out
+    assert "model.embed_tokens.weight: rows 256 merged, 66 copied" in out
