@@ -261,6 +261,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             if config_doc is None:
                 _warn_if_no_config(source, isinstance(base if k is None else models[k], dict),
                                    output)
+            if aligned is not None:     # made and checked before any tensor is merged
+                from .vocab import tokenizer_files
+                aligned.files = tokenizer_files(aligned, source.root)
             roots = [c.root for c in opened if c.root is not None]
             output = check_output_location(output, [*roots, *local_inputs], overwrite)
             try:
@@ -419,8 +422,9 @@ def _config_files(ckpt, dtype, partial: Path, config_doc: dict | None = None,
     files = list(ckpt.files_to_copy()) if ckpt.root is not None else []
     if aligned is not None:
         from .vocab import TOKENIZER_FILES, write_tokenizer
-        written = write_tokenizer(aligned, ckpt.root, partial)
-        files = [f for f in files if f.name not in TOKENIZER_FILES and f.name not in written]
+        write_tokenizer(aligned.files, partial)
+        files = [f for f in files if f.name not in TOKENIZER_FILES and
+                 f.name not in aligned.files]
         if config_doc is None and ckpt.config is not None:
             config_doc = ckpt.config
         if config_doc is not None:

@@ -211,6 +211,7 @@ class Alignment:
     new_from: dict = field(default_factory=dict)
     not_kept: dict = field(default_factory=dict)
     missing: dict = field(default_factory=dict)   # input -> output tokens it lacks
+    files: dict = field(default_factory=dict)     # the output's tokenizer files (tokenizer_files)
 
     @property
     def size(self) -> int:
@@ -256,13 +257,13 @@ def _check_roles(vocabs: list, tokens: list) -> None:
     for a in range(len(vocabs)):
         for b in range(a + 1, len(vocabs)):
             va, vb = vocabs[a], vocabs[b]
-            for t in (va.special ^ vb.special) & out:
+            for t in sorted((va.special ^ vb.special) & out):
                 if t in va.index and t in vb.index:
                     sp, plain = (va, vb) if t in va.special else (vb, va)
                     raise InputError(f"token {t!r} is a special token in {sp.label}'s tokenizer "
                                      f"but an ordinary one in {plain.label}'s; fastmerge "
                                      "cannot give it one role in the merged tokenizer")
-            for t in {x for x in va.roles.values()} | {x for x in vb.roles.values()}:
+            for t in sorted(set(va.roles.values()) | set(vb.roles.values())):
                 ra, rb = va.roles_of(t), vb.roles_of(t)
                 if t in out and ra and rb and ra != rb:
                     raise InputError(f"token {t!r} is the {'/'.join(sorted(ra))} of "
@@ -446,8 +447,9 @@ def _source_input(al: Alignment) -> int | None:
     return None
 
 
-def write_tokenizer(al: Alignment, config_root: Path | None, out: Path) -> list[str]:
-    """Write the output's tokenizer files into ``out``; return their names.
+def tokenizer_files(al: Alignment, config_root: Path | None) -> dict:
+    """The output's tokenizer files, {name: source Path to copy, or text to write}, made
+    and checked before the merge starts (``write_tokenizer`` writes them).
 
     tokenizer.json / tokenizer.model / added_tokens.json...: the input whose vocabulary
     the output is (source base or a model; for union an input with exactly the union's
@@ -456,23 +458,19 @@ def write_tokenizer(al: Alignment, config_root: Path | None, out: Path) -> list[
     whose config and chat template are copied) when it has them, else the vocabulary
     source's; ``added_tokens_decoder`` is rewritten to the output ids. Every special-token
     role they name must be an output token."""
-    import shutil
     j = _source_input(al)
-    written = []
+    files = {}
     if j is not None:
         src = al.vocabs[j].root
         for name in TOKENIZER_FILES:
             if name in ("tokenizer_config.json", "special_tokens_map.json"):
                 continue
             if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
-                written.append(name)
+                files[name] = src / name
         doc = al.vocabs[j].doc
     else:
         doc = union_tokenizer_json(al)
-        (out / "tokenizer.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
-        written.append("tokenizer.json")
+        files["tokenizer.json"] = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     fallback = al.vocabs[j if j is not None else 0].root
     index = {t: i for i, t in enumerate(al.tokens)}
     out_added = {e["content"]: e for e in (doc or {}).get("added_tokens") or ()
@@ -501,7 +499,15 @@ def write_tokenizer(al: Alignment, config_root: Path | None, out: Path) -> list[
             for content, entry in out_added.items():
                 dec.setdefault(index[content], {k: v for k, v in entry.items() if k != "id"})
             cfg["added_tokens_decoder"] = {str(k): dec[k] for k in sorted(dec)}
-        (out / name).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
-        written.append(name)
-    return written
+        files[name] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def write_tokenizer(files: dict, out: Path) -> None:
+    """Write ``tokenizer_files``' result into the folder ``out``."""
+    import shutil
+    for name, what in files.items():
+        if isinstance(what, Path):
+            shutil.copyfile(what, out / name)
+        else:
+            (out / name).write_text(what, encoding="utf-8")

@@ -227,7 +227,8 @@ def test_conflicting_special_roles_are_refused(fam, tmp_path):
     tc = json.loads((d / "tokenizer_config.json").read_text())
     tc["bos_token"], tc["eos_token"] = "</s>", "<s>"
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
-    with pytest.raises(InputError, match="token '<s>' is the bos_token of .* but the eos_token"):
+    with pytest.raises(InputError, match="token '</s>' is the eos_token of .*base's tokenizer "
+                                         "but the bos_token of .*ct-bad's"):
         fastmerge.merge(fam["base"], [d], method="ties", tokenizer_source="union",
                         progress=False)
     d2 = tmp_path / "ct-special"
@@ -297,6 +298,44 @@ def test_config_from_a_model_whose_special_tokens_the_output_lacks(fam, tmp_path
         fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], method="ties",
                         tokenizer_source=0, config_from=1, output=tmp_path / "o",
                         backend="torch", progress=False)
+    assert not any(tmp_path.iterdir())          # refused before anything was merged
+
+
+def _sp_model(tokens, special) -> bytes:
+    """A SentencePiece ModelProto holding just ``tokens`` (types: 3 control, 1 normal)."""
+    import struct
+
+    def varint(n):
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out += bytes([b | (0x80 if n else 0)])
+            if not n:
+                return out
+    data = b""
+    for t in tokens:
+        text = t.encode()
+        body = b"\x0a" + varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0)
+        body += b"\x18" + bytes([3 if t in special else 1])
+        data += b"\x0a" + varint(len(body)) + body
+    return data
+
+
+def test_sentencepiece_only_base(fam, tmp_path):
+    """A base with only tokenizer.model: its pieces are its tokens."""
+    d = tmp_path / "base-sp"
+    shutil.copytree(fam["base"], d)
+    doc = json.loads((d / "tokenizer.json").read_text())
+    tokens = sorted(doc["model"]["vocab"], key=doc["model"]["vocab"].get)
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.model").write_bytes(_sp_model(tokens, {"<unk>", "<s>", "</s>"}))
+    kw = dict(method="ties", density=0.5, tokenizer_source="union", backend="torch",
+              progress=False)
+    a, _ = fastmerge.merge(d, [fam["ct"]], **kw)
+    b, _ = fastmerge.merge(fam["base"], [fam["ct"]], **kw)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    out = fastmerge.merge(d, [fam["ct"]], output=tmp_path / "o", **kw)
+    assert (out.path / "tokenizer.json").read_bytes() == (fam["ct"] / "tokenizer.json").read_bytes()
 
 
 def test_sentencepiece_model_is_read():
