@@ -347,6 +347,8 @@ def vocabulary_report(al, rows_by_name: dict, labels: list) -> dict:
         "missing_tokens": [{"model": names[j], "tokens": k} for j, k in sorted(al.missing.items())
                            if j >= off],
         "not_in_output": [{"model": names[j], "tokens": k} for j, k in sorted(al.not_kept.items())],
+        "rows_without_token": [{"model": names[j], "rows": k}
+                               for j, k in sorted(al.unused_rows.items())],
         "tensors": [{"name": n, **r.counts()} for n, r in rows_by_name.items()],
     }
     return doc

@@ -523,6 +523,9 @@ def _vocabulary_lines(report: dict) -> list[str]:
                      "on those rows)")
     for x in v.get("not_in_output", []):
         lines.append(f"  {x['tokens']:,} tokens of {x['model']} are not in the output")
+    for x in v.get("rows_without_token", []):
+        lines.append(f"  {x['rows']:,} embedding rows of {x['model']} have no token (padding, "
+                     "left out)")
     return lines
 
 

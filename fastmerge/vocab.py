@@ -212,6 +212,7 @@ class Alignment:
     not_kept: dict = field(default_factory=dict)
     missing: dict = field(default_factory=dict)   # input -> output tokens it lacks
     files: dict = field(default_factory=dict)     # the output's tokenizer files (tokenizer_files)
+    unused_rows: dict = field(default_factory=dict)   # input -> embedding rows without a token
 
     @property
     def size(self) -> int:
@@ -276,7 +277,6 @@ def align(vocabs: list, rows: list, source, has_base: bool,
     """The output vocabulary of ``source`` and the row maps. ``vocabs[j]`` / ``rows[j]``:
     input j's Vocab (None: no tokenizer files) and its embedding's row count (base first
     when ``has_base``; for ``linear`` the first model stands for the base)."""
-    n_models = len(vocabs) - (1 if has_base else 0)
     for j, (v, r) in enumerate(zip(vocabs, rows)):
         if v is None:
             continue
@@ -335,12 +335,13 @@ def align(vocabs: list, rows: list, source, has_base: bool,
         absent = int((r < 0).sum())
         if absent:
             lacks[j] = absent
+    unused = {j: r - sum(1 for t in v.tokens if t is not None)
+              for j, (v, r) in enumerate(zip(vocabs, rows))}
     padded = len(tokens)
     if pad_to_multiple_of:
         padded = -(-padded // pad_to_multiple_of) * pad_to_multiple_of
-    del n_models
     return Alignment(tokens, out_rows, padded, source, vocabs, has_base, new_from,
-                     not_kept, lacks)
+                     not_kept, lacks, unused_rows={j: k for j, k in unused.items() if k})
 
 
 def _input_name(j: int, has_base: bool) -> str:

@@ -279,9 +279,10 @@ def test_padding_rows_beyond_the_tokenizer_are_dropped(fam, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 8}))
     kw = dict(method="ties", density=0.5, tokenizer_source="union", backend="torch",
               progress=False)
-    a, _ = fastmerge.merge(fam["base"], [d], **kw)
+    a, rep = fastmerge.merge(fam["base"], [d], **kw)
     b, _ = fastmerge.merge(fam["base"], [fam["ct"]], **kw)
     assert all(torch.equal(a[k], b[k]) for k in b)
+    assert rep["vocabulary"]["rows_without_token"] == [{"model": str(d), "rows": 8}]
 
 
 def test_bad_parameters(fam):
