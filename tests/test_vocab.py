@@ -391,3 +391,25 @@ def test_demo_extended_vocab(capsys):
     out = capsys.readouterr().out
     assert "vocabulary: union, 322 tokens, 322 rows" in out
     assert "model.embed_tokens.weight: rows 256 merged, 66 copied" in out
+
+
+def test_interrupted_aligned_merge_resumes_byte_identical(fam, tmp_path, monkeypatch):
+    """Resume keeps the vocabulary in its fingerprint: another source is refused, the same
+    one continues to the bytes of an uninterrupted run."""
+    from fastmerge.errors import OutputError
+    from tests.checks import interrupt_at_shard
+    kw = dict(method="ties", density=0.5, tokenizer_source="union", backend="torch",
+              progress=False, shard_size=40_000)
+    ref = fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], output=tmp_path / "ref", **kw)
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        interrupt_at_shard(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], output=out, **kw)
+    with pytest.raises(OutputError, match="different vocabulary"):
+        fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], output=out, resume=True,
+                        **{**kw, "tokenizer_source": "base"})
+    got = fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], output=out, resume=True, **kw)
+    assert got.shards_resumed == 2
+    for f in sorted(ref.path.iterdir()):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
