@@ -35,6 +35,10 @@ from .kernel_api import COUNTERS, NONFINITE
 from .plan import kernel_dtype
 
 _LAYER = re.compile(r"\.\d+\.")
+#: methods whose per-group pass ``merge_rows`` makes: a kernel config from the knobs and the
+#: thresholds (a method with another pass before the merge needs its statistics per group)
+METHODS = ("linear", "task_arithmetic", "ties", "ties_sv", "dare_linear", "dare_ties",
+           "breadcrumbs", "breadcrumbs_ties")
 
 
 def _config_rows(ckpt) -> int | None:
