@@ -413,3 +413,24 @@ def test_interrupted_aligned_merge_resumes_byte_identical(fam, tmp_path, monkeyp
     assert got.shards_resumed == 2
     for f in sorted(ref.path.iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_factory_extended_family(fam):
+    """The CT vocabulary extends the base's as a prefix and splits script text into its new
+    tokens; the SFT adds the chat tokens as special tokens; perm is a permutation."""
+    from tokenizers import Tokenizer
+    from fastmerge.testing import pseudo_text, _SCRIPT
+    from fastmerge.vocab import read_vocab
+    from fastmerge.io import Checkpoint
+    V = fam["config"]["vocab_size"]
+    v = {n: read_vocab(Checkpoint.open(fam[n])) for n in ("base", "ct", "sft", "perm")}
+    assert len(v["base"].tokens) == V and v["ct"].tokens[:V] == v["base"].tokens
+    assert len(v["ct"].tokens) == V + NEW
+    ids = Tokenizer.from_file(str(fam["ct"] / "tokenizer.json")).encode(
+        " ".join(pseudo_text(_SCRIPT, 20, 5))).ids
+    assert sum(i >= V for i in ids) > 0.8 * len(ids)
+    assert v["sft"].tokens[V:] == list(CHAT_TOKENS) and set(CHAT_TOKENS) <= v["sft"].special
+    assert sorted(v["perm"].tokens) == sorted(v["base"].tokens)
+    perm = fam["permutation"]
+    assert all(v["perm"].tokens[int(perm[i])] == t for i, t in enumerate(v["base"].tokens))
+    assert load(fam["ct"])[VOCAB[0]].shape[0] == V + NEW
