@@ -434,3 +434,31 @@ def test_factory_extended_family(fam):
     perm = fam["permutation"]
     assert all(v["perm"].tokens[int(perm[i])] == t for i, t in enumerate(v["base"].tokens))
     assert load(fam["ct"])[VOCAB[0]].shape[0] == V + NEW
+
+
+@pytest.mark.parametrize("backend", ["torch", "c"])
+def test_rows_the_base_lacks_are_the_weighted_mean(fam, tmp_path, backend):
+    """Two models with the same new tokens: their rows are Σ w_i θ_i / Σ w_i, in fp64,
+    rounded once."""
+    backend_ok(backend)
+    from safetensors.torch import save_file
+    from fastmerge.reference import round_once
+    V = fam["config"]["vocab_size"]
+    d = tmp_path / "ct2"
+    shutil.copytree(fam["ct"], d)
+    sd = load(d)
+    g = torch.Generator().manual_seed(1)
+    for name in VOCAB:
+        sd[name][V:] = (sd[name][V:].float() + 0.01 * torch.randn(NEW, sd[name].shape[1],
+                                                                  generator=g)).half()
+    save_file(sd, d / "model.safetensors")
+    w = [0.3, 0.9]
+    got, rep = fastmerge.merge(fam["base"], [fam["ct"], d], method="ties", density=0.5,
+                               weights=w, tokenizer_source="union", backend=backend,
+                               progress=False)
+    ct = load(fam["ct"])
+    for name in VOCAB:
+        a, b = ct[name][V:].double(), sd[name][V:].double()
+        want = round_once((0.0 + w[0] * a + w[1] * b) / (w[0] + w[1]), torch.float16)
+        assert torch.equal(got[name][V:], want), name
+    assert rep["vocabulary"]["tensors"][0]["averaged"] == NEW
