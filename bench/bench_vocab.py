@@ -10,9 +10,11 @@ second script, 24,724 by default: a 56,724-token CT, as Yak-Llama2's; the SFT ad
 chat tokens). Then merges each with ``fastmerge merge`` (TIES-SV, density 0.2, slack
 0.05) under ``/usr/bin/time -v``: the same-vocabulary trio plainly, the extended one with
 ``tokenizer_source: union``. Wall time and peak RSS per run; inputs read once
-beforehand (warm page cache), dirty pages synced between runs. ``--only same|ext``
-builds and runs one trio (for disks that cannot hold both at 7B); ``--drop`` deletes a
-trio after its runs.
+beforehand (warm page cache), dirty pages synced between runs; runs alternate between
+the two trios (same, ext, same, ...) so that a busy machine weighs on both alike.
+``--only same|ext`` builds and runs one trio; ``--drop`` keeps one trio on disk at a
+time (for disks that cannot hold both at 7B: then the runs of one trio follow each other)
+and deletes it after its runs.
 """
 from __future__ import annotations
 
@@ -69,22 +71,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     rows = []
-    for kind in ("same", "ext"):
-        if args.only and kind != args.only:
-            continue
-        root = work / kind
-        built = build(kind, root, args.preset, args.new_tokens)
-        cfg = work / f"{kind}.yml"
-        cfg.write_text(config(root, kind == "ext"))
-        files = [f for d in ("base", "ct", "sft") for f in (root / d).glob("*.safetensors")]
-        for r in range(args.repeats):
+    kinds = [k for k in ("same", "ext") if not args.only or k == args.only]
+    built = {}
+    if not args.drop:           # both trios at once: runs alternate same, ext, same, ...
+        built = {k: build(k, work / k, args.preset, args.new_tokens) for k in kinds}
+        plan = [[(r, k) for r in range(args.repeats) for k in kinds]]
+    else:                       # one trio on disk at a time
+        plan = [[(r, k) for r in range(args.repeats)] for k in kinds]
+    for runs in plan:
+        for r, kind in runs:
+            root = work / kind
+            if kind not in built:
+                built[kind] = build(kind, root, args.preset, args.new_tokens)
+            cfg = work / f"{kind}.yml"
+            cfg.write_text(config(root, kind == "ext"))
+            files = [f for d in ("base", "ct", "sft") for f in (root / d).glob("*.safetensors")]
             out = work / f"out-{kind}"
             shutil.rmtree(out, ignore_errors=True)
             warm(files)
             os.sync()
             row = timed([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out),
                          "--backend", args.backend, "--no-progress"])
-            row.update(kind=kind, run=r, build_s=round(built, 1),
+            row.update(kind=kind, run=r, build_s=round(built[kind], 1), load_avg=os.getloadavg(),
                        input_bytes=sum(f.stat().st_size for f in files))
             if kind == "ext" and row["rc"] == 0:
                 rep = json.loads((out / "fastmerge_report.json").read_text())
@@ -93,8 +101,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
             shutil.rmtree(out, ignore_errors=True)
-        if args.drop:
-            shutil.rmtree(root, ignore_errors=True)
+            if args.drop and r == args.repeats - 1:
+                shutil.rmtree(root, ignore_errors=True)
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "preset": args.preset,
