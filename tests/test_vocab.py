@@ -462,3 +462,19 @@ def test_rows_the_base_lacks_are_the_weighted_mean(fam, tmp_path, backend):
         want = round_once((0.0 + w[0] * a + w[1] * b) / (w[0] + w[1]), torch.float16)
         assert torch.equal(got[name][V:], want), name
     assert rep["vocabulary"]["tensors"][0]["averaged"] == NEW
+
+
+def test_nonfinite_new_rows_stop_the_merge(fam, tmp_path):
+    from safetensors.torch import save_file
+    V = fam["config"]["vocab_size"]
+    d = tmp_path / "ct-nan"
+    shutil.copytree(fam["ct"], d)
+    sd = load(d)
+    sd[VOCAB[1]][V + 3, 5] = float("nan")
+    sd[VOCAB[1]][V + 4, 0] = float("inf")
+    save_file(sd, d / "model.safetensors")
+    kw = dict(method="ties", density=0.5, tokenizer_source="union", backend="c", progress=False)
+    with pytest.raises(InputError, match="tensor 'lm_head.weight': 2 non-finite .*ct-nan"):
+        fastmerge.merge(fam["base"], [d], **kw)
+    got, _ = fastmerge.merge(fam["base"], [d], allow_nonfinite=True, **kw)
+    assert torch.equal(got[VOCAB[1]][V:].view(torch.int16), sd[VOCAB[1]][V:].view(torch.int16))
