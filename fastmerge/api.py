@@ -92,7 +92,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           config=None, resume: bool = False, seed: int = 0,
           rescale: bool | None = None, gamma=None, epsilon=None, t=None,
-          vectors: str | None = None, layer_range=None) -> MergeResult:
+          vectors: str | None = None, layer_range=None, tokenizer_source=None,
+          pad_to_multiple_of: int | None = None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
     Every argument is checked before any tensor data is read; errors name the bad value
@@ -163,8 +164,16 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             completed shards (the result is byte-identical to an uninterrupted run); it is
             refused, naming what changed, when the inputs, parameters, shard plan, version
             or backend differ from the interrupted run's.
-        config_from: whose config/tokenizer files to copy into the output: None (default:
-            the base) or an index into ``models``.
+        config_from: whose config/tokenizer files (and chat template) to copy into the
+            output: None (default: the base), an index into ``models`` or a model as given.
+        tokenizer_source: align the vocabularies by token (docs/spec.md §13): None (default:
+            no alignment, the embeddings must have the same shapes), "base" (the base's
+            tokens), "union" (the base's, then the tokens the models add) or a model (an
+            index into ``models`` or the model as given): that model's tokens. Embedding
+            and lm_head rows are then merged token by token, and the output gets the
+            tokenizer files and vocab_size of that vocabulary.
+        pad_to_multiple_of: with tokenizer_source, pad the output's rows to a multiple of
+            this (padding rows: the mean of the token rows), as mergekit's key.
         config: a config.json for the output, as a dict or the path of a config.json (or
             of a folder holding one); it replaces the copied one. Inputs given as
             in-memory state dicts or single files have no config.json: without ``config``
@@ -199,6 +208,27 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     if base is None and params.spec.needs_base:
         raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
                              "and 'nuslerp' work without one")
+    if isinstance(config_from, (str, os.PathLike)):
+        config_from = None if str(config_from) == "base" else \
+            _model_index("config_from", config_from, models)
+    if tokenizer_source is not None:
+        from .vocab import resolve_source
+        if isinstance(tokenizer_source, (str, os.PathLike)) and \
+                isinstance(base, (str, os.PathLike)) and str(tokenizer_source) == str(base):
+            tokenizer_source = "base"      # mergekit: the base model named as the source
+        tokenizer_source = resolve_source(tokenizer_source, models)
+        from .embeddings import METHODS as ROW_METHODS
+        if params.method not in ROW_METHODS:
+            raise ParameterError(f"tokenizer_source (vocabulary alignment) is not available "
+                                 f"with method {params.method!r} yet; it is with "
+                                 f"{', '.join(ROW_METHODS)}")
+    elif pad_to_multiple_of is not None:
+        raise ParameterError("pad_to_multiple_of needs a tokenizer_source")
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                           not isinstance(pad_to_multiple_of, int) or
+                                           pad_to_multiple_of < 1):
+        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got "
+                             f"{pad_to_multiple_of!r}")
     if config_from is not None and (isinstance(config_from, bool) or
                                     not isinstance(config_from, int) or
                                     not 0 <= config_from < len(models)):
@@ -235,9 +265,14 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             label = f"model {i}" if isinstance(m, dict) else None
             model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
             opened.append(model_ckpts[-1])
-        tasks = plan_merge(base_ckpt, model_ckpts, params)
         if layer_range is not None:
             _check_layer_range(layer_range, base_ckpt or model_ckpts[0])
+        aligned, rows = None, {}
+        if tokenizer_source is not None:       # vocabularies aligned by token (§13)
+            from .embeddings import align_inputs
+            aligned, rows = align_inputs(base_ckpt, model_ckpts, tokenizer_source,
+                                         pad_to_multiple_of)
+        tasks = plan_merge(base_ckpt, model_ckpts, params, rows)
         backends.check_supported(module, params, {t.out_dtype for t in tasks if t.merged})
         inputs = Inputs(base_ckpt, model_ckpts)
 
@@ -250,6 +285,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             if config_doc is None:
                 _warn_if_no_config(source, isinstance(base if k is None else models[k], dict),
                                    output)
+            if aligned is not None:     # made and checked before any tensor is merged
+                from .vocab import tokenizer_files
+                aligned.files = tokenizer_files(aligned, source.root)
             roots = [c.root for c in opened if c.root is not None]
             output = check_output_location(output, [*roots, *local_inputs], overwrite)
             try:
@@ -257,7 +295,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             except OSError as exc:
                 raise OutputError(f"cannot create {output.parent} for the output {output}: "
                                   f"{exc}") from exc
-            fingerprint, parts = _fingerprint(params, module.NAME, opened, tasks, shard_bytes)
+            fingerprint, parts = _fingerprint(params, module.NAME, opened, tasks, shard_bytes,
+                                              None if aligned is None else aligned.digest())
             sink = CheckpointWriter(output, tasks, shard_bytes, overwrite, resume,
                                     fingerprint, parts).open()
         bar = _progress_bar(tasks, progress)
@@ -266,10 +305,13 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             stats = engine.run()
             report = build_report(params, module.NAME, base_ckpt, model_ckpts, stats,
                                   engine.global_thresholds)
+            if aligned is not None:
+                from .embeddings import vocabulary_report
+                report["vocabulary"] = vocabulary_report(aligned, rows, report["models"])
             if output is None:
                 return MergeResult(None, report, sink.state_dict)
-            path = sink.finish(report, _config_files(source, params.dtype, sink.partial,
-                                                     config_doc))
+            copy = _config_files(source, params.dtype, sink.partial, config_doc, aligned)
+            path = sink.finish(report, copy)
             return MergeResult(path, report, None, sink.resumed, len(sink.names))
         except (OSError, KeyboardInterrupt) as exc:
             if output is not None and sink.renamed:  # the output is in place already
@@ -324,6 +366,16 @@ def _local_inputs(sources) -> list[Path]:
     return out
 
 
+def _model_index(what: str, model, models: list) -> int:
+    """The index in ``models`` of a model given as it appears there (a path or hub id)."""
+    hits = [i for i, m in enumerate(models) if isinstance(m, (str, os.PathLike)) and
+            str(m) == str(model)]
+    if len(hits) != 1:
+        raise ParameterError(f"{what} must be 'base', a model index or one of the models as "
+                             f"given, got {str(model)!r}")
+    return hits[0]
+
+
 def _read_config_arg(config) -> dict:
     """merge(config=...): a dict, or the path of a config.json or of a folder holding one."""
     if isinstance(config, dict):
@@ -361,8 +413,8 @@ def _warn_if_no_config(source, in_memory: bool, output: Path) -> None:
                   stacklevel=3)
 
 
-def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int
-                 ) -> tuple[str, dict]:
+def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int,
+                 vocabulary: str | None = None) -> tuple[str, dict]:
     """Identity of a merge's inputs, parameters and output plan (checked on resume), and
     its parts (journaled, so that a refused resume can say which part changed)."""
     import hashlib
@@ -390,13 +442,27 @@ def _fingerprint(params, backend: str, checkpoints, tasks, shard_bytes: int
         "fastmerge version": __version__,
         "backend": backend,
     }
+    if vocabulary is not None:        # the aligned vocabulary (docs/spec.md §13)
+        parts["vocabulary"] = vocabulary
     return digest(parts), parts
 
 
-def _config_files(ckpt, dtype, partial: Path, config_doc: dict | None = None) -> list[Path]:
+def _config_files(ckpt, dtype, partial: Path, config_doc: dict | None = None,
+                  aligned=None) -> list[Path]:
     """Files to copy into the output. config.json is written (``config_doc``, or the
-    input's with its dtype updated) when it is given or its dtype changed."""
+    input's with its dtype updated) when it is given or its dtype changed. With an aligned
+    vocabulary (``aligned``) the tokenizer files are written for it (vocab.write_tokenizer)
+    and config.json's vocab_size is the output's row count."""
     files = list(ckpt.files_to_copy()) if ckpt.root is not None else []
+    if aligned is not None:
+        from .vocab import TOKENIZER_FILES, write_tokenizer
+        write_tokenizer(aligned.files, partial)
+        files = [f for f in files if f.name not in TOKENIZER_FILES and
+                 f.name not in aligned.files]
+        if config_doc is None and ckpt.config is not None:
+            config_doc = ckpt.config
+        if config_doc is not None:
+            config_doc = {**config_doc, "vocab_size": aligned.padded}
     out = []
     for f in files:
         if f.name == "config.json" and (dtype is not None or config_doc is not None):

@@ -29,6 +29,8 @@ EPILOG = ("Run 'fastmerge COMMAND --help' for a command's options. The Python AP
 # checks that they agree)
 DEMO_PRESETS = {"tiny": "124k parameters", "small": "27M", "1b": "1.1B",
                 "7b": "6.7B, about 40 GB of disk"}
+# --extended-vocab: tokens the CT model adds (1b/7b: a 57k-token CT, as Yak-Llama2's 56,724)
+DEMO_NEW_TOKENS = {"tiny": 64, "small": 2048, "1b": 24724, "7b": 24724}
 BACKEND_CHOICES = ("auto", "triton", "c", "torch")   # fastmerge.backends.BACKENDS + auto
 INTERRUPTED = 130                                     # 128 + SIGINT, as shells report it
 
@@ -98,9 +100,8 @@ def _merge_epilog() -> str:
     if coming:   # declared in the method table, not accepted yet
         lines += wrapped("not yet available:", coming)
     lines += ["", "config keys (mergekit's format and meaning; unknown keys are errors):"]
-    top = sorted(config.TOP_KEYS - {"tokenizer_source", "tokenizer"})
-    lines += wrapped("top level:", top)
-    lines += ["  " + " " * 22 + "(tokenizer_source / tokenizer: refused for now)"]
+    lines += wrapped("top level:", sorted(config.TOP_KEYS))
+    lines += wrapped("tokenizer:", sorted(config.TOKENIZER_KEYS))
     lines += wrapped("models[i]:", sorted(config.MODEL_KEYS))
     lines += wrapped("models[i].parameters:", sorted(config.MODEL_PARAMS))
     lines += wrapped("parameters:", sorted(config.GLOBAL_PARAMS))
@@ -174,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(refused by default: unpickling can run code)")
     m.add_argument("--allow-nonfinite", action="store_true",
                    help="merge tensors holding NaN/Inf instead of stopping")
+    m.add_argument("--config-from", default=None, metavar="MODEL",
+                   help="whose config.json, tokenizer settings and chat template the output "
+                        "gets: base, or a model as the config names it (overrides the "
+                        "config's config_from)")
     _common(m)
 
     v = sub.add_parser("verify", help="check a finished output: index, shard headers, and "
@@ -206,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="slack s of both models: the fraction of each model's largest "
                         "entries protected from the sign election, in [0, density] "
                         "(default 0.05)")
+    d.add_argument("--extended-vocab", action="store_true",
+                   help="the CT model extends the base's vocabulary with tokens of a second "
+                        "script and the SFT model adds chat tokens; merged with "
+                        "tokenizer_source union and the SFT's config and chat template "
+                        "(docs/spec.md §13)")
     _common(d)
     return ap
 
@@ -225,6 +235,10 @@ def cmd_merge(args) -> int:
     from .report import summary
 
     kwargs = load_config(args.config)
+    if args.config_from is not None:
+        kwargs.pop("config_from", None)
+        if args.config_from != "base":
+            kwargs["config_from"] = args.config_from
     # the options' own errors, before the config's (which name the config file)
     try:
         parse_size(args.shard_size)
@@ -272,8 +286,16 @@ def cmd_demo(args) -> int:
         root = Path(args.workdir).expanduser() if keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        paths = write_llama_family(root / "inputs", config=PRESETS[args.preset], n_models=2,
-                                   names=("base", "ct", "sft"))
+        vocab = {}
+        if args.extended_vocab:
+            from .testing import write_extended_vocab_family
+            fam = write_extended_vocab_family(root / "inputs", config=PRESETS[args.preset],
+                                              new_tokens=DEMO_NEW_TOKENS[args.preset])
+            paths = {"base": fam["base"], "models": [fam["ct"], fam["sft"]]}
+            vocab = dict(tokenizer_source="union", config_from=1)
+        else:
+            paths = write_llama_family(root / "inputs", config=PRESETS[args.preset],
+                                       n_models=2, names=("base", "ct", "sft"))
         where = (f" under {root / 'inputs'}" if keep else
                  " in a temporary folder (removed on exit; --workdir DIR keeps them)")
         print(f"built base + CT + SFT checkpoints ({args.preset}) in "
@@ -282,7 +304,7 @@ def cmd_demo(args) -> int:
         result = merge(paths["base"], paths["models"], method="ties_sv", density=args.density,
                        slack=args.slack, output=root / "merged", overwrite=True,
                        device=args.device, backend=args.backend,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, **vocab)
         print(f"merged with TIES-SV (density {args.density}, slack {args.slack}) in "
               f"{time.perf_counter() - t0:.2f} s" + (f" -> {result.path}" if keep else ""))
         print(summary(result.report))

@@ -31,8 +31,9 @@ What a key means here is what it means in mergekit (docs/spec.md §11):
   models tensor by tensor.
 * ``int8_mask`` (under ``parameters``, where mergekit reads it) is accepted and changes
   nothing (fastmerge's masks are never materialised). ``consensus_method`` is not read by
-  mergekit's ``ties`` (it always elects by sum); fastmerge reads it as ``elect``. ``tokenizer_source`` / ``tokenizer`` are refused until vocabulary
-  alignment lands. A model entry equal to ``base_model`` is skipped (mergekit lists it).
+  mergekit's ``ties`` (it always elects by sum); fastmerge reads it as ``elect``. ``tokenizer_source`` / ``tokenizer: {source,
+  pad_to_multiple_of}`` align the vocabularies by token (docs/spec.md §13); ``config_from``
+  (fastmerge's) names whose config and chat template the output gets. A model entry equal to ``base_model`` is skipped (mergekit lists it).
 
 Unknown keys are errors, never silently ignored.
 """
@@ -47,9 +48,10 @@ from .errors import ParameterError
 from .params import FirstOf
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
-            "out_dtype", "tokenizer_source", "tokenizer"}
+            "out_dtype", "tokenizer_source", "tokenizer", "config_from"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
+TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 PER_MODEL = ("weights", "density", "slack", "gamma", "epsilon")  # methods.KNOBS names
 METHOD_ONLY = {"gamma", "epsilon"}  # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
@@ -195,18 +197,38 @@ def _one_slice(doc: dict, base) -> tuple[list, dict, tuple[int, int]]:
     return entries, params, next(iter(ranges))
 
 
+def _tokenizer_keys(doc) -> dict:
+    """mergekit's ``tokenizer_source: union|base|MODEL`` or ``tokenizer: {source, 
+    pad_to_multiple_of}`` (source defaults to union there, as in mergekit) as merge()
+    keywords (docs/spec.md §13). The source is checked against the models by merge()."""
+    if "tokenizer_source" in doc and "tokenizer" in doc:
+        raise ParameterError("give tokenizer_source or tokenizer, not both (as in mergekit)")
+    out = {}
+    if doc.get("tokenizer_source") is not None:
+        out["tokenizer_source"] = doc["tokenizer_source"]
+    if "tokenizer" in doc:
+        tok = doc["tokenizer"] or {}
+        if isinstance(tok, dict) and "tokens" in tok:
+            raise ParameterError("tokenizer.tokens (per-token embedding sources) is a mergekit "
+                                 "key fastmerge does not have; every row is merged from the "
+                                 "models that have its token (docs/spec.md §13)")
+        _check_keys("tokenizer", tok, TOKENIZER_KEYS)
+        out["tokenizer_source"] = tok.get("source", "union")
+        if tok.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = tok["pad_to_multiple_of"]
+    src = out.get("tokenizer_source")
+    if src is not None and not isinstance(src, str):
+        raise ParameterError(f"tokenizer source must be union, base or a model, got {src!r}")
+    return out
+
+
 def config_to_kwargs(doc) -> dict:
     """Validate a parsed config and map it to ``merge()`` keyword arguments."""
     _check_keys("config", doc, TOP_KEYS)
     if "merge_method" not in doc:
         raise ParameterError("config: 'merge_method' is required")
     method = _method(doc)
-    for key in ("tokenizer_source", "tokenizer"):
-        if key in doc:
-            raise ParameterError(f"{key!r} is not supported yet: fastmerge merges models that "
-                                 "share the base's vocabulary; merging models with extended "
-                                 "vocabularies (tokenizer source base / union / a model) is "
-                                 "coming. Remove the key to merge token by token id.")
+    tokenizer = _tokenizer_keys(doc)
     base = doc.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ParameterError(f"base_model must be a path or hub id, got {base!r}")
@@ -270,6 +292,13 @@ def config_to_kwargs(doc) -> dict:
         kwargs["rescale"] = glob["rescale"]
     if layer_range is not None:
         kwargs["layer_range"] = layer_range
+    kwargs.update(tokenizer)
+    if doc.get("config_from") is not None:
+        c = doc["config_from"]
+        if not isinstance(c, str) or (c != "base" and c not in models):
+            raise ParameterError(f"config_from must be 'base' or one of the models, got {c!r}")
+        if c != "base":
+            kwargs["config_from"] = c
     out_dtype = doc.get("out_dtype") or doc.get("dtype")
     if out_dtype is not None:
         kwargs["dtype"] = out_dtype

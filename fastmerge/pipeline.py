@@ -284,13 +284,18 @@ class StreamMerge:
         """{"t": t_i, "u": u_i, "h": h_i as the method has them} over every merged entry of
         the checkpoint (docs/spec.md §3; the knobs are the same for every tensor then,
         params.make_params checks it)."""
+        from . import embeddings
         merged = [t for t in self.tasks if t.merged]
         if not merged:
             return {}
-        found = self._searches(merged[0], sum(t.numel for t in merged))
+        found = self._searches(merged[0], sum(t.numel if t.rows is None else
+                                              embeddings.full_population(t) for t in merged))
 
         def all_chunks():
             for task in merged:
+                if task.rows is not None:       # the rows every input has (docs/spec.md §13)
+                    yield from embeddings.full_chunks(self, task)
+                    continue
                 src = TensorSource(self.reader, task, self.chunk_elems, resident=False)
                 for _, _, b, m in src.chunks():
                     yield b, m
@@ -321,7 +326,10 @@ class StreamMerge:
                 src = pending.result() if pending is not None else self._prepare(task)
                 nxt = todo[k + 1] if k + 1 < len(todo) else None
                 pending = pool.submit(self._prepare, nxt) if nxt is not None else None
-                if src is None:
+                if task.rows is not None:       # a vocabulary tensor (docs/spec.md §13)
+                    from .embeddings import merge_rows
+                    merge_rows(self, task)
+                elif src is None:
                     self._copy(task)
                 else:
                     self._merge(task, src)
@@ -337,7 +345,7 @@ class StreamMerge:
         Runs on the read thread, so it also takes the bracketing sample there: its ~10^5
         scattered loads (a cache and TLB miss each) then overlap the current tensor's
         kernels instead of following them."""
-        if not task.merged:
+        if not task.merged or task.rows is not None:
             return None
         src = self._source(task)
         p = self.params

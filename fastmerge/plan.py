@@ -29,6 +29,7 @@ class TensorTask:
     out_dtype: torch.dtype
     merged: bool
     knobs: TensorKnobs | None = None
+    rows: object | None = None      # vocabulary tensor: embeddings.Rows (merged row by row)
 
     @property
     def numel(self) -> int:
@@ -55,11 +56,15 @@ def _architecture(ckpt) -> tuple | None:
     return tuple(cfg.get("architectures") or ()), cfg.get("model_type")
 
 
-def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
+def plan_merge(base, models: list, params: MergeParams, vocab: dict | None = None
+               ) -> list[TensorTask]:
     """Validate the checkpoints against each other and return the tasks in output order.
 
     ``base`` is None only for method 'linear'; then the first model sets the layout.
+    ``vocab``: name -> embeddings.Rows of the tensors merged row by row over an aligned
+    vocabulary (their first dimension may differ between inputs).
     """
+    vocab = vocab or {}
     layout = base if base is not None else models[0]
     inputs = ([base] if base is not None else []) + list(models)
 
@@ -92,11 +97,19 @@ def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
     for name in names:
         ref = layout.info(name)
         floating = ref.dtype.is_floating_point
+        rows = vocab.get(name)
         for ckpt in inputs:
             info = ckpt.info(name)
-            if tuple(info.shape) != tuple(ref.shape):
+            if rows is not None and tuple(info.shape[1:]) == tuple(ref.shape[1:]):
+                pass        # rows are matched by token (fastmerge.embeddings)
+            elif tuple(info.shape) != tuple(ref.shape):
+                hint = ""
+                if len(ref.shape) == 2 and tuple(info.shape[1:]) == tuple(ref.shape[1:]):
+                    hint = ("; if the models have different vocabularies, align them by token "
+                            "with tokenizer_source='union' (or 'base', or a model; YAML: "
+                            "tokenizer_source: union)")
                 raise InputError(f"tensor {name!r}: shape {list(info.shape)} in {ckpt.label} "
-                                 f"differs from {list(ref.shape)} in {layout.label}")
+                                 f"differs from {list(ref.shape)} in {layout.label}{hint}")
             if info.dtype.is_floating_point != floating:
                 raise InputError(f"tensor {name!r}: dtype {info.dtype} in {ckpt.label} but "
                                  f"{ref.dtype} in {layout.label} (floating and non-floating mix)")
@@ -110,5 +123,6 @@ def plan_merge(base, models: list, params: MergeParams) -> list[TensorTask]:
                                  "linear merge was given none")
             out = ref.dtype
         tk = (constant or params.for_tensor(name, num_layers)) if merged else None
-        tasks.append(TensorTask(name, tuple(ref.shape), out, merged, tk))
+        shape = tuple(ref.shape) if rows is None else (rows.padded, *ref.shape[1:])
+        tasks.append(TensorTask(name, shape, out, merged, tk, rows))
     return tasks

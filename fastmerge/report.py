@@ -500,11 +500,34 @@ def summary(report: dict, by: str = "module") -> str:
     ``by`` module type (or layer)."""
     lines = _header_lines(report) + [""]
     if not has_counters(report):
-        return "\n".join(lines + [_no_counters_line(report)])
+        return "\n".join(lines + [_no_counters_line(report)] + _vocabulary_lines(report))
     lines += _table_lines(report, "total", legend=False)
     lines += _nonfinite_lines(report)
     lines += [""] + _table_lines(report, by)
-    return "\n".join(lines)
+    return "\n".join(lines + _vocabulary_lines(report))
+
+
+def _vocabulary_lines(report: dict) -> list[str]:
+    """The aligned vocabulary (docs/spec.md §13), when there is one: source and size,
+    rows per vocabulary tensor by how they were made, where the new tokens came from."""
+    v = report.get("vocabulary")
+    if not v:
+        return []
+    new = ", ".join(f"{x['tokens']:,} from {x['model']}" for x in v.get("new_tokens", []))
+    lines = ["", f"vocabulary: {v['source']}, {v['tokens']:,} tokens, {v['rows']:,} rows"
+             + (f"; tokens the base lacks: {new}" if new else "")]
+    for t in v.get("tensors", []):
+        parts = [f"{t[k]:,} {k}" for k in ("merged", "averaged", "copied", "padding") if t[k]]
+        lines.append(f"  {t['name']}: rows " + ", ".join(parts))
+    for x in v.get("missing_tokens", []):
+        lines.append(f"  {x['model']} lacks {x['tokens']:,} of the output's tokens (no vote "
+                     "on those rows)")
+    for x in v.get("not_in_output", []):
+        lines.append(f"  {x['tokens']:,} tokens of {x['model']} are not in the output")
+    for x in v.get("rows_without_token", []):
+        lines.append(f"  {x['rows']:,} embedding rows of {x['model']} have no token (padding, "
+                     "left out)")
+    return lines
 
 
 # -- two reports side by side -----------------------------------------------------------

@@ -559,3 +559,199 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- extended vocabularies (docs/spec.md §13) ---------------------------------------------
+
+#: the second script of the CT model: Tibetan letters (U+0F40..U+0F6C) and vowel signs
+_SCRIPT = [chr(c) for c in range(0x0F40, 0x0F6D) if chr(c).isprintable()] + \
+          [chr(c) for c in range(0x0F71, 0x0F7E)]
+_LATIN = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+def pseudo_text(alphabet, n_words: int, seed: int) -> list[str]:
+    """Lines of random words (2-9 letters, a few letters more frequent than others)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.linspace(3.0, 1.0, len(alphabet))
+    letters = torch.multinomial(weights, n_words * 9, replacement=True, generator=g).tolist()
+    lengths = torch.randint(2, 10, (n_words,), generator=g).tolist()
+    words, k = [], 0
+    for n in lengths:
+        words.append("".join(alphabet[i] for i in letters[k:k + n]))
+        k += n
+    return [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+
+
+def _train_bpe(lines, vocab_size: int, alphabet, special=()) -> dict:
+    """A BPE tokenizer.json (Metaspace, like Llama's) trained with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                  initial_alphabet=list(alphabet) + ["▁"], show_progress=False,
+                                  min_frequency=1)
+    tok.train_from_iterator(lines, trainer)
+    return json.loads(tok.to_str())
+
+
+def base_tokenizer_json(vocab_size: int, seed: int = 0) -> dict:
+    """A Llama-like base tokenizer with exactly ``vocab_size`` ids: ``<unk> <s> </s>``,
+    then BPE tokens trained on Latin pseudo-words (filler tokens ``<extra_k>`` if the
+    text runs out of merges)."""
+    from tokenizers import Tokenizer, processors
+    lines = pseudo_text(_LATIN, max(2000, vocab_size * 6), seed)
+    doc = _train_bpe(lines, vocab_size, _LATIN, special=("<unk>", "<s>", "</s>"))
+    vocab = doc["model"]["vocab"]
+    k = 0
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{k}>"] = len(vocab)
+        k += 1
+    tok = Tokenizer.from_str(json.dumps(doc))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return json.loads(tok.to_str())
+
+
+def extend_tokenizer_json(base: dict, new_tokens: int, seed: int = 0) -> dict:
+    """The base tokenizer extended the way public CT models are: a BPE trained on text in
+    a second script; its tokens the base lacks (the first ``new_tokens`` of them, in the
+    trainer's order, which keeps every merge's parts) get the ids after the base's, and
+    the merges that make them are appended to the base's merges."""
+    lines = pseudo_text(_SCRIPT, max(2000, new_tokens * 8), seed + 1)
+    trained = _train_bpe(lines, new_tokens + len(_SCRIPT) + 64, _SCRIPT)
+    doc = copy.deepcopy(base)
+    vocab = doc["model"]["vocab"]
+    order = sorted(trained["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = [t for t, _ in order if t not in vocab][:new_tokens]
+    if len(added) < new_tokens:
+        raise ValueError(f"the script text gave only {len(added)} new tokens, not {new_tokens}")
+    keep = set(added)
+    for t in added:
+        vocab[t] = len(vocab)
+    for m in trained["model"]["merges"]:
+        a, b = m.split(" ") if isinstance(m, str) else m
+        if a + b in keep and a in vocab and b in vocab:
+            doc["model"]["merges"].append(m if isinstance(m, str) else [a, b])
+    return doc
+
+
+def _folder_tokenizer(directory: Path, doc: dict, config: dict, chat: bool = False) -> None:
+    (directory / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    specials = {"bos_token": "<s>", "eos_token": CHAT_TOKENS[1] if chat else "</s>",
+                "unk_token": "<unk>"}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": True,
+          "add_eos_token": False, "clean_up_tokenization_spaces": False,
+          "model_max_length": config.get("max_position_embeddings", 2048)}
+    if chat:
+        tc["chat_template"] = CHAT_TEMPLATE
+    _write_json(directory / "tokenizer_config.json", tc)
+    _write_json(directory / "special_tokens_map.json", specials)
+
+
+def _new_rows(name: str, seed: int, rows: int, width: int, dtype, role: str) -> Iterator:
+    """Rows of a resized embedding: N(0, BASE_STD), in chunks of whole rows."""
+    step = max(1, CHUNK // width)
+    for k, r0 in enumerate(range(0, rows, step)):
+        n = min(step, rows - r0)
+        g = torch.Generator().manual_seed(_seed(seed, name, k, role))
+        yield torch.empty(n * width).normal_(generator=g).mul_(BASE_STD).to(dtype)
+
+
+def write_extended_vocab_family(root, config=None, dtype=torch.float16, seed: int = 0,
+                                new_tokens: int = 64, chat_tokens: bool = True,
+                                permuted: bool = False, shard_size=None,
+                                workers: int | None = None) -> dict:
+    """Base, an extended-vocabulary CT model and an SFT model (docs/spec.md §13 tests).
+
+    The weights are ``write_llama_family``'s for the same config, dtype and seed. The
+    base's tokenizer has ``vocab_size`` ids (``base_tokenizer_json``). ``ct``: the base's
+    vocabulary extended by ``new_tokens`` tokens of a second script
+    (``extend_tokenizer_json``), its embedding and lm_head resized with rows
+    N(0, BASE_STD) for them. ``sft`` (``chat_tokens``): two chat special tokens
+    (``CHAT_TOKENS``) added after the base's ids, rows resized likewise, its eos
+    ``<|im_end|>`` and a chat template. ``perm`` (``permuted``; small configs, built in
+    memory): the SFT model with the base's vocabulary permuted (ids shuffled, the
+    embedding and lm_head rows shuffled alike; no chat tokens).
+
+    Returns ``{"base", "ct", "sft", ["perm"]: Path, "config": dict, "ct_tokens": int,
+    "permutation": LongTensor (perm's id of base token i)}``."""
+    dtype = _as_dtype(dtype)
+    cfg = _resolve_config(config)
+    cfg["torch_dtype"] = cfg["dtype"] = _DTYPE_NAME[dtype]
+    V, H = cfg["vocab_size"], cfg["hidden_size"]
+    base_doc = base_tokenizer_json(V, seed)
+    ct_doc = extend_tokenizer_json(base_doc, new_tokens, seed)
+    extra = {"base": 0, "ct": new_tokens, "sft": len(CHAT_TOKENS) if chat_tokens else 0}
+    sft_doc = copy.deepcopy(base_doc)
+    if chat_tokens:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(json.dumps(sft_doc))
+        tok.add_special_tokens(list(CHAT_TOKENS))
+        sft_doc = json.loads(tok.to_str())
+    shard_bytes = None if shard_size is None else parse_size(shard_size)
+    root = Path(root)
+    names = ("base", "ct", "sft")
+    dirs, writers, cfgs = {}, {}, {}
+    vocab_names = {"model.embed_tokens.weight", "lm_head.weight"}
+    for n in names:
+        d = root / n
+        d.mkdir(parents=True, exist_ok=True)
+        c = dict(cfg, vocab_size=V + extra[n])
+        _write_folder_files(d, c)
+        _folder_tokenizer(d, {"base": base_doc, "ct": ct_doc, "sft": sft_doc}[n], c,
+                          chat=(n == "sft" and chat_tokens))
+        dirs[n], cfgs[n] = d, c
+        writers[n] = _FolderWriter(d, llama_tensor_specs(c), dtype, shard_bytes)
+    try:
+        for name, shape, start, parts in family_tensors(cfg, 2, dtype, seed, workers=workers):
+            for n, part in zip(names, parts):
+                writers[n].write(name, part)
+                if name in vocab_names and start + part.numel() == math.prod(shape) \
+                        and extra[n]:
+                    for rows in _new_rows(name, seed, extra[n], H, dtype, f"new-{n}"):
+                        writers[n].write(name, rows)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    out = {**dirs, "config": cfg, "ct_tokens": V + new_tokens}
+    if permuted:
+        out["perm"], out["permutation"] = _write_permuted(root / "perm", dirs["sft"], base_doc,
+                                                          cfg, dtype, seed, V)
+    return out
+
+
+def _write_permuted(directory: Path, sft: Path, base_doc: dict, cfg: dict, dtype, seed: int,
+                    V: int):
+    """The SFT model's weights (its first V rows) with the base vocabulary's ids shuffled."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(_seed(seed, "perm", 0, "permutation"))
+    perm = torch.randperm(V, generator=g)          # base id i -> perm id perm[i]
+    doc = copy.deepcopy(base_doc)
+    vocab = doc["model"]["vocab"]
+    for t, i in list(vocab.items()):
+        vocab[t] = int(perm[i])
+    for a in doc.get("added_tokens") or ():
+        a["id"] = int(perm[a["id"]])
+    doc["post_processor"] = None
+    directory.mkdir(parents=True, exist_ok=True)
+    c = dict(cfg, bos_token_id=int(perm[1]), eos_token_id=int(perm[2]))
+    _write_folder_files(directory, c)
+    _folder_tokenizer(directory, doc, c)
+    sd = {}
+    for f in sorted(sft.glob("model*.safetensors")):
+        sd.update(load_file(f))
+    inv = torch.argsort(perm)                      # perm id j -> base id inv[j]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in sd:
+            sd[name] = sd[name][:V][inv].contiguous()
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory, perm

@@ -31,10 +31,15 @@ def test_mergekit_style_config(tmp_path):
 
 
 @pytest.mark.parametrize("doc, fragment", [
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union"},
-     "'tokenizer_source' is not supported yet"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"source": "base"}},
-     "'tokenizer' is not supported yet"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union",
+      "tokenizer": {"source": "base"}}, "give tokenizer_source or tokenizer, not both"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"source": "base",
+                                                                      "tokens": {}}},
+     "tokenizer.tokens (per-token embedding sources) is a mergekit key fastmerge does not"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer": {"sorce": "base"}},
+     "tokenizer: unknown key(s) 'sorce'"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "config_from": "b"}, "config_from must be 'base' or one of the models"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "tokenzer": 1},
      "unknown key(s) 'tokenzer'"),
     ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1,
