@@ -1,0 +1,31 @@
+"""``python -m fastmerge.lab [--smoke] [--out DIR] [--seeds 0 1 2] [--jobs 3]``: the experiment of
+docs/lab.md (needs the ``lab`` extra: transformers, tokenizers, matplotlib)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .run import Settings, main
+
+
+def cli(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastmerge.lab", description=__doc__)
+    ap.add_argument("--smoke", action="store_true",
+                    help="one seed, one budget, a few training steps (minutes; CI)")
+    ap.add_argument("--out", default="lab-results", help="output folder (results.json, PNGs)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in parallel, one process and one thread each")
+    ap.add_argument("--models", help="also save each seed's base, SFT and CT models here")
+    args = ap.parse_args(argv)
+    s = Settings.smoke_settings() if args.smoke else Settings()
+    if args.seeds:
+        s = dataclasses.replace(s, seeds=tuple(args.seeds))
+    main(s, args.out, log=lambda m: print(m, flush=True), jobs=args.jobs,
+         models_dir=args.models)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
