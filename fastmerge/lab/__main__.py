@@ -18,7 +18,17 @@ def cli(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds run in parallel, one process and one thread each")
     ap.add_argument("--models", help="also save each seed's base, SFT and CT models here")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plots and tables from OUT/results.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+        from pathlib import Path
+        from .run import plot, tables
+        results = json.loads(Path(args.out, "results.json").read_text())
+        plot(results, args.out)
+        Path(args.out, "results.md").write_text(tables(results))
+        return 0
     s = Settings.smoke_settings() if args.smoke else Settings()
     if args.seeds:
         s = dataclasses.replace(s, seeds=tuple(args.seeds))

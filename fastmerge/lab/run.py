@@ -178,6 +178,42 @@ def _stats(xs) -> dict:
     return dict(mean=sum(xs) / len(xs), min=min(xs), max=max(xs), n=len(xs))
 
 
+def tables(results: dict) -> str:
+    """Markdown tables of the summary: per measure, one row per model or merge and one
+    column per CT budget, each cell ``mean (min–max)`` over the seeds."""
+    summ = results["summary"]
+    budgets = [b for b in summ if b not in ("base", "sft")]
+    tokens = [results["seeds"][0]["budgets"][b]["tokens"] for b in budgets]
+    first = summ[budgets[0]]
+    seeds = [r["seed"] for r in results["seeds"]]
+    out = [f"Seeds {seeds}; each cell: mean (min–max) over the seeds. "
+           f"SFT model alone: L2 accuracy {summ['sft']['l2_acc']['mean']:.3f}, "
+           f"L1 accuracy {summ['sft']['l1_acc']['mean']:.3f}; base: L1 accuracy "
+           f"{summ['base']['l1_acc']['mean']:.3f}. Chance: {1 / data.N_COLOURS:.3f}.", ""]
+    for key, title, fmt in (("l2_acc", "L2 task accuracy (held-out questions)", "{:.3f}"),
+                            ("l1_acc", "L1 task accuracy (held-out questions)", "{:.3f}"),
+                            ("l2_cloze", "L2 facts as cloze sentences (no template)", "{:.3f}"),
+                            ("l2_ppl", "L2 perplexity", "{:.1f}"),
+                            ("ties_dropped_frac",
+                             "Fraction of the SFT model's top-s entries that plain TIES drops",
+                             "{:.3f}")):
+        rows = [n for n in first if key in first[n]]
+        if not rows:
+            continue
+        out += [f"**{title}**", "",
+                "| | " + " | ".join(f"{t / 1e3:g}k" for t in tokens) + " |",
+                "|---|" + "---|" * len(budgets)]
+        for n in rows:
+            cells = []
+            for b in budgets:
+                v = summ[b][n][key]
+                cells.append(f"{fmt.format(v['mean'])} ({fmt.format(v['min'])}–"
+                             f"{fmt.format(v['max'])})")
+            out.append(f"| {n.replace('merge:', '')} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 MAIN_PLOT = ("task_arithmetic", "ties", "ties_sv s=0.05", "ties_sv s=0.2", "ties_sv s=0.5",
              "dare_ties", "slerp")
 
@@ -282,6 +318,7 @@ def main(settings: Settings, out_dir: str, log=print, jobs: int = 1, models_dir=
         results["summary"] = summarize(results)
         results["seconds"] = time.time() - t0
         Path(out_dir, "results.json").write_text(json.dumps(results, indent=1))
+        Path(out_dir, "results.md").write_text(tables(results))
 
     if jobs > 1 and len(settings.seeds) > 1:
         with ProcessPoolExecutor(min(jobs, len(settings.seeds))) as ex:
