@@ -2,6 +2,7 @@
 steps, every merge through fastmerge.merge. Keeps `python -m fastmerge.lab` from rotting."""
 import json
 import random
+import subprocess
 import sys
 
 import pytest
@@ -27,6 +28,12 @@ def test_languages_state_the_same_facts():
             p2, a2, c2 = data.question(w, "l2", o, attr)
             assert c1.index(a1) == c2.index(a2)      # the same answer in both languages
     assert set(data.train_objects()).isdisjoint(data.test_objects())
+
+
+def test_plain_import_leaves_the_lab_out():
+    code = ("import sys, fastmerge; bad = [m for m in ('fastmerge.lab', 'transformers', "
+            "'matplotlib') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_method_list_follows_fastmerge():

@@ -25,10 +25,24 @@ from . import train as T
 from .run import Settings
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
-# Favouring the SFT model in the election by its weight instead of a slack: with
-# normalize (the disjoint mean), w_i scales model i's votes and its share of the mean
-# where both models are selected, not an entry only one model contributes.
-ALTERNATIVES = [(f"ties w_sft={k:g}", "ties", dict(weights=[1.0, k])) for k in (2, 4, 8)]
+# Alternatives measured on the saved models (every merge through fastmerge.merge):
+# - favouring the SFT model in the election by its weight instead of a slack: with
+#   normalize (the disjoint mean), w_i scales model i's votes and its share of the mean
+#   where both models are selected, not an entry only one model contributes;
+# - ties_sv with no slack on the embeddings: the SFT model leaves the embedding rows of
+#   tokens it never saw exactly unchanged (τ = 0); once s exceeds the tensor's nonzero
+#   fraction, u = 0 protects those zeros, their zero vote elects +, and every negative
+#   CT update there (the L2 rows) is dropped. Leaving the embeddings out of the slack
+#   (a filter) approximates "protect nonzero entries only".
+
+
+def _no_embed(v: float) -> list:
+    return [0.0, [{"filter": "embed_tokens", "value": 0.0}, {"value": v}]]
+
+
+ALTERNATIVES = ([(f"ties w_sft={k:g}", "ties", dict(weights=[1.0, k])) for k in (2, 4)]
+                + [(f"ties_sv s={v:g} no-embed", "ties_sv", dict(slack=_no_embed(v)))
+                   for v in (0.2, 0.3, 0.5)])
 
 
 def main(models_dir: str, out_dir: str, s: Settings = Settings()) -> dict:
@@ -55,6 +69,14 @@ def main(models_dir: str, out_dir: str, s: Settings = Settings()) -> dict:
                                                   density=d, progress=False).state_dict)
             row["ct_l2_cloze"][d] = T.task_accuracy(model, tok, c2)
             row["ct_l2_ppl"][d] = T.perplexity(model, ppl)
+        emb = "model.embed_tokens.weight"
+        tau = ck["sft"][emb].float() - ck["base"][emb].float()
+        row["sft_embed_nonzero"] = float((tau != 0).float().mean())
+        row["sft_embed_u"] = {}
+        for v in (0.2, 0.3, 0.5):
+            rep = fastmerge.merge(ck["base"], [ct, ck["sft"]], method="ties_sv",
+                                  density=s.density, slack=[0.0, v], progress=False).report
+            row["sft_embed_u"][v] = next(t["u"][1] for t in rep["tensors"] if t["name"] == emb)
         q2 = data.questions(world, "l2", data.test_objects())
         row["alternatives"] = {}
         for label, method, knobs in ALTERNATIVES:
@@ -64,7 +86,8 @@ def main(models_dir: str, out_dir: str, s: Settings = Settings()) -> dict:
                                                       method=method, density=s.density,
                                                       progress=False, **knobs).state_dict)
                 accs[b] = dict(l2_acc=T.task_accuracy(model, tok, q2),
-                               l1_acc=T.task_accuracy(model, tok, q1))
+                               l1_acc=T.task_accuracy(model, tok, q1),
+                               l2_ppl=T.perplexity(model, ppl))
             row["alternatives"][label] = accs
         print(row, flush=True)
         out["seeds"].append(row)
