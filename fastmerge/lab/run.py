@@ -211,11 +211,34 @@ def tables(results: dict) -> str:
                              f"{fmt.format(v['max'])})")
             out.append(f"| {n.replace('merge:', '')} | " + " | ".join(cells) + " |")
         out.append("")
+    merges = list(results["seeds"][0]["budgets"][budgets[0]]["merges"])
+    if "ties" in merges:
+        out += ["**L2 task accuracy minus that of `ties`, paired by seed**: mean (min–max), "
+                "and the number of seeds where it is above / below 0", "",
+                "| | " + " | ".join(f"{t / 1e3:g}k" for t in tokens) + " |",
+                "|---|" + "---|" * len(budgets)]
+        for k in merges:
+            if k == "ties" or not k.startswith(("ties", "task")):
+                continue
+            cells = []
+            for b in budgets:
+                d = [r["budgets"][b]["merges"][k]["l2_acc"]
+                     - r["budgets"][b]["merges"]["ties"]["l2_acc"] for r in results["seeds"]]
+                cells.append(f"{sum(d) / len(d):+.3f} ({min(d):+.3f}–{max(d):+.3f}) "
+                             f"{sum(x > 1e-9 for x in d)}/{sum(x < -1e-9 for x in d)}")
+            out.append(f"| {k} | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 
-MAIN_PLOT = ("task_arithmetic", "ties", "ties_sv s=0.05", "ties_sv s=0.2", "ties_sv s=0.5",
-             "dare_ties", "slerp")
+MAIN_PLOT = ("task_arithmetic", "ties", "ties_sv s=0.05", "ties_sv s=0.2", "dare_ties",
+             "slerp")
+# Above this slack the SFT model's embedding has fewer nonzero τ entries (≈ 21 %: the rows
+# of tokens the SFT data never contain are unchanged) than s·|P|, so u = 0 and the exact
+# zeros count as protected (and, never selected, as dropped): the fraction stops meaning
+# "important entries lost" (docs/lab.md).
+DROP_PLOT_MAX_SLACK = 0.2
+GAIN_PLOT = ("ties_sv s=0.05", "ties_sv s=0.1", "ties_sv s=0.2", "task_arithmetic")
 
 
 def plot(results: dict, out_dir) -> list:
@@ -256,7 +279,9 @@ def plot(results: dict, out_dir) -> list:
         if key == "l2_ppl":
             ax.set_yscale("log")
         else:
-            ax.axhline(summ["sft"][key]["mean"], color="gray", lw=0.8, ls=":", label="sft")
+            if key == "l1_acc":
+                ax.axhline(summ["sft"][key]["mean"], color="gray", lw=0.8, ls=":",
+                           label="sft")
             ax.axhline(1 / data.N_COLOURS, color="black", lw=0.6, ls=":", label="chance")
         ax.set_xscale("log")
         ax.set_xlabel("CT tokens (L2)")
@@ -265,9 +290,30 @@ def plot(results: dict, out_dir) -> list:
         ax.legend(fontsize=7, ncol=2)
         save(fig, fname)
 
+    if "ties" in merges:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for j, k in enumerate(x for x in GAIN_PLOT if x in merges):
+            per_seed = [[r["budgets"][b]["merges"][k]["l2_acc"]
+                         - r["budgets"][b]["merges"]["ties"]["l2_acc"] for b in budgets]
+                        for r in results["seeds"]]
+            mean = [sum(c) / len(c) for c in zip(*per_seed)]
+            line, = ax.plot(tokens, mean, marker="o", ms=3, label=k)
+            for row in per_seed:   # each seed, nudged sideways to stay visible
+                ax.scatter([t * 1.04 ** (j - 1.5) for t in tokens], row, s=8,
+                           color=line.get_color(), alpha=0.5)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("CT tokens (L2)")
+        ax.set_ylabel("L2 task accuracy minus ties's (same seed)")
+        ax.set_title(f"Gain over plain TIES, per seed (dots) and mean of {n} seeds",
+                     fontsize=10)
+        ax.legend(fontsize=8)
+        save(fig, "l2_gain_over_ties.png")
+
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for k in merges:
-        if k.startswith("ties_sv") and "(" not in k:
+        if (k.startswith("ties_sv") and "(" not in k
+                and float(k.split("=")[1]) <= DROP_PLOT_MAX_SLACK):
             st = [summ[b][f"merge:{k}"].get("ties_dropped_frac") for b in budgets]
             if all(st):
                 band(ax, tokens, st, f"top {k.split('=')[1]} of |τ_SFT|")
