@@ -56,3 +56,9 @@ def test_smoke_run(tmp_path, monkeypatch):
     assert sv["important_dropped"] <= sv["ties_important_dropped"]
     for png in r["plots"]:
         assert (tmp_path / png).stat().st_size > 1000
+    assert "| ties |" in (tmp_path / "results.md").read_text()
+    w = json.loads((tmp_path / "why.json").read_text())
+    (row,) = w["seeds"]
+    assert 0 < row["sft_embed_nonzero"] < 1
+    assert set(row["alternatives"]) == set(w["alternatives"])
+    assert (tmp_path / "why.md").read_text().startswith("Seeds [0]")

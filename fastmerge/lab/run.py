@@ -32,7 +32,7 @@ from . import train as T
 
 @dataclass
 class Settings:
-    seeds: tuple = (0, 1, 2)
+    seeds: tuple = (0, 1, 2, 3, 4)
     budgets: tuple = (50, 100, 200, 400, 800, 1600)   # CT steps (tokens = steps·batch·seq_len)
     pretrain_steps: int = 600
     sft_steps: int = 150

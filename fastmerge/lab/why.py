@@ -50,6 +50,9 @@ def main(models_dir: str, out_dir: str, s: Settings = Settings(), jobs: int = 1)
     seeds at a time)."""
     from concurrent.futures import ProcessPoolExecutor
     files = sorted(Path(models_dir).glob("seed*.pt"), key=lambda f: int(f.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"{models_dir}: no seed*.pt (run python -m fastmerge.lab "
+                                f"--models {models_dir} first)")
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as ex:
             rows = list(ex.map(_seed, files, [s] * len(files)))
@@ -57,10 +60,12 @@ def main(models_dir: str, out_dir: str, s: Settings = Settings(), jobs: int = 1)
         rows = [_seed(f, s) for f in files]
     out = {"fractions": list(FRACTIONS), "alternatives": [a[0] for a in ALTERNATIVES],
            "seeds": rows}
-    Path(out_dir, "why.json").write_text(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1)
+    Path(out_dir, "why.json").write_text(text)
     results = Path(out_dir, "results.json")
-    if results.exists():
-        Path(out_dir, "why.md").write_text(tables(out, json.loads(results.read_text())))
+    if results.exists():   # tables read the JSON form (string keys)
+        Path(out_dir, "why.md").write_text(tables(json.loads(text),
+                                                  json.loads(results.read_text())))
     return out
 
 
