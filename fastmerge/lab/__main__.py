@@ -1,5 +1,6 @@
-"""``python -m fastmerge.lab [--smoke] [--out DIR] [--seeds 0 1 2 3 4] [--jobs 3]``: the
-experiment of docs/lab.md, then its analysis (fastmerge.lab.why) (needs the ``lab`` extra: transformers, tokenizers, matplotlib)."""
+"""``python -m fastmerge.lab [--smoke] [--out DIR] [--seeds 0 1 2 3 4] [--jobs 3]``:
+the experiment of docs/lab.md, then its analysis (fastmerge.lab.why). Needs the ``lab``
+extra (transformers, tokenizers, matplotlib)."""
 from __future__ import annotations
 
 import argparse

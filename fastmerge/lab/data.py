@@ -1,25 +1,26 @@
 """Two synthetic languages over one small world, and a question-answering task.
 
-The world: ``N_OBJECTS`` objects, each with a fixed colour and a fixed place. L1 and L2
-state the same facts (and the same filler sentences) with different words, scripts and
-grammar:
+The world: ``N_OBJECTS`` objects, each with a fixed colour and a fixed place; people
+(their names shared by both languages) do things with them. L1 and L2 state the same
+facts with different words, letters and morphology (docs/lab.md shows examples):
 
-- L1: Latin script, English-like order: ``the mopa is gelu .``,
-  ``tira sees the gelu mopa .``.
-- L2: Greek script, its own lexicon, no articles, adjective after the noun, verb last
-  (SOV) and a locative suffix glued to the place word: ``μοπα γελυ εστι .``,
-  ``τιρα μοπα γελυ βλεπει .``.
+- L1: Latin script, English-like: ``the duge is muze .``, ``the duge is in the rulu .``,
+  ``the colour of the duge is muze .``;
+- L2: Greek script, its own lexicon, no articles, a locative suffix ``-ρα`` and a
+  genitive suffix ``-ου`` glued to the word: ``βωψε εστι δηγε .``,
+  ``βωψε εστι φιπυρα .``, ``χρωμ βωψεου εστι δηγε .``.
 
-The lexicon and the world are fixed (``WORLD_SEED``); the run's seed only draws the
-sentences. The task is closed-book question answering about the world, posed with a
-shared chat template (``<q>`` ... ``<a>``, as an instruction model's template is shared
-across languages) and the content in one language::
+The same random draws give the same sentence in both languages (a translation). The
+lexicon and the world are fixed (``WORLD_SEED``); the run's seed only draws sentences.
 
-    L1: <q> colour of the mopa ? <a> gelu
-    L2: <q> μοπα χρωμ ποιο ? <a> γελυ
-
+The task is closed-book question answering about the world. With ``TEMPLATE =
+"shared"`` (the lab's) the question uses a chat template shared by both languages, as an
+instruction model's template is, with the content in one language:
+``<q> duge <colour> <a>`` → ``muze``, ``<q> βωψε <colour> <a>`` → ``δηγε``. With
+``"own"`` each language asks in its own words (``<q> the colour of the duge ? <a>``,
+``<q> χρωμ βωψεου ? <a>``); in a pilot no merge then rose clearly above chance in L2.
 A question is answered by ranking the language's colour (or place) words by the model's
-log-likelihood (chance = 1 / 8). The SFT data are the L1 questions about the first
+likelihood (chance = 1 / 8). The SFT data are the L1 questions about the first
 ``N_TRAIN_OBJECTS`` objects; accuracy is measured on the others (held out).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ N_COLOURS = 8
 N_PLACES = 8
 N_AGENTS = 12
 N_VERBS = 4
-TEMPLATE = "shared"
+TEMPLATE = "shared"   # or "own" (see above)
 
 _LATIN_C = "bdfgklmnprstvz"
 _LATIN_V = "aeiou"
@@ -60,7 +61,7 @@ class Lexicon:
     places: list
     agents: list
     verbs: list
-    func: dict      # function words: the, is, in, of, colour, place, which...
+    func: dict      # function words and affixes: is_, colour, place, gen, loc
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,10 @@ def make_world() -> World:
     lex = []
     agents = _words(rng, N_AGENTS, _LATIN_C, _LATIN_V, set())   # names: shared
     for cons, vow, func in (
-            (_LATIN_C, _LATIN_V, dict(the="the", is_="is", in_="in", of="of", colour="colour",
-                                      place="place", gen=None, loc=None)),
-            (_GREEK_C, _GREEK_V, dict(the=None, is_="εστι", in_=None, of=None,
-                                      colour="χρωμ", place="τοπ", gen="ου", loc="ρα"))):
+            (_LATIN_C, _LATIN_V, dict(is_="is", colour="colour", place="place", gen=None,
+                                      loc=None)),
+            (_GREEK_C, _GREEK_V, dict(is_="εστι", colour="χρωμ", place="τοπ", gen="ου",
+                                      loc="ρα"))):
         taken = set(agents)
         lex.append(Lexicon(objects=_words(rng, N_OBJECTS, cons, vow, taken),
                            colours=_words(rng, N_COLOURS, cons, vow, taken),
@@ -111,16 +112,7 @@ def sentence(world: World, lang: str, rng: random.Random) -> str:
 
 
 def document(world: World, lang: str, rng: random.Random, n_sentences: int = 8) -> str:
-    """``n_sentences`` random sentences in ``lang``; ``"par"``: translation pairs (each L1
-    sentence followed by the same sentence in L2)."""
-    if lang == "par":
-        out = []
-        for _ in range(n_sentences // 2):
-            state = rng.getstate()
-            out.append(sentence(world, "l1", rng))
-            rng.setstate(state)
-            out.append(sentence(world, "l2", rng))
-        return " ".join(out)
+    """``n_sentences`` random sentences in ``lang``."""
     return " ".join(sentence(world, lang, rng) for _ in range(n_sentences))
 
 
@@ -145,17 +137,20 @@ def cloze(world: World, lang: str, obj: int, attr: str) -> tuple[str, str, list]
     x = world.l1 if lang == "l1" else world.l2
     _, answer, names = question(world, lang, obj, attr)
     if lang == "l1":
-        prompt = f"the {x.func[attr]} of the {x.objects[obj]} is" + (" the" if attr == "place" else "")
+        prompt = (f"the {x.func[attr]} of the {x.objects[obj]} is"
+                  + (" the" if attr == "place" else ""))
     else:
         prompt = f"{x.func[attr]} {x.objects[obj]}{x.func['gen']} {x.func['is_']}"
     return prompt, answer, names
 
 
 def clozes(world: World, lang: str, objects) -> list:
+    """The cloze sentences of both attributes of each object."""
     return [cloze(world, lang, o, attr) for o in objects for attr in ("colour", "place")]
 
 
 def questions(world: World, lang: str, objects) -> list:
+    """The questions about both attributes of each object."""
     return [question(world, lang, o, attr) for o in objects for attr in ("colour", "place")]
 
 

@@ -3,7 +3,7 @@ merge of a CT model with the SFT model through ``fastmerge.merge``; results JSON
 
 Per seed (the seed draws the initialisation, the sentences and the SFT batches):
 
-1. base: pre-trained on L1 documents (``L2_IN_BASE`` of them in L2);
+1. base: pre-trained on L1 documents (a fraction ``l2_in_base`` of them in L2);
 2. SFT: base + ``sft_steps`` of task fine-tuning on L1 questions (train objects);
 3. CT: base + continual pre-training on L2 documents at a constant learning rate,
    saved after each budget (the budgets are nested prefixes of one run: a model saved
@@ -11,8 +11,9 @@ Per seed (the seed draws the initialisation, the sentences and the SFT batches):
 4. CT-then-SFT: each CT model + the same task fine-tuning;
 5. merges of (CT, SFT) onto the base, for each method of ``merge_configs``.
 
-Measures: held-out task accuracy in L2 and L1, L2 perplexity, and from the merge report
-the fraction of the SFT model's top-``s`` entries that plain TIES's election drops.
+Measures: held-out task accuracy in L2 and L1, L2 perplexity, the L2 and L1 facts as
+cloze sentences, and from the merge report the fraction of the SFT model's top-``s``
+entries that plain TIES's election drops.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from . import train as T
 
 @dataclass
 class Settings:
+    """Everything the run depends on (recorded in results.json). Steps are optimizer
+    steps of ``batch_size`` sequences of ``seq_len`` tokens."""
     seeds: tuple = (0, 1, 2, 3, 4)
     budgets: tuple = (50, 100, 200, 400, 800, 1600)   # CT steps (tokens = steps·batch·seq_len)
     pretrain_steps: int = 600
