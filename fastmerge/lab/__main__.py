@@ -29,8 +29,10 @@ def cli(argv=None) -> int:
         import json
         from pathlib import Path
         from .run import plot, tables
-        results = json.loads(Path(args.out, "results.json").read_text())
-        plot(results, args.out)
+        path = Path(args.out, "results.json")
+        results = json.loads(path.read_text())
+        results["plots"] = [Path(p).name for p in plot(results, args.out)]
+        path.write_text(json.dumps(results, indent=1))
         Path(args.out, "results.md").write_text(tables(results))
         return 0
     s = Settings.smoke_settings() if args.smoke else Settings()
