@@ -139,8 +139,10 @@ def run_seed(seed: int, s: Settings, world, tok, log=print, models_dir=None) -> 
         row = dict(steps=b, tokens=b * s.batch_size * s.seq_len, ct=measure(cts[b]),
                    ct_then_sft=measure(sft_of(cts[b])), merges={})
         for label, method, knobs in merge_configs(s):
-            res = fastmerge.merge(base, [cts[b], sft], method=method, progress=False,
-                                  **knobs)
+            # SLERP interpolates two models, as in mergekit's recipes: from the CT model
+            # (t = 0) to the SFT model (t = 1); every other method merges both into the base
+            ends = (cts[b], [sft]) if method == "slerp" else (base, [cts[b], sft])
+            res = fastmerge.merge(*ends, method=method, progress=False, **knobs)
             m = measure(res.state_dict)
             if res.report.get("totals") and "protected" in res.report["totals"][1]:
                 m.update(_sft_fraction(res.report))
