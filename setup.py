@@ -147,7 +147,7 @@ def _warn(message: str) -> None:
 
 setup(
     packages=["fastmerge", "fastmerge.backends", "fastmerge.io", "fastmerge.kernels",
-              "fastmerge.lab"],
+              "fastmerge.lab"],   # fastmerge.lab: imported only by `python -m fastmerge.lab`
     package_dir={"fastmerge.kernels": "kernels"},
     # kernels/c holds C sources for the extension, not package data to install
     include_package_data=False,
