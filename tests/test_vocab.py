@@ -478,3 +478,18 @@ def test_nonfinite_new_rows_stop_the_merge(fam, tmp_path):
         fastmerge.merge(fam["base"], [d], **kw)
     got, _ = fastmerge.merge(fam["base"], [d], allow_nonfinite=True, **kw)
     assert torch.equal(got[VOCAB[1]][V:].view(torch.int16), sd[VOCAB[1]][V:].view(torch.int16))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("source", ["base", 0])
+def test_triton_base_and_model_sources_match_the_c_backend(fam, source):
+    """The Triton backend merges the aligned rows as the C backend does, bit for bit (a
+    method without thresholds: the interpreter is slow)."""
+    backend_ok("triton")
+    backend_ok("c")
+    kw = dict(method="task_arithmetic", weights=[0.6, 0.5], tokenizer_source=source,
+              device="cpu", progress=False)
+    a, ra = fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], backend="triton", **kw)
+    b, rb = fastmerge.merge(fam["base"], [fam["ct"], fam["sft"]], backend="c", **kw)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert ra["vocabulary"] == rb["vocabulary"]
