@@ -189,13 +189,17 @@ class _Gatherer:
 
     def read(self, mask: int, first: int, stop: int):
         """(base [count] or None, models [k, count] or None) for output rows first..stop."""
+        return self.read_rows(mask, np.arange(first, stop))
+
+    def read_rows(self, mask: int, rows: np.ndarray):
+        """(device, host) pairs (base, models) of the output rows ``rows``."""
         r, name, w = self.rows, self.task.name, self.rows.width
-        count = (stop - first) * w
+        count = len(rows) * w
         base = None
         if r.with_base(mask):
             ck = self.inputs[0]
             base = self.pool.take(count, kernel_dtype(ck.info(name).dtype))
-            _gather(ck, name, r.src[0][first:stop], w, base)
+            _gather(ck, name, r.src[0][rows], w, base)
         off = 1 if r.has_base else 0
         members = r.members(mask)
         models = None
@@ -204,7 +208,7 @@ class _Gatherer:
             mdtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
             models = self.pool.take((len(members), count), mdtype)
             for k, i in enumerate(members):
-                _gather(self.inputs[i + off], name, r.src[i + off][first:stop], w, models[k])
+                _gather(self.inputs[i + off], name, r.src[i + off][rows], w, models[k])
         dev = self.engine.device
         if dev.type != "cpu":
             return (None if base is None else base.to(dev), None if models is None
@@ -264,6 +268,7 @@ def merge_rows(engine, task) -> None:
     masks = list(dict.fromkeys(m for _, _, m in r.runs))
     linear = methods.get("linear")
     cfgs, thr = {}, {}
+    held = None     # (mask, {run start: group offset}, device pair, host pair)
     for mask in masks:
         members = r.members(mask)
         weights = [tk.weights[i] for i in members]
@@ -275,8 +280,19 @@ def merge_rows(engine, task) -> None:
                     t, u = [gt[i] for i in members], [gu[i] for i in members]
                 else:
                     pop = r.group_rows(mask) * w
+                    whole = None
+                    if mask == r.full and hasattr(engine.backend, "bracket") and \
+                            pop * r.n_inputs * 4 <= engine.resident_bytes:
+                        # the shared rows fit the budget: gathered once, bracketed (one
+                        # counting pass, as a tensor held in memory), merged from memory
+                        spans = [(a, b) for a, b, m in r.runs if m == mask]
+                        at = np.cumsum([0] + [b - a for a, b in spans]).tolist()
+                        dev, host = g.read_rows(mask, np.concatenate(
+                            [np.arange(a, b) for a, b in spans]))
+                        held = (mask, {a: at[k] for k, (a, _) in enumerate(spans)}, dev, host)
+                        whole = dev
                     t, u = select.thresholds(engine.backend, _targets(p, tk, members, pop),
-                                             lambda mask=mask: g.pairs(mask))
+                                             lambda mask=mask: g.pairs(mask), whole)
                 thr[mask] = (list(t), list(u))
             drop = {}
             if p.spec.drop:
@@ -297,7 +313,15 @@ def merge_rows(engine, task) -> None:
         members = r.members(mask)
         for first in range(a, b, g.max_rows):
             stop = min(b, first + g.max_rows)
-            (base, models), host = g.read(mask, first, stop)
+            if held is not None and held[0] == mask:    # slices of the gathered group
+                at = (held[1][a] + first - a) * w
+                end = at + (stop - first) * w
+                hb, hm = held[2]
+                base = None if hb is None else hb[at:end]
+                models = [row[at:end] for row in hm]
+                host = ()
+            else:
+                (base, models), host = g.read(mask, first, stop)
             n = (stop - first) * w
             if engine.device.type == "cpu":
                 out = engine.reader.pool.take(n, task.out_dtype)
@@ -323,6 +347,8 @@ def merge_rows(engine, task) -> None:
                 for row in data.view(-1, w):
                     acc.add_(row.double())
             engine.sink.write(task, first * w, data, release=engine.reader.pool.give)
+    if held is not None:
+        g.release(held[3])
     if padding:
         from .reference import round_once
         mean = round_once(acc / r.size if r.size else acc, task.out_dtype)
