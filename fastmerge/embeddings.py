@@ -20,7 +20,9 @@ ordinary merge pass with the models of the group:
   with ``allow_nonfinite`` (NaN bits kept); the base alone: its row, copied;
 * padding rows (``pad_to_multiple_of``): the mean of the output's token rows, summed in
   fp64 row by row in output order and rounded once.
-Chunks hold at most ``chunk_elems`` entries per input, so memory stays bounded.
+Chunks hold at most ``chunk_elems`` entries per input, so memory stays bounded. The rows
+every input has, when they fit the resident budget, are gathered once and bracketed (one
+counting pass, as a tensor held in memory); otherwise radix select streams them.
 """
 from __future__ import annotations
 
