@@ -146,15 +146,16 @@ def _warn(message: str) -> None:
 
 
 setup(
-    packages=["fastmerge", "fastmerge.backends", "fastmerge.io", "fastmerge.kernels"],
+    packages=["fastmerge", "fastmerge.backends", "fastmerge.io", "fastmerge.kernels",
+              "fastmerge.lab"],
     package_dir={"fastmerge.kernels": "kernels"},
     # kernels/c holds C sources for the extension, not package data to install
     include_package_data=False,
     ext_modules=[
         Extension(
             "fastmerge._cmerge",
-            sources=["kernels/c/module.c", "kernels/c/kernels.c"],
-            depends=["kernels/c/kernels.h", "kernels/c/convert.h"],
+            sources=["kernels/c/module.c", "kernels/c/kernels.c", "kernels/c/gram.c"],
+            depends=["kernels/c/kernels.h", "kernels/c/convert.h", "kernels/c/gram.h"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -8,9 +8,10 @@ measures, each as a separate process under ``/usr/bin/time -v`` (wall time and p
   * the I/O floor: reading every input file once from page cache + writing (and fsyncing)
     an output of the merged size, two ways: plain ``write`` calls, and with the writeback
     fastmerge itself uses (fastmerge.io.writeback: pages written back early and dropped);
-  * ``fastmerge merge`` with TIES and TIES-SV for each requested backend (``--repeats``
-    runs each, median reported);
-  * ``mergekit-yaml`` with the same TIES config (if --mergekit is given; one run).
+  * ``fastmerge merge`` with each method of ``--methods`` (default TIES and TIES-SV) for
+    each requested backend (``--repeats`` runs each, median reported);
+  * ``mergekit-yaml`` with the same config, for the methods of ``--mergekit-methods``
+    (default TIES; if --mergekit is given; one run each).
 Inputs are read once beforehand so every contender starts from a warm page cache, and
 dirty pages are synced between runs so one contender's writeback does not slow the next.
 """
@@ -89,11 +90,24 @@ def median(xs):
 
 
 def config_yaml(method, base, models, slack) -> str:
+    """The YAML both tools run: TIES family at DENSITY (TIES-SV with ``slack``), DARE at
+    DENSITY, breadcrumbs at DENSITY (gamma 0.01), SLERP t 0.5 from the base to the CT
+    model, NuSLERP of CT and SFT's task vectors (weights 1/1), model stock of both."""
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-    for m in models:
-        params = f"{{weight: 1.0, density: {DENSITY}" + (f", slack: {slack}}}" if slack else "}")
-        lines.append(f"  - model: {m}\n    parameters: {params}")
-    lines += ["parameters: {normalize: true}", "dtype: float16"]
+    if method == "slerp":
+        lines += [f"  - model: {base}", f"  - model: {models[0]}", "parameters: {t: 0.5}"]
+    elif method == "model_stock":
+        lines += [f"  - model: {m}" for m in models]
+    elif method == "nuslerp":
+        lines += [f"  - model: {m}\n    parameters: {{weight: 1.0}}" for m in models]
+    else:
+        for m in models:
+            params = f"{{weight: 1.0, density: {DENSITY}" + (f", slack: {slack}}}" if slack
+                                                              else "}")
+            lines.append(f"  - model: {m}\n    parameters: {params}")
+        norm = "true" if method in ("ties", "ties_sv") else "false"
+        lines.append(f"parameters: {{normalize: {norm}}}")
+    lines.append("dtype: float16")
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +121,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--keep", action="store_true", help="keep inputs for a later run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per fastmerge contender")
+    ap.add_argument("--methods", default="ties,ties_sv", help="fastmerge methods to run")
+    ap.add_argument("--mergekit-methods", default="ties",
+                    help="methods mergekit also runs (with --mergekit)")
     args = ap.parse_args()
 
     import torch
@@ -153,7 +170,9 @@ def main() -> int:
         return row
 
     results = []
-    for method, slack in (("ties", 0.0), ("ties_sv", SLACK)):
+    mk_methods = set(args.mergekit_methods.split(","))
+    for method in args.methods.split(","):
+        slack = SLACK if method == "ties_sv" else 0.0
         cfg = work / f"{method}.yml"
         cfg.write_text(config_yaml(method, base, models, slack))
         for backend in args.backends.split(","):
@@ -169,20 +188,20 @@ def main() -> int:
                        runs_wall_s=[r["wall_s"] for r in runs],
                        runs_peak_rss_mib=[r["peak_rss_mib"] for r in runs])
             results.append(row)
-        if args.mergekit and method == "ties":
+        if args.mergekit and method in mk_methods:
             out = work / "out-mergekit"
             shutil.rmtree(out, ignore_errors=True)
             results.append(run([args.mergekit, str(cfg), str(out)], tool="mergekit",
-                               method="ties", backend="mergekit"))
+                               method=method, backend="mergekit"))
             shutil.rmtree(out, ignore_errors=True)
 
-    mk = next((r for r in results if r["tool"] == "mergekit" and not r["rc"]), None)
+    mk = {r["method"]: r for r in results if r["tool"] == "mergekit" and not r["rc"]}
     for r in results:
         if r["tool"] == "fastmerge" and not r["rc"]:
             r["x_io_floor"] = round(r["wall_s"] / rows["io_floor_s"], 2)
             r["x_io_floor_writeback"] = round(r["wall_s"] / rows["io_floor_writeback_s"], 2)
-            if mk and r["method"] == "ties":
-                r["speedup_vs_mergekit"] = round(mk["wall_s"] / r["wall_s"], 1)
+            if r["method"] in mk:
+                r["speedup_vs_mergekit"] = round(mk[r["method"]]["wall_s"] / r["wall_s"], 1)
     doc = {
         "benchmark": "e2e_cpu", "preset": args.preset, "dtype": "float16", "n_models": 2,
         "density": DENSITY, "slack": SLACK, "input_bytes": in_bytes, "output_bytes": out_bytes,

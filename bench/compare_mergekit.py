@@ -196,17 +196,18 @@ class Case:
     use_base: bool = True
     top: dict = field(default_factory=dict)   # extra top-level keys (out_dtype, dtype)
     dtypes: tuple | None = None               # only for these storage dtypes
+    base_entry: bool = False                  # list base_model among the models (slerp)
 
     def yaml_doc(self, base: str | None, models: list[str], dtype: str) -> dict:
         doc = {"merge_method": self.method}
         if self.use_base:
             doc["base_model"] = base
-        entries = []
+        entries = [{"model": base}] if self.base_entry else []
         for path, (w, d) in zip(models, self.models):
-            p = {"weight": w}
+            p = {} if w is None else {"weight": w}
             if d is not None:
                 p["density"] = d
-            entries.append({"model": path, "parameters": p})
+            entries.append({"model": path, "parameters": p} if p else {"model": path})
         doc["models"] = entries
         doc["parameters"] = dict(self.params)
         doc["dtype"] = dtype
@@ -260,6 +261,43 @@ CASES = [
          "breadcrumbs_ties", [(1.0, 0.5), (0.5, 0.5)], {"gamma": 0.01, "normalize": False},
          {"method": "breadcrumbs_ties", "weights": [1.0, 0.5], "density": [0.5, 0.5],
           "gamma": 0.01, "normalize": False}),
+    Case("slerp", "t 0.3 from the base to the CT model (base listed among the models, as "
+         "mergekit recipes do)", "slerp", [(None, None)], {"t": 0.3},
+         {"method": "slerp", "t": 0.3}, base_entry=True),
+    Case("slerp_t_filters", "t by filter and gradient: self_attn 0 → 0.5 → 1 over the "
+         "layers, else 0.7", "slerp", [(None, None)],
+         {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.7}]},
+         {"method": "slerp", "t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]},
+                                   {"value": 0.7}]}, base_entry=True),
+    Case("nuslerp", "weights 1/2, no base_model, whole tensors (nuslerp_flatten default)",
+         "nuslerp", [(1.0, None), (2.0, None)], {},
+         {"method": "nuslerp", "weights": [1.0, 2.0]}, use_base=False),
+    Case("nuslerp_base", "weights 1/2, base_model: SLERP of the task vectors", "nuslerp",
+         [(1.0, None), (2.0, None)], {}, {"method": "nuslerp", "weights": [1.0, 2.0]}),
+    Case("nuslerp_rows", "weights 1/2, base_model, nuslerp_flatten: false (each row)",
+         "nuslerp", [(1.0, None), (2.0, None)], {"nuslerp_flatten": False},
+         {"method": "nuslerp", "weights": [1.0, 2.0], "vectors": "rows"}),
+    Case("nuslerp_columns", "weights 1/2, base_model, nuslerp_flatten: false, "
+         "nuslerp_row_wise: true (each column)", "nuslerp", [(1.0, None), (2.0, None)],
+         {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+         {"method": "nuslerp", "weights": [1.0, 2.0], "vectors": "columns"}),
+    Case("model_stock", "base + 2 models, whole tensors", "model_stock",
+         [(None, None), (None, None)], {}, {"method": "model_stock"}),
+    Case("model_stock_rows", "base + 2 models, filter_wise: true (each row)", "model_stock",
+         [(None, None), (None, None)], {"filter_wise": True},
+         {"method": "model_stock", "vectors": "rows"}),
+    Case("slerp_fp32_out_dtype", "as slerp with dtype: float32 (mergekit computes in fp32) "
+         "and out_dtype: the storage dtype", "slerp", [(None, None)], {"t": 0.3},
+         {"method": "slerp", "t": 0.3}, base_entry=True,
+         top={"dtype": "float32", "out_dtype": "$dtype"}, dtypes=("float16", "bfloat16")),
+    Case("nuslerp_base_fp32_out_dtype", "as nuslerp_base with dtype: float32 and out_dtype: "
+         "the storage dtype", "nuslerp", [(1.0, None), (2.0, None)], {},
+         {"method": "nuslerp", "weights": [1.0, 2.0]},
+         top={"dtype": "float32", "out_dtype": "$dtype"}, dtypes=("float16", "bfloat16")),
+    Case("model_stock_fp32_out_dtype", "as model_stock with dtype: float32 and out_dtype: "
+         "the storage dtype", "model_stock", [(None, None), (None, None)], {},
+         {"method": "model_stock"}, top={"dtype": "float32", "out_dtype": "$dtype"},
+         dtypes=("float16", "bfloat16")),
 ]
 
 
@@ -379,7 +417,8 @@ def run_definition(case: Case, base: str, models: list[str], dtype: str, out: Pa
     kwargs.setdefault("dtype", dtype)
     t0 = time.perf_counter()
     try:
-        fastmerge.merge(base if case.use_base else None, models, **kwargs, output=out,
+        fastmerge.merge(base if case.use_base else None, models[:len(case.models)], **kwargs,
+                        output=out,
                         backend="torch", device="cpu", progress=False, overwrite=True)
         row = {"rc": 0}
     except Exception as exc:  # recorded, not fatal

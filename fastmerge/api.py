@@ -91,7 +91,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           progress: bool = True, shard_size="5GB", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, config_from=None,
           config=None, resume: bool = False, seed: int = 0,
-          rescale: bool | None = None, gamma=None, tokenizer_source=None,
+          rescale: bool | None = None, gamma=None, epsilon=None, t=None,
+          vectors: str | None = None, layer_range=None, tokenizer_source=None,
           pad_to_multiple_of: int | None = None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
@@ -110,18 +111,33 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
 
     Method and knobs
         method: "linear", "task_arithmetic", "ties", "ties_sv", "dare_linear",
-            "dare_ties", "breadcrumbs" or "breadcrumbs_ties" (fastmerge.methods.METHODS; any letter case, "-" for "_" too).
-            Default "ties_sv".
+            "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+            "slerp", "nuslerp" or "model_stock" (fastmerge.methods.METHODS; any letter
+            case, "-" for "_" too). Default "ties_sv". slerp merges one model with the
+            base; nuslerp two models, with a base (task-vector SLERP) or without;
+            model_stock two or more and a base.
         weights: w_i; default 1.0.  density: d_i in [0, 1], the fraction of |τ_i| the trim
             keeps (ties, ties_sv), or each entry's keep probability (dare_*); default 0.2.  slack: s_i in [0, d_i], the fraction
-            protected from the sign election (ties_sv only); default 0.0.  gamma: γ_i in
+            of the largest |τ_i| protected: always kept and elected first (the methods that elect
+            a sign: ties_sv, dare_ties, breadcrumbs_ties, della; docs/spec.md §4a); default 0.0.  gamma: γ_i in
             [0, 1], the fraction of the largest |τ_i| dropped as outliers (breadcrumbs,
-            breadcrumbs_ties only; docs/spec.md §8b); default 0.01.
+            breadcrumbs_ties only; docs/spec.md §8b); default 0.01.  epsilon: ε_i, DELLA's
+            keep probabilities run from d_i − ε_i to d_i + ε_i by magnitude rank in each row
+            (della, della_linear only; docs/spec.md §8d); default 0.15.
             Each is one value for every model or one value per model; a value is a number,
             a gradient over the layers ([0.0, 0.5, 1.0]) or a list of
             {"filter": substring of the tensor name, "value": ...} entries, as in mergekit.
             (A YAML config takes mergekit's defaults instead: weight required, density 1.0.)
         scale: λ, the task vectors' scale (number, gradient or filter list); default 1.0.
+        t: SLERP's position from the base (0) to the model (1), a number, gradient or
+            filter list (docs/spec.md §8c); default 0.5. NuSLERP takes t = w_1 / (w_0 + w_1)
+            from ``weights`` instead.
+        vectors: what one vector is for slerp, nuslerp and model_stock: "tensor" (default:
+            the whole tensor, mergekit's default), "rows" (each row; mergekit's
+            ``nuslerp_flatten: false`` / ``filter_wise: true``) or "columns" (nuslerp only;
+            mergekit's ``nuslerp_row_wise: true``).
+        layer_range: mergekit's ``slices`` range, (0, L): checked to cover the model's L
+            layers (a YAML config with one slice sets it; None: no check).
         normalize: divide by the (selected) weights. None (default) takes the method's
             default: True for linear, ties and ties_sv; False for task_arithmetic and dare_*.
         seed: the DARE methods' random drop seed (default 0: a merge is reproducible; the
@@ -187,10 +203,11 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     params = make_params(method, len(models), weights=weights, density=density, slack=slack,
                          scale=scale, normalize=normalize, elect=elect, scope=scope,
                          dtype=dtype, allow_nonfinite=allow_nonfinite, seed=seed,
-                         rescale=rescale, gamma=gamma)
+                         rescale=rescale, gamma=gamma, epsilon=epsilon, t=t,
+                         vectors=vectors)
     if base is None and params.spec.needs_base:
         raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
-                             "works without one")
+                             "and 'nuslerp' work without one")
     if isinstance(config_from, (str, os.PathLike)):
         config_from = None if str(config_from) == "base" else \
             _model_index("config_from", config_from, models)
@@ -248,6 +265,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             label = f"model {i}" if isinstance(m, dict) else None
             model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
             opened.append(model_ckpts[-1])
+        if layer_range is not None:
+            _check_layer_range(layer_range, base_ckpt or model_ckpts[0])
         aligned, rows = None, {}
         if tokenizer_source is not None:       # vocabularies aligned by token (§13)
             from .embeddings import align_inputs
@@ -323,6 +342,16 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     finally:
         for c in opened:
             c.close()
+
+
+def _check_layer_range(layer_range, ckpt) -> None:
+    """A slice's [start, end] must be the whole model, [0, L] (docs/spec.md §11)."""
+    from .knobs import layer_count
+    n = layer_count(ckpt.config, ckpt.names)
+    if list(layer_range) != [0, n]:
+        raise ParameterError(f"slices: layer_range {list(layer_range)} is not the whole model "
+                             f"({ckpt.label} has {n} layers: [0, {n}]); fastmerge merges whole "
+                             "models")
 
 
 def _local_inputs(sources) -> list[Path]:

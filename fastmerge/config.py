@@ -1,6 +1,7 @@
 """Merge configs in the YAML format mergekit users already write, with mergekit's meaning.
 
-    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv | dare_*
+    merge_method: ties_sv            # linear | task_arithmetic | ties | ties_sv | dare_* |
+                                     # breadcrumbs* | slerp | nuslerp | model_stock
     base_model: path/or/hub-id
     models:
       - model: path/to/ct
@@ -23,6 +24,11 @@ What a key means here is what it means in mergekit (docs/spec.md §11):
 * ``dtype`` / ``out_dtype``: the output dtype is ``out_dtype``, else ``dtype`` (as in
   mergekit). mergekit also *computes* in ``dtype``; fastmerge always computes from the
   stored values in fp32 / fp64 (docs/spec.md §7), so ``dtype`` changes only the output.
+* ``slices``: mergekit turns ``models:`` into one slice whose sources cover every layer
+  ([0, L]); such a config (one slice, every source ``layer_range: [0, L]``, the model's
+  L) is read as that ``models:`` list, the slice's ``parameters`` over the global ones.
+  Several slices or partial ranges (layer stacking) are refused: fastmerge merges whole
+  models tensor by tensor.
 * ``int8_mask`` (under ``parameters``, where mergekit reads it) is accepted and changes
   nothing (fastmerge's masks are never materialised). ``consensus_method`` is not read by
   mergekit's ``ties`` (it always elects by sum); fastmerge reads it as ``elect``. ``tokenizer_source`` / ``tokenizer: {source,
@@ -41,19 +47,23 @@ from . import knobs, methods
 from .errors import ParameterError
 from .params import FirstOf
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer", "config_from"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
+            "out_dtype", "tokenizer_source", "tokenizer", "config_from"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
-PER_MODEL = ("weights", "density", "slack", "gamma")  # methods.KNOBS names
-METHOD_ONLY = {"gamma"}     # per-model knobs passed only to the methods that read them
+PER_MODEL = ("weights", "density", "slack", "gamma", "epsilon")  # methods.KNOBS names
+METHOD_ONLY = {"gamma", "epsilon"}  # per-model knobs passed only to the methods that read them
 GLOBAL_ONLY = {"normalize", "lambda", "elect", "consensus_method", "scope", "int8_mask",
-               "rescale"}
+               "rescale", "t", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+# global keys only some methods read (mergekit's names): which methods
+METHOD_KEYS = {"t": ("slerp",), "nuslerp_flatten": ("nuslerp",),
+               "nuslerp_row_wise": ("nuslerp",), "filter_wise": ("model_stock",)}
 MODEL_KEYS = {"model", "parameters"}
 MODEL_PARAMS = {methods.KNOBS[k].yaml for k in PER_MODEL}
 GLOBAL_PARAMS = GLOBAL_ONLY | MODEL_PARAMS
 # mergekit methods fastmerge does not have yet: named in the refusal
-MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough", "sce",
-                 "karcher", "arcee_fusion", "nearswap", "multislerp")
+MERGEKIT_ONLY = ("passthrough", "sce", "karcher", "arcee_fusion", "nearswap", "multislerp")
 
 
 def _check_keys(where: str, mapping, allowed: set) -> None:
@@ -93,15 +103,18 @@ def _method(doc) -> methods.Method:
                          f"{doc['merge_method']!r}")
 
 
-def _knob(knob: str, i: int, model_value, global_value):
+def _knob(knob: str, i: int, model_value, global_value, method: methods.Method):
     """One model's spec of a per-model knob: a number when it is one for every tensor,
-    else FirstOf(model level, global level, mergekit's default)."""
+    else FirstOf(model level, global level, mergekit's default). A knob the method does
+    not read is never required (model stock and SLERP take no weight)."""
     k = methods.KNOBS[knob]
     where = f"models[{i}].parameters.{k.yaml}"
     for w, v in ((where, model_value), (f"parameters.{k.yaml}", global_value)):
         if v is not None:
             knobs.check_knob(w, v)
-    default = None if k.yaml_default is methods.REQUIRED else k.yaml_default
+    default = k.yaml_default
+    if default is methods.REQUIRED:
+        default = None if knob in method.knobs else k.default
     levels = (model_value, global_value, default)
     first = next((v for v in levels if v is not None), None)
     if first is None:
@@ -114,6 +127,74 @@ def _knob(knob: str, i: int, model_value, global_value):
                                  f" must be in [{k.low:g}, {k.high:g}], got {first!r}")
         return v
     return FirstOf(levels)
+
+
+def _flag(glob: dict, key: str, default: bool) -> bool:
+    v = glob.get(key, default)
+    if not isinstance(v, bool):
+        raise ParameterError(f"parameters.{key} must be true or false, got {v!r}")
+    return v
+
+
+def _geometry_keys(method: methods.Method, glob: dict) -> dict:
+    """``t`` (SLERP, required as in mergekit) and what one vector is (docs/spec.md §8c):
+    NuSLERP's ``nuslerp_flatten`` (default true: the whole tensor; false: each row, or each
+    column with ``nuslerp_row_wise: true``) and model stock's ``filter_wise`` (rows)."""
+    out = {}
+    if method.name == "slerp":
+        if "t" not in glob:
+            raise ParameterError("slerp needs parameters.t (as in mergekit): 0 is the base "
+                                 "model, 1 the other model")
+        knobs.check_knob("parameters.t", glob["t"])
+        out["t"] = glob["t"]
+    elif method.name == "nuslerp":
+        if not _flag(glob, "nuslerp_flatten", True):
+            out["vectors"] = "columns" if _flag(glob, "nuslerp_row_wise", False) else "rows"
+        else:
+            _flag(glob, "nuslerp_row_wise", False)
+    elif method.name == "model_stock" and _flag(glob, "filter_wise", False):
+        out["vectors"] = "rows"
+    return out
+
+
+def _one_slice(doc: dict, base) -> tuple[list, dict, tuple[int, int]]:
+    """(model entries, the slice's parameters, its layer range) of a ``slices:`` config
+    that is a ``models:`` list in mergekit's other spelling (see the module doc)."""
+    if "models" in doc:
+        raise ParameterError("config: give 'models' or 'slices', not both (as in mergekit)")
+    slices = doc["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ParameterError("config: 'slices' must be a non-empty list of {sources: ...}")
+    if len(slices) > 1:
+        raise ParameterError(f"config: {len(slices)} slices: fastmerge merges whole models, "
+                             "so it takes one slice whose sources all cover every layer "
+                             "(layer stacking / frankenmerges are not supported)")
+    sl = slices[0]
+    _check_keys("slices[0]", sl, SLICE_KEYS)
+    if sl.get("base_model") not in (None, base):
+        raise ParameterError("slices[0].base_model differs from base_model; give one base")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ParameterError("slices[0].sources must be a non-empty list of {model, "
+                             "layer_range} entries")
+    ranges = set()
+    entries = []
+    for j, src in enumerate(sources):
+        _check_keys(f"slices[0].sources[{j}]", src, SOURCE_KEYS)
+        r = src.get("layer_range")
+        if not (isinstance(r, list) and len(r) == 2 and
+                all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise ParameterError(f"slices[0].sources[{j}].layer_range must be [start, end], "
+                                 f"got {r!r}")
+        ranges.add(tuple(r))
+        entries.append({k: v for k, v in src.items() if k != "layer_range"})
+    if len(ranges) > 1 or next(iter(ranges))[0] != 0:
+        raise ParameterError(f"slices[0]: layer ranges {sorted(map(list, ranges))}: fastmerge "
+                             "merges whole models, so every source must cover [0, L], the "
+                             "model's L layers")
+    params = sl.get("parameters") or {}
+    _check_keys("slices[0].parameters", params, GLOBAL_PARAMS)
+    return entries, params, next(iter(ranges))
 
 
 def _tokenizer_keys(doc) -> dict:
@@ -156,7 +237,13 @@ def config_to_kwargs(doc) -> dict:
     if not isinstance(glob.get("int8_mask", False), bool):
         raise ParameterError(f"parameters.int8_mask must be true or false, got "
                              f"{glob['int8_mask']!r}")
-    entries = doc.get("models")
+    layer_range = None
+    if "slices" in doc:
+        entries, slice_params, layer_range = _one_slice(doc, base)
+        glob = {**glob, **slice_params}
+        _check_keys("slices[0].parameters", glob, GLOBAL_PARAMS)
+    else:
+        entries = doc.get("models")
     if not isinstance(entries, list) or not entries:
         raise ParameterError("config: 'models' must be a non-empty list of {model: ...} entries")
 
@@ -179,12 +266,17 @@ def config_to_kwargs(doc) -> dict:
                                          f"{', '.join(m.name for m in methods.METHODS.values() if k in m.knobs)}"
                                          f", not {method.name!r}")
                 continue
-            per_model[k].append(_knob(k, i, mp.get(y), glob.get(y)))
+            per_model[k].append(_knob(k, i, mp.get(y), glob.get(y), method))
     if not models:
         raise ParameterError("config: no model to merge besides the base model")
 
     kwargs = {"base": base, "models": models, "method": method.name,
               **{k: v for k, v in per_model.items() if v}}
+    for key, users in METHOD_KEYS.items():
+        if key in glob and method.name not in users:
+            raise ParameterError(f"parameters.{key} is only used by {', '.join(users)}, not "
+                                 f"{method.name!r}")
+    kwargs.update(_geometry_keys(method, glob))
     if "lambda" in glob:
         knobs.check_knob("parameters.lambda", glob["lambda"])
         kwargs["scale"] = glob["lambda"]
@@ -198,6 +290,8 @@ def config_to_kwargs(doc) -> dict:
         kwargs["scope"] = glob["scope"]
     if "rescale" in glob:
         kwargs["rescale"] = glob["rescale"]
+    if layer_range is not None:
+        kwargs["layer_range"] = layer_range
     kwargs.update(tokenizer)
     if doc.get("config_from") is not None:
         c = doc["config_from"]

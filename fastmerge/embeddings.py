@@ -241,11 +241,13 @@ def full_chunks(engine, task):
     return _Gatherer(engine, task).pairs(task.rows.full)
 
 
-def _targets(p, tk, members: list[int], population: int) -> select.Targets:
-    density = [tk.density[i] for i in members]
-    if p.spec.upper:
-        return select.Targets.breadcrumbs(density, [tk.gamma[i] for i in members], population)
-    return select.Targets.of(density, [tk.slack[i] for i in members], population)
+def _searches(p, tk, members: list[int], population: int) -> list:
+    """The selections of the group's models (select.searches on their knobs)."""
+    from types import SimpleNamespace
+    pick = lambda v: [v[i] for i in members] if v else ()     # noqa: E731
+    knobs = SimpleNamespace(density=pick(tk.density), slack=pick(tk.slack),
+                            gamma=pick(tk.gamma))
+    return select.searches(p.spec, knobs, population)
 
 
 def merge_rows(engine, task) -> None:
@@ -263,11 +265,11 @@ def merge_rows(engine, task) -> None:
         members = r.members(mask)
         weights = [tk.weights[i] for i in members]
         if r.with_base(mask) and members or (not r.has_base and mask == r.full):
-            t = u = None
-            if p.trims:
+            found = {}
+            if p.selects:
                 if p.scope == "model":
-                    gt, gu = engine.global_thresholds
-                    t, u = [gt[i] for i in members], [gu[i] for i in members]
+                    found = {k: [v[i] for i in members]
+                             for k, v in engine.global_thresholds.items()}
                 else:
                     pop = r.group_rows(mask) * w
                     whole = None
@@ -283,15 +285,16 @@ def merge_rows(engine, task) -> None:
                             [np.arange(a, b) for a, b in spans]))
                         held = (mask, {a: at[k] for k, (a, _) in enumerate(spans)}, dev, host)
                         whole = dev
-                    t, u = select.thresholds(engine.backend, _targets(p, tk, members, pop),
-                                             lambda mask=mask: g.pairs(mask), whole)
-                thr[mask] = (list(t), list(u))
+                    found = select.find_all(engine.backend, _searches(p, tk, members, pop),
+                                            lambda mask=mask: g.pairs(mask), whole)
+                thr[mask] = found
             drop = {}
             if p.spec.drop:
                 drop = dict(density=[tk.density[i] for i in members], rescale=p.rescale,
                             key=philox.tensor_key(p.seed, task.name))
-            cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect, t, u,
-                                              **drop)
+            cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect,
+                                              found.get("t"), found.get("u"),
+                                              h=found.get("h"), **drop)
             own.add(mask)
         elif len(members) >= 2:
             if sum(weights) == 0:
@@ -352,7 +355,7 @@ def merge_rows(engine, task) -> None:
     stats = TensorStats(task.name, r.group_rows(r.full) * w if r.with_base(r.full) or
                         not r.has_base else 0)
     if r.full in thr:
-        stats.t, stats.u = thr[r.full]
+        stats.t, stats.u, stats.h = (list(thr[r.full].get(k, ())) for k in ("t", "u", "h"))
     if p.spec.thresholds or p.spec.drop or p.spec.elect:
         stats.counts = counts
     engine.sink.end(task, stats.as_dict())

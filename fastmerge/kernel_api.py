@@ -26,14 +26,27 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     entries are entries ``cfg.offset .. cfg.offset + N − 1`` of the tensor: the drop
     depends on that global index only, so any chunking gives the same result.
 
+``gram(base, models, on_base, seg) -> fp64 [Q, K]`` (optional; docs/spec.md §8c)
+    The statistics pass of SLERP / NuSLERP / model stock. v_k = τ_k (``on_base``) or
+    f32(θ_k). The N entries are pieces of ``seg`` entries (the last may be shorter), each
+    cut into GRAM_BLOCK blocks from its start (Q blocks in all); row q holds, for block q
+    and each pair k ≤ l in the order (0,0), (0,1), .., (0,n−1), (1,1), .. (K = n(n+1)/2),
+    the sum of the exact fp64 products v_k·v_l over the block by a pairwise tree (the
+    block padded with +0.0 to GRAM_BLOCK entries; level by level, p[2m] + p[2m+1]).
+
+``combine(base, models, out, coef, seg, columns, on_base) -> int64 [n]`` (with ``gram``)
+    The elementwise pass of those methods: θ_j = [f32(θ_b) +] Σ_k coef[s, k]·v_k[j] in
+    fp64, k in order from +0.0, rounded once to ``out``'s dtype, with s = j // seg (or
+    j mod seg when ``columns``); returns the non-finite entries of each v_k.
+
 ``models`` is a 2-D tensor ``[n, N]`` (one row per model, one dtype) or a sequence of n
 contiguous 1-D tensors of N entries and one dtype (the pipeline passes the rows mapped
 from n files this way, without stacking them); ``base``/``out`` have N elements. Thresholds arrive as fp32 values: ``t = 0`` keeps every entry,
-``t = inf`` keeps none, ``u = inf`` protects none.
+``t = inf`` keeps none, ``u = inf`` protects none, ``h = inf`` drops none from the top.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .philox import KEY_MAX, drop_threshold
 
@@ -41,6 +54,7 @@ NBINS = 2048
 DIGIT_BITS = (11, 11, 9)
 SHIFT = (20, 9, 0)
 NONFINITE_BIN = 0x7F800000 >> SHIFT[0]  # level-0 bin of +inf; NaN bins are above it
+GRAM_BLOCK = 1024   # entries per block of the statistics pass (a power of two; §8c)
 
 COUNTERS = ("kept", "protected", "selected", "dropped_by_sign", "important_dropped",
             "ties_important_dropped", "nonfinite")
@@ -61,16 +75,26 @@ class KernelConfig:
     drop  (``density`` not None; DARE, §8a, instead of a trim): kept_i = r_i(g) < T_i with
       r_i(g) the Philox4x32-10 word of entry g = ``offset`` + j of model i under ``key``
       and T_i = ⌊d_i·2^32⌋ (``drop_thresholds``; d_i = 1 keeps all, d_i = 0 none).
-    slack (``u`` not None): prot_i = |x_i| ≥ u_i; u_i = +inf protects none.
-    upper (``upper`` True; breadcrumbs, §8b): ``u`` is instead the trim's exclusive upper
-      bound h_i: kept_i = t_i ≤ |x_i| < h_i, h_i = +inf drops none from the top (|x_i| = inf
-      included); nothing is protected (no slack).
+    ranked drop (``keep`` not None; DELLA, §8d, instead of ``density``): kept_i(g) =
+      r_i(g) < T_i(g) with per-entry thresholds ``keep`` (int64 [n, N] of this chunk, in
+      [0, 2^32]) from DELLA's rank stage (fastmerge.della); with ``rescale`` a kept entry
+      weighs c_i(g) = (w_i·2^32) / T_i(g) (one fp64 division; 0 when T = 0).
+    upper (``h`` not None; breadcrumbs, §8b): the trim's exclusive upper bound h_i:
+      kept_i = t_i ≤ |x_i| < h_i, h_i = +inf drops none from the top (|x_i| = inf included).
+    slack (``u`` not None, needs an election; §4, §4a): prot_i = |x_i| ≥ u_i (u_i = +inf
+      protects none). A protected entry is always kept, whatever the trim, band or drop:
+      kept_i ← kept_i ∨ prot_i; it weighs w_i (never w_i / d_i).
     elect: "none" (sel_i = kept_i, W = Σ_i w_i), or "sum" / "count" (protected-first
       sign election; sel_i = kept_i ∧ sign(w_i·x_i) = γ, W = Σ_i w_i·sel_i).
     combine: D = Σ_i c_i·sel_i·x_i; m = D / W when ``normalize`` and W ≠ 0, else D;
       θ = f32(θ_b) + λ·m (``on_base``) or θ = m. Evaluated in fp64, models summed in
       order, then rounded once to the output dtype. c_i (``vote_weights``) is w_i, or
-      w_i / d_i with DARE's ``rescale``; "sum" votes are c_i·x_i too. W always sums w_i.
+      w_i / d_i with DARE's ``rescale`` for an entry that is not protected; "sum" votes
+      are c_i·x_i too. W always sums w_i.
+    Thresholds come from fastmerge.select (``select.searches``): t and u from one
+    selection for the TIES family; t and h from breadcrumbs' selection and u from a second
+    one when it protects (§8b); u alone for DARE / DELLA with slack. Three separate
+    arrays, so one pass may take all three.
     """
 
     weights: tuple[float, ...]
@@ -84,26 +108,31 @@ class KernelConfig:
     rescale: bool = False                       # DARE: c_i = w_i / d_i
     key: int = 0                                # DARE: the tensor's 64-bit Philox key
     offset: int = 0                             # global index of this chunk's entry 0
-    upper: bool = False                         # u is the trim's upper bound h (§8b)
+    h: tuple[float, ...] | None = None          # the trim's exclusive upper bound (§8b)
+    keep: object = field(default=None, compare=False, repr=False)   # DELLA: T_i(g) [n, N]
 
     def __post_init__(self):
         n = len(self.weights)
         if self.elect not in ELECTS:
             raise ValueError(f"elect must be one of {ELECTS}, got {self.elect!r}")
-        for name in ("t", "u", "density"):
+        for name in ("t", "u", "h", "density"):
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"cfg.{name} needs {n} entries (one per model), got {len(v)}")
-        if self.upper:
-            if self.t is None or self.u is None:
-                raise ValueError("an upper trim bound (upper) needs thresholds t and u")
-        elif self.u is not None and self.elect == "none":
+        if self.h is not None and self.t is None:
+            raise ValueError("an upper trim bound (h) needs the lower thresholds t")
+        if self.u is not None and self.elect == "none":
             raise ValueError("slack thresholds (u) need a sign election")
-        if self.density is not None:
-            if self.t is not None or self.u is not None:
-                raise ValueError("a random drop (density) excludes a magnitude trim (t) and "
-                                 "slack (u) in one pass")
-            for d in self.density:
+        if self.keep is not None:
+            if self.density is not None:
+                raise ValueError("per-entry thresholds (keep) replace density: give one")
+            if tuple(self.keep.shape[:1]) != (n,) or self.keep.dim() != 2:
+                raise ValueError(f"cfg.keep must be [{n}, N], got {list(self.keep.shape)}")
+        if self.drops:
+            if self.t is not None or self.h is not None:
+                raise ValueError("a random drop (density) excludes a magnitude trim (t, h) "
+                                 "in one pass")
+            for d in self.density or ():
                 drop_threshold(d)                       # checks 0 <= d <= 1
         elif self.rescale:
             raise ValueError("rescale needs a random drop (density)")
@@ -121,17 +150,17 @@ class KernelConfig:
     @property
     def has_slack(self) -> bool:
         """Some model protects entries (a finite u_i)."""
-        return not self.upper and self.u is not None and any(x != float("inf") for x in self.u)
+        return self.u is not None and any(x != float("inf") for x in self.u)
 
     @property
-    def h(self) -> tuple[float, ...] | None:
-        """The trim's exclusive upper bounds h_i (§8b), or None (no upper bound)."""
-        return self.u if self.upper else None
+    def upper(self) -> bool:
+        """The trim has exclusive upper bounds h_i (breadcrumbs, §8b)."""
+        return self.h is not None
 
     @property
     def drops(self) -> bool:
-        """DARE's random drop is on (docs/spec.md §8a)."""
-        return self.density is not None
+        """DARE's random drop is on (docs/spec.md §8a), or DELLA's ranked one (§8d)."""
+        return self.density is not None or self.keep is not None
 
     @property
     def drop_thresholds(self) -> tuple[int, ...] | None:
@@ -141,15 +170,16 @@ class KernelConfig:
     @property
     def vote_weights(self) -> tuple[float, ...]:
         """c_i: the factor of x_i in "sum" votes and in D. w_i, or with ``rescale``
-        w_i / d_i (one fp64 division; 0.0 for d_i = 0, which keeps nothing)."""
-        if not self.rescale:
+        w_i / d_i (one fp64 division; 0.0 for d_i = 0, which keeps nothing). A protected
+        entry (slack) weighs w_i instead, rescale or not (docs/spec.md §4a)."""
+        if not self.rescale or self.density is None:    # DELLA: per entry (keep)
             return tuple(self.weights)
         return tuple(w / d if d != 0 else 0.0 for w, d in zip(self.weights, self.density))
 
     @property
     def counts(self) -> bool:
         """Whether the pass has per-model decisions to count (trim, drop or election)."""
-        return self.t is not None or self.density is not None or self.elect != "none"
+        return self.t is not None or self.drops or self.elect != "none"
 
     def at(self, offset: int) -> "KernelConfig":
         """This config for the chunk whose first entry is entry ``offset`` of the tensor."""
@@ -166,3 +196,7 @@ class Capabilities:
     elects: tuple[str, ...] = ELECTS
     slack: bool = True
     without_base: bool = True                                       # on_base=False
+    gram: bool = False          # gram + combine (§8c); without them the pipeline runs the
+                                # reference's, on the CPU, and says so in the report
+    ranks: bool = False         # computes DELLA's row ranks in its fused pass (§8d); none
+                                # does: the pipeline runs that stage in torch (fastmerge.della)

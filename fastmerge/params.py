@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+from . import della
 from . import knobs as K
 from . import methods
 from .errors import ParameterError
@@ -106,6 +107,8 @@ class TensorKnobs:
     slack: tuple[float, ...]
     scale: float
     gamma: tuple[float, ...] = ()     # breadcrumbs (docs/spec.md §8b): top fraction dropped
+    epsilon: tuple[float, ...] = ()   # DELLA (§8d): half-width of the keep probabilities
+    t: float = 0.5                    # SLERP (docs/spec.md §8c)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class MergeParams:
     seed: int = 0                     # DARE: the random drop's seed (docs/spec.md §8a)
     rescale: bool | None = None       # DARE: None is the method's default
     gamma: tuple = ()                 # breadcrumbs (§8b): one spec per model; () otherwise
+    epsilon: tuple = ()               # DELLA (§8d): one spec per model; () otherwise
+    t: Spec = 0.5                     # SLERP (§8c): one spec
+    vectors: str = "tensor"           # SLERP / NuSLERP / model stock (§8c): tensor, rows, columns
 
     @property
     def spec(self) -> methods.Method:
@@ -138,10 +144,18 @@ class MergeParams:
         return self.spec.thresholds
 
     @property
+    def selects(self) -> bool:
+        """Whether thresholds come from fastmerge.select before the pass: the method trims
+        by magnitude (t, and h for breadcrumbs), or protects with a slack that is not 0
+        everywhere (u; docs/spec.md §4, §4a)."""
+        return self.trims or (self.spec.protects and
+                              any(not (isinstance(s, float) and s == 0.0) for s in self.slack))
+
+    @property
     def constant(self) -> bool:
         """Every knob has the same value for every tensor."""
         return all(_is_constant(s) for s in (*self.weights, *self.density, *self.slack,
-                                             *self.gamma, self.scale))
+                                             *self.gamma, *self.epsilon, self.scale, self.t))
 
     def for_tensor(self, name: str, num_layers: int = 0) -> TensorKnobs:
         """The knobs of tensor ``name`` (docs/spec.md §2), checked; errors name the
@@ -169,14 +183,21 @@ class MergeParams:
             if si > di:
                 raise ParameterError(f"{where}slack of model {i} must be in "
                                      f"[0, density={di}], got {si!r}")
-        if self.method != "ties_sv" and any(sl):
-            raise ParameterError(f"slack is only used by method 'ties_sv', got slack="
-                                 f"{list(sl)!r} with method {self.method!r}")
+        if not self.spec.protects and any(sl):
+            raise ParameterError(f"slack is only used by the methods that elect a sign ("
+                                 f"{', '.join(m.name for m in methods.METHODS.values() if m.protects)}"
+                                 f"), got slack={list(sl)!r} with method {self.method!r}")
         if self.method == "linear" and self.normalize and math.fsum(w) == 0:
             raise ParameterError(f"{where}linear merge with normalize needs weights that do not sum "
                                  f"to 0, got {list(w)!r}" )
         g = tuple(value("gamma", i, s) for i, s in enumerate(self.gamma))
-        return TensorKnobs(w, d, sl, value("scale", None, self.scale), g)
+        t = value("t", None, self.t) if "t" in self.spec.knobs else 0.5
+        e = tuple(value("epsilon", i, s) for i, s in enumerate(self.epsilon))
+        for i, (di, ei) in enumerate(zip(d, e)):
+            why = della.check_knobs(di, ei)
+            if why is not None:
+                raise ParameterError(f"{where}model {i}: {why}")
+        return TensorKnobs(w, d, sl, value("scale", None, self.scale), g, e, t)
 
     def as_dict(self) -> dict:
         """The exact parameters used, for the merge report."""
@@ -189,6 +210,9 @@ class MergeParams:
             "dtype": self.dtype, "allow_nonfinite": self.allow_nonfinite,
             **({"seed": self.seed, "rescale": self.rescale_used} if self.spec.drop else {}),
             **({"gamma": [_as_json(v) for v in self.gamma]} if self.gamma else {}),
+            **({"t": _as_json(self.t)} if "t" in self.spec.knobs else {}),
+            **({"vectors": self.vectors} if self.spec.geometry else {}),
+            **({"epsilon": [_as_json(v) for v in self.epsilon]} if self.epsilon else {}),
         }
 
     @property
@@ -202,19 +226,29 @@ class MergeParams:
 def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, density=None,
                 slack=None, scale=None, normalize: bool | None = None, elect: str = "sum",
                 scope: str = "tensor", dtype=None, allow_nonfinite: bool = False,
-                seed: int = 0, rescale: bool | None = None, gamma=None) -> MergeParams:
+                seed: int = 0, rescale: bool | None = None, gamma=None,
+                epsilon=None, t=None, vectors: str | None = None) -> MergeParams:
     """Check every knob and broadcast per-model values. ``method`` is a name or alias of
     methods.METHODS in any letter case ("TIES", "ties-sv"). A knob left as None takes the
     API default of methods.KNOBS; ``normalize=None`` the method's default (True for
     ``linear``, ``ties``, ``ties_sv``; False for ``task_arithmetic`` and the DARE methods).
     ``seed`` and ``rescale`` are DARE's (docs/spec.md §8a; rescale None: True); ``gamma``
-    (per model, in [0, 1]) is breadcrumbs' (§8b; None: 0.01), refused for other methods."""
+    (per model, in [0, 1]) is breadcrumbs' (§8b; None: 0.01), refused for other methods;
+    ``epsilon`` (per model) DELLA's (§8d; None: 0.15), likewise. ``t`` is SLERP's (§8c;
+    None: 0.5) and ``vectors`` ("tensor", "rows" or "columns"; None: "tensor") says what
+    one vector is for SLERP, NuSLERP and model stock."""
     key = method.strip().lower() if isinstance(method, str) else None
     if key not in methods.ALIASES:      # any letter case, as YAML's merge_method
         raise ParameterError(f"method must be one of {methods.names()}, got {method!r}")
     spec = methods.get(key)
     if not isinstance(n_models, int) or n_models < 1:
         raise ParameterError(f"at least one model to merge is needed, got {n_models!r}")
+    low, high = spec.models
+    if not low <= n_models <= (high or n_models):
+        count = (f"exactly {low}" if low == high else f"at least {low}")
+        raise ParameterError(f"method {spec.name!r} merges {count} model"
+                             f"{'s' if (high or 2) > 1 else ''} (besides the base), got "
+                             f"{n_models}")
     if elect not in methods.ELECTS:
         raise ParameterError(f"elect must be one of {', '.join(methods.ELECTS)}, got {elect!r}")
     if scope not in SCOPES:
@@ -234,7 +268,8 @@ def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, den
     if rescale is not None and not isinstance(rescale, bool):
         raise ParameterError(f"rescale must be true or false, got {rescale!r}")
     if rescale is not None and not spec.drop:
-        raise ParameterError(f"rescale is only used by the DARE methods, not {spec.name!r}")
+        raise ParameterError(f"rescale is only used by the DARE and DELLA methods, not "
+                             f"{spec.name!r}")
     if "gamma" in spec.knobs:
         gamma = _per_model("gamma", methods.KNOBS["gamma"].default if gamma is None else gamma,
                            n_models)
@@ -242,14 +277,35 @@ def make_params(method: str = "ties_sv", n_models: int = 1, *, weights=None, den
         raise ParameterError(f"gamma is only used by the breadcrumbs methods, not {spec.name!r}")
     else:
         gamma = ()
+    if "t" in spec.knobs:
+        t = _check_spec("t", methods.KNOBS["t"].default if t is None else t)
+    elif t is not None:
+        raise ParameterError(f"t is only used by method 'slerp', not {spec.name!r}")
+    else:
+        t = 0.5
+    if vectors is None:
+        vectors = spec.vectors[0]
+    elif vectors not in spec.vectors:
+        raise ParameterError(f"vectors must be one of {', '.join(map(repr, spec.vectors))} for "
+                             f"method {spec.name!r}, got {vectors!r}" if spec.geometry else
+                             f"vectors is only used by slerp, nuslerp and model_stock, not "
+                             f"{spec.name!r}")
+    if "epsilon" in spec.knobs:
+        epsilon = _per_model("epsilon", methods.KNOBS["epsilon"].default if epsilon is None
+                             else epsilon, n_models)
+    elif epsilon is not None:
+        raise ParameterError(f"epsilon is only used by the DELLA methods, not {spec.name!r}")
+    else:
+        epsilon = ()
     params = MergeParams(method=spec.name, n_models=n_models, weights=per_model["weights"],
                          density=per_model["density"], slack=per_model["slack"], scale=scale,
                          normalize=normalize, elect=elect, scope=scope,
                          dtype=canonical_dtype(dtype), allow_nonfinite=bool(allow_nonfinite),
-                         seed=seed, rescale=rescale, gamma=gamma)
+                         seed=seed, rescale=rescale, gamma=gamma, epsilon=epsilon, t=t,
+                         vectors=vectors)
     if params.constant:
         params.for_tensor("")        # constant knobs: check their values now
-    elif scope == "model" and spec.thresholds and not all(
+    elif scope == "model" and params.selects and not all(
             _is_constant(s) for s in (*params.density, *params.slack, *params.gamma)):
         raise ParameterError("scope 'model' takes one density, slack and gamma per model for "
                              "the whole checkpoint; per-tensor values (filters, gradients) "

@@ -1,7 +1,7 @@
 """The streaming merge: tensor by tensor, chunk by chunk, with bounded memory.
 
 For every merged tensor (docs/spec.md §1-§9):
-  1. thresholds (TIES family, fastmerge.select): for a tensor held in memory, one
+  1. thresholds (trims and slack, fastmerge.select): for a tensor held in memory, one
      bracketing pass when the backend has one; otherwise (or if a bracket missed) three
      radix-select histogram rounds. With ``scope="model"`` one global set of radix
      rounds over the whole checkpoint comes first;
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
-from . import philox, select
+from . import della, geometry, philox, select
 from .kernel_api import COUNTERS, NONFINITE
 from .plan import TensorTask, kernel_dtype
 
@@ -54,6 +54,8 @@ class TensorStats:
     t: list[float] = field(default_factory=list)
     u: list[float] = field(default_factory=list)
     counts: torch.Tensor | None = None
+    h: list[float] = field(default_factory=list)     # breadcrumbs' upper bounds (§8b)
+    geometry: dict | None = None     # SLERP / NuSLERP / model stock (docs/spec.md §8c)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorStats":
@@ -65,16 +67,20 @@ class TensorStats:
         # journal may still hold the float inf itself, which passes through as is
         def thresholds(key):
             return [math.inf if x is None else x for x in d.get(key, [])]
-        return cls(d["name"], d["population"], thresholds("t"), thresholds("u"), counts)
+        return cls(d["name"], d["population"], thresholds("t"), thresholds("u"), counts,
+                   thresholds("h"), d.get("geometry"))
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "population": self.population}
-        if self.t:
-            # strict JSON: +inf (t: keep none, u: protect none) is written as null
-            d["t"], d["u"] = ([None if x == math.inf else x for x in v]
-                              for v in (self.t, self.u))
+        for key in ("t", "u", "h"):
+            v = getattr(self, key)
+            if v:
+                # strict JSON: +inf (t: keep none, u: protect none, h: no upper bound) is null
+                d[key] = [None if x == math.inf else x for x in v]
         if self.counts is not None:
             d["models"] = [dict(zip(COUNTERS, map(int, row))) for row in self.counts.tolist()]
+        if self.geometry is not None:
+            d["geometry"] = self.geometry
         return d
 
 
@@ -204,9 +210,11 @@ class TensorSource:
     """The chunks of one tensor, read once and kept when they fit in the budget."""
 
     def __init__(self, reader: ChunkReader, task: TensorTask, chunk_elems: int,
-                 resident: bool):
+                 resident: bool, ranges: list[tuple[int, int]] | None = None):
         self.reader, self.task = reader, task
-        self.ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
+        if ranges is None or resident:
+            ranges = chunk_ranges(task.numel, task.numel if resident else chunk_elems)
+        self.ranges = ranges
         self.cached = [reader.read(task, s, c) for s, c in self.ranges] if resident else None
         self.sample = None   # select.sample_keys of the whole tensor, when taken ahead
 
@@ -259,23 +267,29 @@ class StreamMerge:
 
     def _source(self, task: TensorTask) -> TensorSource:
         resident = self._input_bytes(task) <= self.resident_bytes
-        return TensorSource(self.reader, task, self.chunk_elems, resident)
+        ranges = None
+        if self.params.spec.geometry:      # §8c: chunks both of its passes can take
+            ranges = geometry.chunk_ranges(task.shape, self.params.vectors, self.chunk_elems)
+        step = self.chunk_elems
+        if self.params.spec.ranked:     # DELLA (§8d): every chunk holds whole rows
+            block = della.row_block(task.shape)
+            step = max(block, step // block * block)
+        return TensorSource(self.reader, task, step, resident, ranges)
 
-    def _targets(self, task: TensorTask, population: int) -> select.Targets:
-        if self.params.spec.upper:      # breadcrumbs (docs/spec.md §8b): slots (t, h)
-            return select.Targets.breadcrumbs(task.knobs.density, task.knobs.gamma, population)
-        return select.Targets.of(task.knobs.density, task.knobs.slack, population)
+    def _searches(self, task: TensorTask, population: int) -> list[select.Search]:
+        return select.searches(self.params.spec, task.knobs, population)
 
     # -- passes --------------------------------------------------------------------------
-    def model_scope_thresholds(self) -> tuple[list[float], list[float]]:
-        """One (t_i, u_i) per model over every merged entry of the checkpoint (docs/spec.md
-        §3; the knobs are the same for every tensor then, params.make_params checks it)."""
+    def model_scope_thresholds(self) -> dict:
+        """{"t": t_i, "u": u_i, "h": h_i as the method has them} over every merged entry of
+        the checkpoint (docs/spec.md §3; the knobs are the same for every tensor then,
+        params.make_params checks it)."""
         from . import embeddings
         merged = [t for t in self.tasks if t.merged]
         if not merged:
-            return [], []
-        targets = self._targets(merged[0], sum(t.numel if t.rows is None else
-                                               embeddings.full_population(t) for t in merged))
+            return {}
+        found = self._searches(merged[0], sum(t.numel if t.rows is None else
+                                              embeddings.full_population(t) for t in merged))
 
         def all_chunks():
             for task in merged:
@@ -285,11 +299,11 @@ class StreamMerge:
                 src = TensorSource(self.reader, task, self.chunk_elems, resident=False)
                 for _, _, b, m in src.chunks():
                     yield b, m
-        return select.thresholds(self.backend, targets, all_chunks)
+        return select.find_all(self.backend, found, all_chunks)
 
     def run(self) -> list[TensorStats]:
         p = self.params
-        if p.trims and p.scope == "model":
+        if p.selects and p.scope == "model":
             self.global_thresholds = self.model_scope_thresholds()
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-read")
         try:
@@ -335,9 +349,10 @@ class StreamMerge:
             return None
         src = self._source(task)
         p = self.params
-        if p.trims and p.scope == "tensor" and hasattr(self.backend, "bracket"):
+        if p.selects and p.scope == "tensor" and hasattr(self.backend, "bracket"):
             whole = src.whole()
-            if whole is not None and self._targets(task, task.numel).searched:
+            if whole is not None and any(s.targets.searched
+                                         for s in self._searches(task, task.numel)):
                 src.sample = select.sample_keys(*whole)
         return src
 
@@ -350,22 +365,36 @@ class StreamMerge:
         self.sink.end(task, None)
 
     def _merge(self, task: TensorTask, src: TensorSource) -> None:
+        if self.params.spec.geometry:
+            return self._merge_geometry(task, src)
         p, tk = self.params, task.knobs
         stats = TensorStats(task.name, task.numel)
-        t = u = None
-        if p.trims:
+        thr = {}
+        if p.selects:
             if p.scope == "model":
-                t, u = self.global_thresholds
+                thr = self.global_thresholds
             else:
-                t, u = select.thresholds(
-                    self.backend, self._targets(task, task.numel),
+                thr = select.find_all(
+                    self.backend, self._searches(task, task.numel),
                     lambda: ((b, m) for _, _, b, m in src.chunks()), src.whole(), src.sample)
-            stats.t, stats.u = list(t), list(u)
+            stats.t, stats.u, stats.h = (list(thr.get(k, ())) for k in ("t", "u", "h"))
         drop = {}
-        if p.spec.drop:     # DARE: the tensor's own Philox stream (docs/spec.md §8a)
+        if p.spec.drop:     # DARE, DELLA: the tensor's own Philox stream (docs/spec.md §8a)
             drop = dict(density=tk.density, rescale=p.rescale,
                         key=philox.tensor_key(p.seed, task.name))
-        cfg = p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, t, u, **drop)
+
+        def config(start, b, m):
+            """The chunk's KernelConfig; DELLA's rank stage runs here, in torch, on the
+            chunk's whole rows (no backend fuses it: Capabilities.ranks, §8d)."""
+            if not p.spec.ranked:
+                return cfg.at(start)
+            keep = della.keep_thresholds(b, m, task.shape, tk.density, tk.epsilon)
+            return p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, None,
+                                        thr.get("u"), keep=keep, offset=start,
+                                        **{k: v for k, v in drop.items() if k != "density"})
+        cfg = None if p.spec.ranked else p.spec.kernel_config(
+            tk.weights, tk.scale, p.normalize, p.elect, thr.get("t"), thr.get("u"),
+            h=thr.get("h"), **drop)
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():
@@ -373,14 +402,78 @@ class StreamMerge:
                 out = self.reader.pool.take(count, task.out_dtype)
             else:
                 out = torch.empty(count, dtype=task.out_dtype, device=self.device)
-            counts += self.backend.merge(b, m, out, cfg.at(start)).cpu()
+            counts += self.backend.merge(b, m, out, config(start, b, m)).cpu()
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
             self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
-        if cfg.counts:
+        if p.spec.ranked or cfg.counts:
             stats.counts = counts
         self.sink.end(task, stats.as_dict())
         self.stats[self._slots[task.name]] = stats
+
+    def _merge_geometry(self, task: TensorTask, src: TensorSource) -> None:
+        """SLERP / NuSLERP / model stock (docs/spec.md §8c): the statistics pass over every
+        chunk, the coefficients on the host, then the combine pass."""
+        p, tk, spec = self.params, task.knobs, self.params.spec
+        be = self.backend if self.backend.CAPABILITIES.gram else _reference_backend()
+        vectors = geometry.effective(task.shape, p.vectors)
+        seg, nseg = (geometry.segment_length(task.shape, vectors),
+                     geometry.segment_count(task.shape, vectors))
+        columns = vectors == "columns"
+        # SLERP's vectors are θ_b and θ_1 themselves; NuSLERP's are task vectors when a
+        # base is given; model stock's always are
+        slerp = spec.geometry == "slerp"
+        on_base = not slerp and self.inputs.base is not None
+
+        def chunks():
+            for start, count, b, m in src.chunks():
+                if slerp:
+                    yield start, count, None, _with_base(b, m)
+                else:
+                    yield start, count, b if on_base else None, m
+
+        parts = []
+        for _, count, b, m in chunks():
+            if columns:
+                parts.append(geometry.gram_columns(b, m, on_base, seg).numpy())
+            else:
+                parts.append(be.gram(b, m, on_base, min(seg, count)).cpu().numpy())
+        if columns:
+            G = geometry.column_sums(np_concat(parts))
+        else:
+            G = geometry.segment_sums(np_concat(parts), nseg)
+        coef, fallback, cos = geometry.coefficients(spec.geometry, G, tk, p.n_models)
+        coef = torch.from_numpy(coef)
+        stats = TensorStats(task.name, task.numel,
+                            geometry=geometry.summary(spec.geometry, vectors, coef, fallback, cos))
+        self.sink.begin(task)
+        for start, count, b, m in chunks():
+            if self.device.type == "cpu":
+                out = self.reader.pool.take(count, task.out_dtype)
+            else:
+                out = torch.empty(count, dtype=task.out_dtype, device=self.device)
+            if columns:
+                c = coef
+            else:
+                first, width = start // seg, min(seg, count)
+                c = coef[first:first + -(-count // width)]
+            nonfinite = be.combine(b, m, out, c, seg if columns else min(seg, count), columns,
+                                   on_base)
+            if not p.allow_nonfinite and bool(nonfinite.any()):
+                self._raise_nonfinite_vectors(task, nonfinite, slerp, on_base)
+            self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
+        self.sink.end(task, stats.as_dict())
+        self.stats[self._slots[task.name]] = stats
+
+    def _raise_nonfinite_vectors(self, task: TensorTask, nonfinite, slerp: bool,
+                                 on_base: bool):
+        k = int(nonfinite.nonzero()[0, 0])
+        who = self.inputs.base.label if slerp and k == 0 else \
+            self.inputs.models[k - 1 if slerp else k].label
+        what = "task vector τ = θ_i − θ_b" if on_base else "θ"
+        raise InputError(f"tensor {task.name!r}: {int(nonfinite[k])} non-finite (NaN/Inf) "
+                         f"entries in the {what} of {who}; pass allow_nonfinite=True to merge "
+                         "anyway")
 
     def _raise_nonfinite(self, task: TensorTask, counts: torch.Tensor):
         i = int(counts[:, NONFINITE].nonzero()[0, 0])
@@ -392,3 +485,23 @@ class StreamMerge:
             f"the {what} of {label}" + ("" if base is None or base.label == "base" else
                                        f" (base {base.label})") +
             "; pass allow_nonfinite=True to merge anyway")
+
+
+def np_concat(parts):
+    import numpy as np
+    return np.concatenate(parts, axis=0)
+
+
+def _with_base(base, models):
+    """[θ_b, θ_1, ...] as the kernels take models: a list of 1-D tensors of one dtype, or
+    one [n + 1, N] tensor (fp32 when the dtypes differ: f32(θ) is exact)."""
+    rows = list(models) if not isinstance(models, torch.Tensor) else list(models.unbind(0))
+    if all(r.dtype == base.dtype for r in rows):
+        return [base, *rows] if not isinstance(models, torch.Tensor) else \
+            torch.cat([base.unsqueeze(0), models])
+    return torch.stack([base.float(), *(r.float() for r in rows)])
+
+
+def _reference_backend():
+    from .backends import torch_backend
+    return torch_backend

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import philox
+from . import della, philox
 from .kernel_api import (COUNTERS, DIGIT_BITS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
                          NBINS, NONFINITE, PROTECTED, SELECTED, SHIFT,
                          TIES_IMPORTANT_DROPPED, KernelConfig)
@@ -152,7 +152,9 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     dev = x.device
     w = torch.tensor(cfg.weights, dtype=torch.float64, device=dev).unsqueeze(1)
     c = torch.tensor(cfg.vote_weights, dtype=torch.float64, device=dev).unsqueeze(1)
-    wx = c * x                                               # c_i·x_i (c_i = w_i but DARE)
+    if cfg.keep is not None and cfg.rescale:                # DELLA §8d: (w_i·2^32) / T_i(g)
+        T = cfg.keep.to(device=dev, dtype=torch.float64)
+        c = torch.where(T != 0, (w * 4294967296.0) / torch.where(T != 0, T, 1.0), 0.0)
     a = x32.abs()
     if cfg.drops:
         kept = dare_kept(cfg, models.shape[1], dev)
@@ -162,6 +164,12 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
             kept = kept & ~(a >= _finite_or_nan(cfg.h, dev))
     else:
         kept = torch.ones_like(a, dtype=torch.bool)
+    prot = None
+    if cfg.u is not None:                                    # §4a: protected entries are
+        prot = a >= _finite_or_nan(cfg.u, dev)               # always kept, weigh w_i
+        kept = kept | prot
+        c = torch.where(prot, w, c)
+    wx = c * x                                               # c_i·x_i (c_i = w_i but DARE)
     if cfg.elect == "none":
         sel = kept
         wsum = 0.0
@@ -172,9 +180,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
         vote = torch.sign(w) * torch.sign(x) if cfg.elect == "count" else wx
         gamma_ties = _elect(torch.where(kept, vote, 0.0))
         gamma = gamma_ties
-        prot = None
-        if cfg.u is not None and not cfg.upper:
-            prot = a >= _finite_or_nan(cfg.u, dev)
+        if prot is not None:
             gamma = torch.where(prot.any(0), _elect(torch.where(prot, vote, 0.0)), gamma_ties)
         agree = torch.sign(w) * torch.sign(x)               # sign(w_i·x_i); 0 never matches
         sel = kept & (agree == gamma)
@@ -193,7 +199,11 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
 
 def dare_kept(cfg: KernelConfig, N: int, device=None) -> torch.Tensor:
     """DARE's kept_i for entries cfg.offset .. cfg.offset + N − 1 (docs/spec.md §8a):
-    r_i(g) < T_i, bool [n, N]."""
+    r_i(g) < T_i, bool [n, N]; DELLA's (§8d) r_i(g) < T_i(g) with T = ``cfg.keep``."""
+    if cfg.keep is not None:
+        return torch.stack([philox.random_words(cfg.key, i, cfg.offset, N, device) <
+                            cfg.keep[i].to(device=device, dtype=torch.int64)
+                            for i in range(cfg.n_models)])
     return torch.stack([philox.keep_mask(cfg.key, i, cfg.offset, N, T, device)
                         for i, T in enumerate(cfg.drop_thresholds)])
 
@@ -221,35 +231,56 @@ def merge_one(base: torch.Tensor | None, models: torch.Tensor, params,
     """Merge one tensor by the spec's definition: thresholds by sorting, then ``merge``.
 
     ``params`` is a ``MergeParams`` (its knobs resolved for tensor ``name``);
-    ``thresholds`` ((t, u) lists) overrides the sort, e.g. for ``scope="model"``.
-    DARE methods (docs/spec.md §8a) take the tensor's Philox ``key`` (default:
-    ``philox.tensor_key(params.seed, name)``) and ``rescale`` (default: ``params.rescale``,
-    else the method's default). Returns (out, counts, (t, u)).
+    ``thresholds`` overrides the sort, e.g. for ``scope="model"``: a dict {"t", "u", "h"}
+    (those the method has), or a (t, u) pair. DARE methods (docs/spec.md §8a) take the
+    tensor's Philox ``key`` (default: ``philox.tensor_key(params.seed, name)``) and
+    ``rescale`` (default: ``params.rescale``, else the method's default).
+    Returns (out, counts, (t, u)); breadcrumbs' h is in ``thresholds_by_sort_all``.
     """
     ref = base if base is not None else models[0]
     out = torch.empty(ref.shape, dtype=out_dtype or ref.dtype, device=ref.device)
     n = models.shape[0]
     tk = params.for_tensor(name)
-    t = u = None
-    if params.trims:
+    thr = {}
+    if params.selects:
         if thresholds is None:
-            a = task_vectors(base, models).abs()
-            if params.spec.upper:                             # breadcrumbs: (t, h)
-                pairs = [breadcrumbs_thresholds_by_sort(a[i], tk.density[i], tk.gamma[i],
-                                                        population) for i in range(n)]
-            else:
-                pairs = [thresholds_by_sort(a[i], tk.density[i], tk.slack[i], population)
-                         for i in range(n)]
-            t, u = [p[0] for p in pairs], [p[1] for p in pairs]
+            a = task_vectors(base, models).abs().reshape(n, -1)
+            thr = thresholds_by_sort_all(params.spec, a, tk, population)
+        elif isinstance(thresholds, dict):
+            thr = {k: list(v) for k, v in thresholds.items()}
         else:
-            t, u = list(thresholds[0]), list(thresholds[1])
+            thr = {"t": list(thresholds[0]), "u": list(thresholds[1])}
     drop = {}
     if params.spec.drop:
         key = philox.tensor_key(params.seed, name) if key is None else key
         drop = dict(density=tk.density, key=key,
                     rescale=params.rescale if rescale is None else rescale)
-    cfg = params.spec.kernel_config(tk.weights, tk.scale, params.normalize, params.elect, t, u,
-                                    **drop)
+    if params.spec.ranked:                                  # DELLA: the rank stage (§8d)
+        drop["keep"] = della.keep_thresholds(base.reshape(-1), models.reshape(n, -1),
+                                             base.shape, tk.density, tk.epsilon)
+        del drop["density"]
+    cfg = params.spec.kernel_config(tk.weights, tk.scale, params.normalize, params.elect,
+                                    thr.get("t"), thr.get("u"), h=thr.get("h"), **drop)
     flat_base = None if base is None else base.reshape(-1)
     counts = merge(flat_base, models.reshape(n, -1), out.view(-1), cfg)
-    return out, counts, (t, u)
+    return out, counts, (thr.get("t"), thr.get("u"))
+
+
+def thresholds_by_sort_all(spec, abs_tau: torch.Tensor, knobs, population: int | None = None
+                           ) -> dict:
+    """{"t", "u", "h"} (those method ``spec`` has) for the rows of ``abs_tau`` [n, N], by
+    sorting: t and u as §3-§4 (u: slack, when the method protects), breadcrumbs' t and h
+    as §8b."""
+    n = abs_tau.shape[0]
+    out = {}
+    if spec.upper:
+        pairs = [breadcrumbs_thresholds_by_sort(abs_tau[i], knobs.density[i], knobs.gamma[i],
+                                                population) for i in range(n)]
+        out["t"], out["h"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    elif spec.thresholds:
+        out["t"] = [thresholds_by_sort(abs_tau[i], knobs.density[i], 0.0, population)[0]
+                    for i in range(n)]
+    if spec.protects or (spec.thresholds and not spec.upper):   # as select.searches
+        out["u"] = [thresholds_by_sort(abs_tau[i], 1.0, knobs.slack[i], population)[1]
+                    for i in range(n)]
+    return out

@@ -98,9 +98,10 @@ def build_report(params, backend: str, base_label, model_labels, stats,
         "population": population,
     }
     if global_thresholds is not None:
-        t, u = global_thresholds
-        report["model_thresholds"] = {"t": [_json_threshold(x) for x in t],
-                                      "u": [_json_threshold(x) for x in u]}
+        if isinstance(global_thresholds, (tuple, list)):    # (t, u)
+            global_thresholds = dict(zip("tu", global_thresholds))
+        report["model_thresholds"] = {k: [_json_threshold(x) for x in v]
+                                      for k, v in global_thresholds.items()}
     if totals is not None:
         # "label" is the /1 name of "model", kept for readers of /1 reports
         report["totals"] = [dict(model=label, label=label, **dict(zip(COUNTERS, map(int, row))))

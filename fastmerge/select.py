@@ -103,6 +103,30 @@ class Targets:
         return [f[0] for f in self.fixed], [f[1] for f in self.fixed]
 
 
+@dataclass(frozen=True)
+class Search:
+    """One selection over a population: its ``targets`` and the threshold each slot
+    finds, ``slots`` = (name of slot 0, name of slot 1), a name None when unused."""
+
+    targets: Targets
+    slots: tuple
+
+
+def searches(spec, knobs, population: int) -> list[Search]:
+    """The selections a method needs for one population (docs/spec.md §3, §4, §4a, §8b),
+    ``spec`` a methods.Method, ``knobs`` its per-model density / slack / gamma:
+    the TIES family (t, u) in one; breadcrumbs (t, h), plus (·, u) when it protects;
+    DARE with slack (·, u). A slot whose rank is 0 costs nothing (e.g. slack 0)."""
+    n = len(knobs.density)
+    slack_only = Search(Targets.of((1.0,) * n, knobs.slack, population), (None, "u"))
+    if spec.upper:
+        out = [Search(Targets.breadcrumbs(knobs.density, knobs.gamma, population), ("t", "h"))]
+        return out + [slack_only] if spec.protects else out
+    if spec.thresholds:
+        return [Search(Targets.of(knobs.density, knobs.slack, population), ("t", "u"))]
+    return [slack_only] if spec.protects else []
+
+
 class RadixSelect:
     """Find the k-th largest key for every (model, slot) with three histogram rounds.
 
@@ -290,6 +314,17 @@ def bracket_thresholds(bracket, base: torch.Tensor, models, targets: Targets, sa
             else:                                    # the (k − above)-th largest inside
                 out[j][i] = key_to_float(kth_largest_in(cand[i, j, :inside], lo, hi, k - above))
     return out[0], out[1]
+
+
+def find_all(backend, found: list[Search], chunks, whole=None, sample=None) -> dict:
+    """{name: per-model thresholds} of every slot of every search (``thresholds`` each)."""
+    out = {}
+    for search in found:
+        pair = thresholds(backend, search.targets, chunks, whole, sample)
+        for name, values in zip(search.slots, pair):
+            if name is not None:
+                out[name] = list(values)
+    return out
 
 
 def thresholds(backend, targets: Targets, chunks, whole=None, sample=None):

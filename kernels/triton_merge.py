@@ -329,10 +329,11 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
 
     ELECT 0: no election (sel_i = kept_i; kept_i = |x_i| ≥ t_i with TRIM, else every
     entry; W = Σ w_i = ``wsum``). ELECT 1 / 2: sum / count election, protected-first with
-    SLACK. UPPER (breadcrumbs, §8b): u_i is the trim's exclusive upper bound h_i instead,
-    kept_i = |x_i| ≥ t_i ∧ ¬(|x_i| ≥ h_i) (no slack). w_ptr: fp64 [NM + 2] = (w_i..., λ, Σ w_i) (fp64 in memory: a Python float
-    argument would reach the kernel as fp32); par_ptr: fp32 [3, NM] = (sign(w_i), t_i, u_i), a
-    threshold of +inf stored as NaN (no comparison holds). Votes, sums, m and θ are fp64,
+    SLACK; a protected entry is always kept (kept_i ∨ prot_i, §4a). UPPER (breadcrumbs,
+    §8b): kept_i = |x_i| ≥ t_i ∧ ¬(|x_i| ≥ h_i). w_ptr: fp64 [NM + 2] = (w_i..., λ, Σ w_i)
+    (fp64 in memory: a Python float argument would reach the kernel as fp32); par_ptr:
+    fp32 [4, NM] = (sign(w_i), t_i, u_i, h_i), a threshold of +inf stored as NaN (no
+    comparison holds). Votes, sums, m and θ are fp64,
     the models taken in order i = 0..n−1 from +0.0 (one row at a time: the same
     operations in the same order as the reference and the C backend). A block's model
     rows are read twice (election, then selection); the second read hits the cache.
@@ -345,25 +346,29 @@ def _merge_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, cnt_ptr, N, n_p
     c = _zero_counters(NM)
     for it in range(ITERS):
         offs = _offsets(pid + it * n_programs, BLOCK)
-        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, w_ptr, N, offs,
+        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, w_ptr, w_ptr, N, offs,
                          offs < N, 0, rows, scale, wsum, c, ON_BASE, TRIM, ELECT, SLACK,
                          NORMALIZE, N_MODELS, NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32,
-                         BLOCK, False, UPPER)
+                         BLOCK, False, UPPER, False, False)
     _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
 
 
 @triton.jit(do_not_specialize=["qbase", "shift"])      # they change chunk by chunk
-def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, cnt_ptr, N,
-                       n_programs, qbase, shift, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
+def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, keep_ptr,
+                       cnt_ptr, N, n_programs, qbase, shift, ELECT: tl.constexpr,
+                       SLACK: tl.constexpr, NORMALIZE: tl.constexpr,
                        N_MODELS: tl.constexpr, NM: tl.constexpr, BASE_BF16: tl.constexpr,
                        MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
-                       OUT_F32: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                       OUT_F32: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                       RANKED: tl.constexpr, RESCALE: tl.constexpr):
     """``_merge_kernel`` with DARE's random drop (docs/spec.md §8a) in place of the trim,
-    on a base, without slack. The chunk holds entries offset .. offset + N − 1 of the
+    on a base; SLACK: protected entries are kept and weigh w_i (§4a). The chunk holds entries offset .. offset + N − 1 of the
     tensor, offset = 4·qbase + shift (0 ≤ shift < 4): block b covers g = 4·qbase + b·BLOCK
     + 0..BLOCK − 1, i.e. chunk entries j = b·BLOCK − shift + 0..BLOCK − 1 (others masked),
     so every block starts at g ≡ 0 (mod 4). w_ptr: fp64 [2·NM + 2] = (w_i..., λ, Σ w_i,
     c_i...); drp_ptr: int64 [NM + 20] = (T_i..., the round keys of ``philox_round_keys``).
+    RANKED (DELLA, §8d): keep_ptr int64 [n, N] holds per-entry T_i(g) instead of T_i, and
+    RESCALE weighs a kept entry (w_i·2^32) / T_i(g).
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, NM)
@@ -373,10 +378,12 @@ def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, c
     for it in range(ITERS):
         blk = pid + it * n_programs
         offs = _offsets(blk, BLOCK) - shift
-        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs,
-                         (offs >= 0) & (offs < N), qbase + tl.cast(blk, tl.int64) * (BLOCK // 4),
-                         rows, scale, wsum, c, True, False, ELECT, False, NORMALIZE, N_MODELS,
-                         NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True, False)
+        c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, keep_ptr, N,
+                         offs, (offs >= 0) & (offs < N),
+                         qbase + tl.cast(blk, tl.int64) * (BLOCK // 4),
+                         rows, scale, wsum, c, True, False, ELECT, SLACK, NORMALIZE, N_MODELS,
+                         NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True, False,
+                         RANKED, RESCALE)
     _store_counters(cnt_ptr, pid, rows, N_MODELS, c)
 
 
@@ -403,12 +410,37 @@ def _store_counters(cnt_ptr, pid, rows, N_MODELS: tl.constexpr, c):
 
 
 @triton.jit
-def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs, inb, q0,
+def _drop_keep(q0, i, rk_ptr, drp_ptr, keep_ptr, w_ptr, N, offs, inb, NM: tl.constexpr,
+               BLOCK: tl.constexpr, RANKED: tl.constexpr, RESCALE: tl.constexpr):
+    """(kept_i, c_i) of the block's entries: DARE (§8a) r_i(g) < T_i and c_i; RANKED
+    (DELLA, §8d) r_i(g) < T_i(g) from keep_ptr [n, N] and, with RESCALE,
+    c_i(g) = (w_i·2^32) / T_i(g) (0 when T = 0), else w_i."""
+    r = _dare_words(q0, i, rk_ptr, BLOCK).to(tl.int64)
+    if RANKED:
+        t = tl.load(keep_ptr + _row_offsets(tl.full([1], i, tl.int32), N) + offs, mask=inb,
+                    other=0)
+        wi = tl.load(w_ptr + i)
+        if RESCALE:
+            cf = tl.where(t != 0, (wi * 4294967296.0) / tl.where(t != 0, t, 1).to(tl.float64),
+                          0.0)
+        else:
+            cf = tl.zeros([BLOCK], tl.float64) + wi
+        k = r < t
+    else:
+        k = r < tl.load(drp_ptr + i)
+        cf = tl.zeros([BLOCK], tl.float64) + tl.load(w_ptr + NM + 2 + i)
+    return k, cf
+
+
+@triton.jit
+def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, keep_ptr, N, offs,
+                 inb, q0,
                  rows, scale, wsum, c, ON_BASE: tl.constexpr, TRIM: tl.constexpr,
                  ELECT: tl.constexpr, SLACK: tl.constexpr, NORMALIZE: tl.constexpr,
                  N_MODELS: tl.constexpr, NM: tl.constexpr, BASE_BF16: tl.constexpr,
                  MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr, OUT_F32: tl.constexpr,
-                 BLOCK: tl.constexpr, DROP: tl.constexpr, UPPER: tl.constexpr):
+                 BLOCK: tl.constexpr, DROP: tl.constexpr, UPPER: tl.constexpr,
+                 RANKED: tl.constexpr, RESCALE: tl.constexpr):
     """One block of the fused pass (entries ``offs``, ``inb`` in the chunk): elect,
     select, combine, store θ; returns the counters ``c`` plus this block's. DROP: kept_i
     from DARE's words r_i for g = 4·q0 + 0..BLOCK − 1 (``_dare_words``) instead of t_i."""
@@ -424,8 +456,8 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
             x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
             c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
             if DROP:
-                ci = tl.load(w_ptr + NM + 2 + i)
-                k = _dare_words(q0, i, rk_ptr, BLOCK).to(tl.int64) < tl.load(drp_ptr + i)
+                k, ci = _drop_keep(q0, i, rk_ptr, drp_ptr, keep_ptr, w_ptr, N, offs, inb, NM,
+                                   BLOCK, RANKED, RESCALE)
                 kc = tl.sum(tl.where(k & inb, 1, 0), axis=0)
                 c_kept += _at(rows, i, kc)
                 c_sel += _at(rows, i, kc)
@@ -435,7 +467,7 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
                 if TRIM:
                     k = tl.abs(x) >= tl.load(par_ptr + NM + i)
                     if UPPER:                                # §8b: |x_i| < h_i too
-                        k = k & ~(tl.abs(x) >= tl.load(par_ptr + 2 * NM + i))
+                        k = k & ~(tl.abs(x) >= tl.load(par_ptr + 3 * NM + i))
                     kc = tl.sum(tl.where(k & inb, 1, 0), axis=0)
                     c_kept += _at(rows, i, kc)
                     c_sel += _at(rows, i, kc)
@@ -452,24 +484,34 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
             x = _load_x(models_ptr, i, N, offs, inb, b, ON_BASE, MODELS_BF16)
             c_nonf += _at(rows, i, tl.sum(tl.where(_nonfinite(x) & inb, 1, 0), axis=0))
             ax = tl.abs(x)
+            if SLACK:
+                p = ax >= tl.load(par_ptr + 2 * NM + i)      # §4a: protected, always kept
+            if DROP:
+                dk, dcf = _drop_keep(q0, i, rk_ptr, drp_ptr, keep_ptr, w_ptr, N, offs, inb, NM,
+                                     BLOCK, RANKED, RESCALE)
             if ELECT == 2:
                 sx = tl.load(par_ptr + i) * tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
                 vote = sx.to(tl.float64)
             else:
                 if DROP:
-                    vote = tl.load(w_ptr + NM + 2 + i) * x.to(tl.float64)
+                    cf = dcf
+                    if SLACK:                                # a protected entry weighs w_i
+                        cf = tl.where(p, tl.load(w_ptr + i), cf)
+                    vote = cf * x.to(tl.float64)
                 else:
                     vote = tl.load(w_ptr + i) * x.to(tl.float64)
             if DROP:
-                k = _dare_words(q0, i, rk_ptr, BLOCK).to(tl.int64) < tl.load(drp_ptr + i)
-                kbits = kbits | (k.to(tl.int32) << i)
+                k = dk
             else:
                 k = ax >= tl.load(par_ptr + NM + i)
                 if UPPER:
-                    k = k & ~(ax >= tl.load(par_ptr + 2 * NM + i))
+                    k = k & ~(ax >= tl.load(par_ptr + 3 * NM + i))
+            if SLACK:
+                k = k | p
+            if DROP:
+                kbits = kbits | (k.to(tl.int32) << i)
             g += tl.where(k, vote, 0.0)
             if SLACK:
-                p = ax >= tl.load(par_ptr + 2 * NM + i)
                 gp += tl.where(p, vote, 0.0)
                 ap = ap | p
         gt = tl.where(g >= 0, 1.0, -1.0)
@@ -483,14 +525,24 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
             ax = tl.abs(x)
             wi = tl.load(w_ptr + i)
             sx = tl.load(par_ptr + i) * x                    # sign(w_i·x_i) = sign(sx)
+            if SLACK:
+                p = (ax >= tl.load(par_ptr + 2 * NM + i)) & inb
             if DROP:
-                ci = tl.load(w_ptr + NM + 2 + i)
+                if RANKED:                                   # c_i(g) again from T_i(g)
+                    _, ci = _drop_keep(q0, i, rk_ptr, drp_ptr, keep_ptr, w_ptr, N, offs, inb,
+                                       NM, BLOCK, RANKED, RESCALE)
+                else:
+                    ci = tl.load(w_ptr + NM + 2 + i)
+                if SLACK:
+                    ci = tl.where(p, wi, ci)
                 k = (((kbits >> i) & 1) != 0) & inb
             else:
                 ci = wi
                 k = (ax >= tl.load(par_ptr + NM + i)) & inb
                 if UPPER:
-                    k = k & ~(ax >= tl.load(par_ptr + 2 * NM + i))
+                    k = k & ~(ax >= tl.load(par_ptr + 3 * NM + i))
+                if SLACK:
+                    k = k | p
             sel = k & (sx * gam > 0)                         # a zero never matches
             d += tl.where(sel, ci * x.to(tl.float64), 0.0)
             ws += tl.where(sel, wi, 0.0)
@@ -498,7 +550,6 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, N, offs
             c_sel += _at(rows, i, tl.sum(tl.where(sel, 1, 0), axis=0))
             c_drop += _at(rows, i, tl.sum(tl.where(k & ~sel & (x != 0), 1, 0), axis=0))
             if SLACK:
-                p = (ax >= tl.load(par_ptr + 2 * NM + i)) & inb
                 sel_t = k & (sx * gt > 0)
                 c_prot += _at(rows, i, tl.sum(tl.where(p, 1, 0), axis=0))
                 c_imp += _at(rows, i, tl.sum(tl.where(p & ~sel, 1, 0), axis=0))
@@ -630,12 +681,12 @@ _PARAMS_CACHE: dict = {}
 
 
 def _params(cfg: KernelConfig, nm: int, device: torch.device):
-    """(fp64 [2·NM + 2] = (w_i..., λ, Σ w_i, c_i...), fp32 [3, NM] = (sign(w_i), t_i, u_i),
+    """(fp64 [2·NM + 2] = (w_i..., λ, Σ w_i, c_i...), fp32 [4, NM] = (sign(w_i), t_i, u_i, h_i),
     int64 [NM + 20] = (T_i..., Philox round keys) or None without a drop) on the device,
     cached: a merge runs chunk after chunk (the offset is a kernel argument). A threshold
     of +inf (keep / protect none) and every padded row are NaN, which no comparison
     passes; padded T_i are 0 (keep none)."""
-    key = (cfg.weights, cfg.t, cfg.u, cfg.scale, cfg.density, cfg.rescale, cfg.key, nm,
+    key = (cfg.weights, cfg.t, cfg.u, cfg.h, cfg.scale, cfg.density, cfg.rescale, cfg.key, nm,
            str(device))
     p = _PARAMS_CACHE.get(key)
     if p is None:
@@ -646,17 +697,19 @@ def _params(cfg: KernelConfig, nm: int, device: torch.device):
         w = torch.zeros(2 * nm + 2, dtype=torch.float64)
         w[:n] = torch.tensor(cfg.weights, dtype=torch.float64)
         w[nm], w[nm + 1] = float(cfg.scale), wsum
-        w[nm + 2:nm + 2 + n] = torch.tensor(cfg.vote_weights, dtype=torch.float64)
-        par = torch.full((3, nm), float("nan"), dtype=torch.float32)
+        if cfg.keep is None:
+            w[nm + 2:nm + 2 + n] = torch.tensor(cfg.vote_weights, dtype=torch.float64)
+        par = torch.full((4, nm), float("nan"), dtype=torch.float32)
         par[0] = torch.sign(w[:nm]).float()
-        for row, v in ((1, cfg.t), (2, cfg.u)):
+        for row, v in ((1, cfg.t), (2, cfg.u), (3, cfg.h)):
             if v is not None:
                 par[row, :n] = torch.tensor(v, dtype=torch.float32)
         par[par == float("inf")] = float("nan")
         drp = None
         if cfg.drops:
             drp = torch.zeros(nm + 2 * PHILOX_ROUNDS, dtype=torch.int64)
-            drp[:n] = torch.tensor(cfg.drop_thresholds, dtype=torch.int64)
+            if cfg.keep is None:                     # DELLA: T per entry (cfg.keep) instead
+                drp[:n] = torch.tensor(cfg.drop_thresholds, dtype=torch.int64)
             drp[nm:] = torch.tensor(philox_round_keys(cfg.key), dtype=torch.int64)
             drp = drp.to(device)
         p = (w.to(device), par.to(device), drp)
@@ -696,14 +749,16 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
         if not cfg.on_base:
             raise ValueError("the Triton DARE kernel merges on a base")
         with _launch_context(device):
+            keep = w if cfg.keep is None else cfg.keep.to(device=device, dtype=torch.int64)
             _merge_drop_kernel[(grid,)](
                 _kernel_view(base), _kernel_view(models), _kernel_view(out), w, par, drp,
-                partial, N, grid, (cfg.offset - shift) >> 2, shift,
-                ELECT=("none", "sum", "count").index(cfg.elect),
+                keep.contiguous(), partial, N, grid, (cfg.offset - shift) >> 2, shift,
+                ELECT=("none", "sum", "count").index(cfg.elect), SLACK=cfg.has_slack,
                 NORMALIZE=bool(cfg.normalize), N_MODELS=n, NM=nm,
                 BASE_BF16=base.dtype == torch.bfloat16,
                 MODELS_BF16=models.dtype == torch.bfloat16, OUT_BF16=out.dtype == torch.bfloat16,
-                OUT_F32=out.dtype == torch.float32, BLOCK=block, ITERS=iters, num_warps=4,
+                OUT_F32=out.dtype == torch.float32, BLOCK=block, ITERS=iters,
+                RANKED=cfg.keep is not None, RESCALE=bool(cfg.rescale), num_warps=4,
                 enable_fp_fusion=False)
         return partial.sum(0, dtype=torch.int64)
     with _launch_context(device):

@@ -47,7 +47,7 @@ def sort_thresholds(base, models, density, gamma, population=None):
 def cfg_for(method, weights, t, h, *, normalize=None, elect="sum", scale=0.8):
     m = methods.METHODS[method]
     return m.kernel_config(weights, scale, m.normalize_default if normalize is None
-                           else normalize, elect, t, h)
+                           else normalize, elect, t, h=h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,9 +186,9 @@ def test_infinite_entries_and_upper_none():
 
 def test_kernel_config_and_params_checks():
     with pytest.raises(ValueError, match="upper"):
-        KernelConfig(weights=(1.0,), t=(0.0,), upper=True)
-    cfg = KernelConfig(weights=(1.0,), t=(0.0,), u=(1.0,), upper=True)
-    assert not cfg.has_slack and cfg.h == (1.0,)
+        KernelConfig(weights=(1.0,), h=(1.0,))
+    cfg = KernelConfig(weights=(1.0,), t=(0.0,), h=(1.0,))
+    assert not cfg.has_slack and cfg.h == (1.0,) and cfg.upper
     p = make_params("breadcrumbs", 2)
     assert p.gamma == (0.01, 0.01) and p.normalize is False and not p.spec.elect
     assert make_params("breadcrumbs_ties", 1).normalize is False
@@ -226,11 +226,13 @@ def test_merge_api_equals_reference(method, scope):
             [m[n].reshape(-1) for m in models])).abs() for n in names], dim=1)
         pairs = [R.breadcrumbs_thresholds_by_sort(tau[i], params.density[i], params.gamma[i])
                  for i in range(2)]
-        thresholds = [p[0] for p in pairs], [p[1] for p in pairs]
-        null = [[None if x == INF else x for x in v] for v in thresholds]
+        thresholds = {"t": [p[0] for p in pairs], "h": [p[1] for p in pairs]}
+        if method == "breadcrumbs_ties":
+            thresholds["u"] = [INF, INF]                       # no slack: protects none
         for r in got.values():
             got_t = r.report["model_thresholds"]
-            assert [[None if x == INF else x for x in got_t[k]] for k in "tu"] == null
+            assert got_t == {k: [None if x == INF else x for x in v]
+                             for k, v in thresholds.items()}
     for name in names:
         m = torch.stack([sd[name] for sd in models])
         want, counts, _ = R.merge_one(base[name], m, params, thresholds=thresholds, name=name)
@@ -320,5 +322,141 @@ def test_c_module_needs_both_bounds():
     f32 = C._code(torch.zeros(1), "x")
     with pytest.raises(ValueError, match="upper"):
         ext.merge(torch.zeros(4).numpy(), [torch.ones(4).numpy()], torch.zeros(4).numpy(),
-                  1, 4, f32, f32, f32, True, ext.ELECT_NONE, False, (1.0,), (0.0,), None, 1.0,
-                  torch.zeros(7, dtype=torch.int64).numpy(), upper=True)
+                  1, 4, f32, f32, f32, True, ext.ELECT_NONE, False, (1.0,), None, None, 1.0,
+                  torch.zeros(7, dtype=torch.int64).numpy(), h=(1.0,))
+
+
+# ---------------------------------------------------------------------------------------
+# slack (docs/spec.md §4a): breadcrumbs_ties protects each model's top s_i
+
+SLACK = {1: (0.02,), 2: (0.05, 0.1), 3: (0.1, 0.0, 0.3)}
+
+
+def slack_cfg(base, models, weights, density, gamma, slack, elect="sum", normalize=None,
+              scale=0.8):
+    a = R.task_vectors(base, models).abs()
+    t, h = sort_thresholds(base, models, density, gamma)
+    u = [R.thresholds_by_sort(a[i], 1.0, s)[1] for i, s in enumerate(slack)]
+    m = methods.METHODS["breadcrumbs_ties"]
+    return m.kernel_config(weights, scale, m.normalize_default if normalize is None
+                           else normalize, elect, t, u, h=h)
+
+
+def derive_slack(base, models, cfg):
+    """kept, prot, sel, sel under plain TIES's γ, from §8b and §4a written out."""
+    x = R.task_vectors(base, models)
+    a = x.abs()
+    n = x.shape[0]
+    t, u, h = (torch.tensor(v).unsqueeze(1) for v in (cfg.t, cfg.u, cfg.h))
+    prot = a >= u
+    kept = ((a >= t) & (a < h)) | prot
+    w = torch.tensor(cfg.weights, dtype=torch.float64).unsqueeze(1)
+    sgn = torch.sign(w) * torch.sign(x.double())
+    vote = sgn if cfg.elect == "count" else w * x.double()
+    g_all = torch.zeros(x.shape[1], dtype=torch.float64)
+    g_prot = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(n):
+        g_all = g_all + torch.where(kept[i], vote[i], 0.0)
+        g_prot = g_prot + torch.where(prot[i], vote[i], 0.0)
+    g_ties = torch.where(g_all >= 0, 1.0, -1.0)
+    gamma = torch.where(prot.any(0), torch.where(g_prot >= 0, 1.0, -1.0), g_ties)
+    return kept, prot, kept & (sgn == gamma), kept & (sgn == g_ties)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
+@pytest.mark.parametrize("n", [1, 2, 3], ids=ids("n_models"))
+def test_slack_c_and_reference_bit_identical(n, dtype):
+    from fastmerge.kernel_api import IMPORTANT_DROPPED, TIES_IMPORTANT_DROPPED
+    base, models = make_inputs(n, 3000 + 37 * n, dtype, seed=30 + n,
+                               kind="grid" if n == 3 else "normal")
+    for density, gamma in KNOBS[n]:
+        slack = tuple(min(s, d) for s, d in zip(SLACK[n], density))
+        for normalize, elect in ((None, "sum"), (True, "count")):
+            cfg = slack_cfg(base, models, WEIGHTS[n], density, gamma, slack, elect, normalize)
+            want = run(R.merge, base, models, cfg, dtype)
+            assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {cfg}")
+            kept, prot, sel, sel_t = derive_slack(base, models, cfg)
+            c = want[1]
+            assert c[:, KEPT].tolist() == kept.sum(1).tolist()
+            assert c[:, SELECTED].tolist() == sel.sum(1).tolist()
+            assert c[:, PROTECTED].tolist() == prot.sum(1).tolist()
+            assert c[:, IMPORTANT_DROPPED].tolist() == (prot & ~sel).sum(1).tolist()
+            assert c[:, TIES_IMPORTANT_DROPPED].tolist() == (prot & ~sel_t).sum(1).tolist()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n", [1, 2, 3], ids=ids("n_models"))
+def test_slack_triton_bit_identical(n):
+    dtype = DTYPES[n % 3]
+    base, models = make_inputs(n, 700, dtype, seed=40 + n, kind="grid" if n == 3 else "normal")
+    density, gamma = KNOBS[n][0]
+    slack = tuple(min(s, d) for s, d in zip(SLACK[n], density))
+    cfg = slack_cfg(base, models, WEIGHTS[n], density, gamma, slack,
+                    "count" if n == 2 else "sum")
+    assert cfg.has_slack
+    assert_same(run(triton_merge, base, models, cfg, dtype),
+                run(R.merge, base, models, cfg, dtype), f"Triton {cfg}")
+
+
+@pytest.mark.parametrize("merge", [pytest.param(R.merge, id="backend=torch"),
+                                   pytest.param(C.merge, id="backend=c"),
+                                   pytest.param(triton_merge, id="backend=triton",
+                                                marks=pytest.mark.interpreter)])
+def test_slack_by_hand(merge):
+    """The outliers breadcrumbs drops from the top stay when protected: τ = 10..1,
+    K = 3, G = 2 keeps {8, 7, −6}; s = 0.1 protects the top one (10), which the band
+    drops; the second model's vote against it does not count (protected first)."""
+    tau = [[10., -9., 8., 7., -6., 5., 4., 3., 2., 1.],
+           [-1., 0., 0., 0., 0., 0., 0., 0., 0., 0.5]]
+    models = torch.tensor(tau, dtype=F32)
+    base = torch.zeros(10, dtype=F32)
+    knobs = (base, models, (1.0, 3.0), (0.3, 1.0), (0.2, 0.0))
+    cfg = slack_cfg(*knobs, (0.1, 0.0), scale=1.0)
+    assert cfg.u == (10.0, INF) and cfg.h == (9.0, INF)
+    out, counts = run(merge, base, models, cfg, F32)
+    # entry 0: only model 0 protects it (vote +10 > 0): model 1's 3·(−1) is dropped by sign
+    assert out.tolist() == [10., 0., 8., 7., -6., 0., 0., 0., 0., 1.5]
+    assert counts[:, KEPT].tolist() == [4, 10] and counts[:, PROTECTED].tolist() == [1, 0]
+    assert counts[:, SELECTED].tolist() == [4, 1]
+    without = slack_cfg(*knobs, (0.0, 0.0), scale=1.0)
+    assert run(merge, base, models, without, F32)[0].tolist() == \
+        [-3., 0., 8., 7., -6., 0., 0., 0., 0., 1.5]
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_slack_merge_api(scope, monkeypatch):
+    """fastmerge.merge() with slack: the reference's bytes on torch and C, whole and
+    streamed; the report lists t, u and h."""
+    from fastmerge import pipeline
+    from fastmerge.backends import torch_backend
+    from fastmerge.testing import PRESETS, state_dicts
+    base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
+    kw = dict(method="breadcrumbs_ties", density=[0.3, 0.5], gamma=[0.05, 0.01],
+              slack=[0.1, 0.02], weights=[1.0, 0.7], scope=scope, progress=False)
+    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+        for mod in (torch_backend, C):
+            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
+        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
+    names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
+    thresholds = None
+    if scope == "model":
+        tau = torch.cat([R.task_vectors(base[n].reshape(-1), torch.stack(
+            [m[n].reshape(-1) for m in models])).abs() for n in names], dim=1)
+        thresholds = R.thresholds_by_sort_all(params.spec, tau, params.for_tensor(""))
+        for r in got.values():
+            assert r.report["model_thresholds"] == thresholds
+    for name in names:
+        m = torch.stack([sd[name] for sd in models])
+        want, counts, _ = R.merge_one(base[name], m, params, thresholds=thresholds, name=name)
+        for be, r in got.items():
+            assert torch.equal(_bits({name: r.state_dict[name]})[name],
+                               _bits({name: want})[name]), (be, name)
+    rows = got["torch"].report["tensors"]
+    assert all(set(row) >= {"t", "u", "h"} for row in rows)
+    assert got["c"].report["tensors"] == rows == got["streamed"].report["tensors"]
+    assert all(t["protected"] > 0 for t in got["c"].report["totals"])
+    with pytest.raises(fastmerge.ParameterError, match="slack is only used by the methods"):
+        make_params("breadcrumbs", 1, slack=0.01)

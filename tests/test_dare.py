@@ -18,6 +18,7 @@ Triton runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py), with small 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import types
@@ -45,6 +46,7 @@ WEIGHTS = {1: (-0.75,), 2: (0.6, -0.45), 3: (1.0, -0.3, 0.35),
 DENSITY = {1: (0.3,), 2: (0.45, 1.0), 3: (0.7, 0.0, 0.35),
            8: (0.3, 1.0, 0.0, 0.7, 0.45, 0.9, 0.15, 0.6)}
 TRITON = pytest.mark.interpreter
+INF = math.inf
 
 
 def ids(name):
@@ -408,7 +410,9 @@ def test_method_rows():
     for name, elect in (("dare_linear", False), ("dare_ties", True)):
         m = methods.METHODS[name]
         assert m.needs_base and m.drop and not m.thresholds and m.elect == elect
-        assert m.knobs == ("weights", "density", "scale")
+        assert m.knobs == (("weights", "density", "slack", "scale") if elect
+                           else ("weights", "density", "scale"))
+        assert m.protects == elect
         assert m.normalize_default is False and m.rescale_default is True
         assert m.available and methods.ALIASES[name] == name
         cfg = m.kernel_config((1.0, 2.0), 0.5, False, "sum", density=(0.5, 0.25), key=3)
@@ -430,7 +434,9 @@ def test_kernel_config_checks():
     cfg = KernelConfig(**ok, offset=10)
     assert cfg.at(10) is cfg and cfg.at(99).offset == 99 and cfg.at(99).key == 1
     assert KernelConfig(weights=(1.0,), density=(0.0,), rescale=True).vote_weights == (0.0,)
-    bad = [dict(ok, t=(0.0, 0.0)), dict(ok, u=(1.0, 1.0), elect="sum"), dict(ok, density=(0.5,)),
+    assert KernelConfig(**ok, u=(1.0, INF), elect="sum").has_slack     # slack with a drop
+    bad = [dict(ok, t=(0.0, 0.0)), dict(ok, u=(1.0, 1.0)), dict(ok, h=(1.0, 1.0)),
+           dict(ok, density=(0.5,)),
            dict(ok, density=(1.5, 0.5)), dict(ok, key=-1), dict(ok, key=2**64), dict(ok, key=1.0),
            dict(ok, offset=-1), dict(weights=(1.0,), rescale=True)]
     for kw in bad:
@@ -475,7 +481,8 @@ def test_merge_one_with_key():
     knobs = types.SimpleNamespace(weights=WEIGHTS[2], density=DENSITY[2], slack=(0.0, 0.0),
                                   scale=LAMBDA)
     params = types.SimpleNamespace(method="dare_ties", spec=methods.METHODS["dare_ties"],
-                                   trims=False, normalize=False, elect="sum", seed=5,
+                                   trims=False, selects=False, normalize=False, elect="sum",
+                                   seed=5,
                                    rescale=None, for_tensor=lambda name: knobs)
     base, models = make_inputs(2, 24 * 5, BF16, seed=3)
     out, counts, _ = R.merge_one(base.reshape(24, 5), models.reshape(2, 24, 5), params, name="w")
@@ -489,10 +496,16 @@ def test_merge_one_with_key():
 
 _SM90_BODY = """
     dsig = dict(base_ptr="*i16", models_ptr="*i16", out_ptr="*fp16", w_ptr="*fp64",
-                par_ptr="*fp32", drp_ptr="*i64", cnt_ptr="*i32", N="i32", n_programs="i32",
-                qbase="i64", shift="i32")
-    for elect, out_f32, bf16 in ((0, False, True), (1, True, False), (2, False, True)):
-        build(T._merge_drop_kernel, dsig, dict(ELECT=elect, NORMALIZE=True, N_MODELS=3, NM=4,
+                par_ptr="*fp32", drp_ptr="*i64", keep_ptr="*i64", cnt_ptr="*i32", N="i32",
+                n_programs="i32", qbase="i64", shift="i32")
+    for elect, out_f32, bf16, slack, ranked in ((0, False, True, False, False),
+                                                (1, True, False, False, False),
+                                                (2, False, True, False, False),
+                                                (1, False, True, True, False),
+                                                (1, False, True, True, True),
+                                                (0, True, False, False, True)):
+        build(T._merge_drop_kernel, dsig, dict(ELECT=elect, SLACK=slack, NORMALIZE=True,
+              RANKED=ranked, RESCALE=True, N_MODELS=3, NM=4,
               BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024,
               ITERS=8), 4, needs=("mul.hi.u32",))
     build(T._philox_kernel, dict(ctr_ptr="*i64", rk_ptr="*i64", out_ptr="*i64", M="i32"),
@@ -566,3 +579,209 @@ def test_yaml_dare_with_rescale_and_cli_seed(tmp_path):
     with pytest.raises(fastmerge.ParameterError, match="rescale is only used by the DARE"):
         fastmerge.merge(fam["base"], fam["models"], method="ties", rescale=True,
                         progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. slack (docs/spec.md §4a): dare_ties protects each model's top s_i
+
+def slack_u(base, models, slack):
+    """u_i of §4 by sorting (+inf when ⌊s_i·N⌋ = 0)."""
+    a = R.task_vectors(base, models).abs()
+    return [R.thresholds_by_sort(a[i], 1.0, s)[1] for i, s in enumerate(slack)]
+
+
+def derive_slack(base, models, cfg, out_dtype):
+    """θ of §8a with §4a's protection, written out from the spec: (out, kept, prot, sel,
+    sel under plain TIES's γ)."""
+    x32 = models.float() - base.float()
+    x = x32.double()
+    n, N = x.shape
+    prot = torch.stack([x32[i].abs() >= u for i, u in enumerate(cfg.u)])
+    kept = torch.stack([philox.random_words(cfg.key, i, cfg.offset, N) < math.floor(d * 2**32)
+                        for i, d in enumerate(cfg.density)]) | prot
+    w = cfg.weights
+    c = [(w[i] / cfg.density[i] if cfg.density[i] > 0 else 0.0) if cfg.rescale else w[i]
+         for i in range(n)]
+    f = [torch.where(prot[i], torch.tensor(w[i], dtype=torch.float64),
+                     torch.tensor(c[i], dtype=torch.float64)) for i in range(n)]  # prot.: w_i
+    sgn = [math.copysign(1.0, w[i]) * (w[i] != 0) * torch.sign(x[i]) for i in range(n)]
+    G = torch.zeros(N, dtype=torch.float64)
+    GP = torch.zeros(N, dtype=torch.float64)
+    for i in range(n):
+        vote = sgn[i] if cfg.elect == "count" else f[i] * x[i]
+        G = G + torch.where(kept[i], vote, 0.0)
+        GP = GP + torch.where(prot[i], vote, 0.0)
+    g_ties = torch.where(G >= 0, 1.0, -1.0)
+    gamma = torch.where(prot.any(0), torch.where(GP >= 0, 1.0, -1.0), g_ties)
+    sel = torch.stack([kept[i] & (sgn[i] == gamma) for i in range(n)])
+    sel_t = torch.stack([kept[i] & (sgn[i] == g_ties) for i in range(n)])
+    W = torch.zeros(N, dtype=torch.float64)
+    D = torch.zeros(N, dtype=torch.float64)
+    for i in range(n):
+        W = W + torch.where(sel[i], torch.tensor(w[i], dtype=torch.float64), 0.0)
+        D = D + torch.where(sel[i], f[i] * x[i], 0.0)
+    m = torch.where(W != 0, D / torch.where(W != 0, W, 1.0), D) if cfg.normalize else D
+    theta = base.double() + cfg.scale * m
+    return R.round_once(theta, out_dtype), kept, prot, sel, sel_t
+
+
+SLACK = {1: (0.1,), 2: (0.2, 0.05), 3: (0.3, 0.0, 0.1),
+         8: (0.1, 0.3, 0.0, 0.2, 0.05, 0.4, 0.15, 0.0)}
+
+
+def slack_cfg(base, models, n, slack=None, **kw):
+    u = slack_u(base, models, slack or SLACK[n])
+    return dataclasses.replace(cfg_for("dare_ties", n, **kw), u=tuple(u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
+@pytest.mark.parametrize("n", [1, 2, 3, 8], ids=ids("n_models"))
+def test_slack_c_and_reference_equal_the_definition(n, dtype):
+    from fastmerge.kernel_api import (IMPORTANT_DROPPED, PROTECTED,
+                                      TIES_IMPORTANT_DROPPED)
+    base, models = _inputs(n, 2000 + 37 * n, dtype, seed=40 + n)
+    density = tuple(min(1.0, d + 0.4) if d == 0 else d for d in DENSITY[n])  # s_i <= d_i
+    for rescale, normalize, elect in MODES:
+        cfg = slack_cfg(base, models, n, rescale=rescale, normalize=normalize, elect=elect,
+                        offset=5, density=density)
+        assert cfg.has_slack
+        want = run(R.merge, base, models, cfg, dtype)
+        assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {cfg}")
+        out, kept, prot, sel, sel_t = derive_slack(base, models, cfg, dtype)
+        assert torch.equal(want[0].view(torch.uint8), out.view(torch.uint8)), "reference vs spec"
+        c = want[1]
+        assert c[:, KEPT].tolist() == kept.sum(1).tolist()
+        assert c[:, SELECTED].tolist() == sel.sum(1).tolist()
+        assert c[:, PROTECTED].tolist() == prot.sum(1).tolist()
+        assert c[:, IMPORTANT_DROPPED].tolist() == (prot & ~sel).sum(1).tolist()
+        assert c[:, TIES_IMPORTANT_DROPPED].tolist() == (prot & ~sel_t).sum(1).tolist()
+        for i, s in enumerate(SLACK[n]):           # the top ⌊s_i·N⌋ (ties kept): protected
+            assert c[i, PROTECTED] >= int(s * models.shape[1])
+    if n > 1:   # the election really changed somewhere (sum mode, default knobs)
+        cfg = slack_cfg(base, models, n, density=density)
+        _, _, prot, sel, sel_t = derive_slack(base, models, cfg, dtype)
+        assert (prot & ~sel_t).sum() > (prot & ~sel).sum()
+
+
+@TRITON
+@pytest.mark.parametrize("n", [1, 2, 3, 8], ids=ids("n_models"))
+def test_slack_triton_bit_identical(n):
+    dtype = DTYPES[n % 3]
+    base, models = _inputs(n, 700 if n < 8 else 300, dtype, seed=50 + n)
+    density = tuple(max(d, s) for d, s in zip(DENSITY[n], SLACK[n]))
+    rescale, normalize, elect = MODES[n % len(MODES)]
+    cfg = slack_cfg(base, models, n, rescale=rescale, normalize=normalize, elect=elect,
+                    offset=4099, density=density)
+    assert_same(run(triton_merge, base, models, cfg, dtype),
+                run(R.merge, base, models, cfg, dtype), f"Triton {cfg}")
+    assert_same(chunked(triton_merge, base, models, cfg, dtype, 37),
+                run(R.merge, base, models, cfg, dtype), "Triton chunks 37")
+
+
+def test_slack_chunking_and_threads_c():
+    n, N, dtype = 3, 5000, BF16
+    base, models = make_inputs(n, N, dtype, seed=17)
+    cfg = slack_cfg(base, models, n, density=(0.4, 0.75, 1.0), slack=(0.1, 0.2, 0.3))
+    whole = run(R.merge, base, models, cfg, dtype)
+    for step in (1000, 37):
+        assert_same(chunked(R.merge, base, models, cfg, dtype, step), whole, f"ref chunks {step}")
+        assert_same(chunked(C.merge, base, models, cfg, dtype, step), whole, f"C chunks {step}")
+    big_base, big_models = make_inputs(2, 70_001, F16, seed=18)
+    cfg2 = slack_cfg(big_base, big_models, 2, offset=3)
+    want = run(R.merge, big_base, big_models, cfg2, F16)
+    try:
+        for threads in (1, 2, 3):
+            C.set_num_threads(threads)
+            assert_same(run(C.merge, big_base, big_models, cfg2, F16), want, f"{threads} threads")
+    finally:
+        C.set_num_threads(0)
+
+
+@pytest.mark.parametrize("merge", ALL_MERGES)
+def test_slack_by_hand(merge):
+    """One model, w = 0.5, d = 0.25 (rescale: c = 2), τ = 1..64 with entries 60..63
+    protected (u = 61: the top 4 of 64 with s = 1/16). A protected entry is kept whatever
+    the draw and weighs w = 0.5, never w / d; the others are DARE's."""
+    from fastmerge.kernel_api import PROTECTED
+    N = 64
+    base = torch.zeros(N, dtype=F32)
+    models = torch.arange(1, N + 1, dtype=F32).unsqueeze(0)
+    m = methods.METHODS["dare_ties"]
+    u = slack_u(base, models, (4 / 64,))
+    assert u == [61.0]
+    cfg = m.kernel_config((0.5,), 1.0, False, "sum", None, u, density=(0.25,), key=KEY)
+    kept = _entries_where(KEY, 0.25, N)
+    assert not kept[60:].all()                     # the draw drops some protected entry
+    out, counts = run(merge, base, models, cfg, F32)
+    want = torch.where(kept, 2.0 * models[0], 0.0)
+    want[60:] = 0.5 * models[0, 60:]
+    assert torch.equal(out, want)
+    assert counts[0, PROTECTED] == 4 and counts[0, KEPT] == int((kept[:60]).sum()) + 4
+    # d = 0 keeps only the protected entries, s = 0 (u = inf) is plain DARE
+    cfg0 = m.kernel_config((0.5,), 1.0, False, "sum", None, u, density=(0.0625,), key=KEY)
+    cfg0 = dataclasses.replace(cfg0, density=(0.0,))
+    out0, _ = run(merge, base, models, cfg0, F32)
+    assert torch.equal(out0, torch.where(torch.arange(N) >= 60, 0.5 * models[0], 0.0))
+    plain = m.kernel_config((0.5,), 1.0, False, "sum", None, [INF], density=(0.25,), key=KEY)
+    assert not plain.has_slack
+    assert torch.equal(run(merge, base, models, plain, F32)[0],
+                       torch.where(kept, 2.0 * models[0], 0.0))
+
+
+def test_slack_params_and_yaml(tmp_path):
+    from fastmerge.config import config_to_kwargs
+    from fastmerge.params import make_params
+    assert make_params("dare_ties", 2, slack=[0.1, 0.0], density=0.5).selects
+    assert not make_params("dare_ties", 2, density=0.5).selects
+    with pytest.raises(fastmerge.ParameterError, match="slack is only used by the methods"):
+        make_params("dare_linear", 2, slack=0.1)
+    with pytest.raises(fastmerge.ParameterError, match="slack of model 0 must be in"):
+        make_params("dare_ties", 1, slack=0.3, density=0.2)
+    doc = {"merge_method": "dare_ties", "base_model": "b",
+           "parameters": {"weight": 1.0, "density": 0.4, "slack": 0.05},
+           "models": [{"model": "m0", "parameters": {"slack": 0.1}}, {"model": "m1"}]}
+    assert config_to_kwargs(doc)["slack"] == [0.1, 0.05]
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_slack_merge_api(scope, monkeypatch):
+    """fastmerge.merge() with slack on the torch and C backends, whole and streamed in
+    chunks: the reference's bytes, u_i in the report, the protected counters."""
+    from fastmerge import pipeline
+    from fastmerge.backends import torch_backend
+    from fastmerge.params import make_params
+    from fastmerge.testing import PRESETS, state_dicts
+    base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
+    kw = dict(method="dare_ties", density=[0.5, 0.3], slack=[0.1, 0.02], weights=[1.0, -0.7],
+              seed=3, scope=scope, progress=False)
+    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+        for mod in (torch_backend, C):
+            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
+        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
+    names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
+    thresholds = None
+    if scope == "model":
+        tau = torch.cat([R.task_vectors(base[n].reshape(-1), torch.stack(
+            [m[n].reshape(-1) for m in models])).abs() for n in names], dim=1)
+        thresholds = {"u": [R.thresholds_by_sort(tau[i], 1.0, s)[1]
+                            for i, s in enumerate(kw["slack"])]}
+        for r in got.values():
+            assert r.report["model_thresholds"] == thresholds
+    total = torch.zeros(2, len(COUNTERS), dtype=torch.int64)
+    for name in names:
+        m = torch.stack([sd[name] for sd in models])
+        want, counts, (t, u) = R.merge_one(base[name], m, params, thresholds=thresholds,
+                                           name=name)
+        total += counts
+        for be, r in got.items():
+            assert torch.equal(_bits({name: r.state_dict[name]})[name],
+                               _bits({name: want})[name]), (be, name)
+    assert total[:, 1].min() > 0                              # both models protect
+    rows = got["torch"].report["tensors"]
+    assert all(row["u"] and "t" not in row for row in rows)
+    assert got["c"].report["tensors"] == rows == got["streamed"].report["tensors"]
+    for r in got.values():
+        assert [[row[c] for c in COUNTERS] for row in r.report["totals"]] == total.tolist()

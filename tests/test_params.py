@@ -30,7 +30,7 @@ def test_per_model_values_broadcast_and_count():
     (dict(scale=float("inf")), "scale (lambda) must be finite"),
     (dict(normalize="yes"), "normalize must be true or false"),
     (dict(dtype="int8"), "dtype must be one of"),
-    (dict(method="ties", slack=0.1), "slack is only used by method 'ties_sv'"),
+    (dict(method="ties", slack=0.1), "slack is only used by the methods that elect a sign"),
     (dict(method="linear", weights=[1, -1]), "weights that do not sum to 0"),
 ])
 def test_bad_values_are_named(kwargs, fragment):

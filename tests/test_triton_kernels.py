@@ -359,7 +359,8 @@ _SM90_BODY = """
                                                        (True, True, 1, True, True, False),
                                                        (True, True, 2, True, False, False),
                                                        (True, True, 0, False, False, True),
-                                                       (True, True, 1, False, True, True)):
+                                                       (True, True, 1, False, True, True),
+                                                       (True, True, 2, True, False, True)):
         build(T._merge_kernel, msig, dict(ON_BASE=on_base, TRIM=trim, ELECT=elect,
               SLACK=slack, NORMALIZE=True, N_MODELS=3, NM=4, BASE_BF16=True, MODELS_BF16=True,
               OUT_BF16=False, OUT_F32=out_f32, BLOCK=1024, ITERS=8, UPPER=upper), 4)

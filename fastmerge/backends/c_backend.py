@@ -13,7 +13,7 @@ import torch
 from .. import kernel_api
 from ..kernel_api import COUNTERS, NBINS, Capabilities, KernelConfig
 
-CAPABILITIES = Capabilities(max_models=64)   # FM_MAX_MODELS
+CAPABILITIES = Capabilities(max_models=64, gram=True)   # FM_MAX_MODELS
 NAME = "c"
 
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -143,13 +143,51 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     elect = {"none": ext.ELECT_NONE, "sum": ext.ELECT_SUM, "count": ext.ELECT_COUNT}[cfg.elect]
     drop = {}
-    if cfg.drops:     # DARE (docs/spec.md §8a): random drop, c_i = w_i or w_i / d_i
+    if cfg.keep is not None:  # DELLA (§8d): per-entry T_i(g), c_i(g) = w_i·2^32 / T_i(g)
+        keep = cfg.keep.to(device="cpu", dtype=torch.int64).contiguous()
+        if tuple(keep.shape) != (n, N):
+            raise ValueError(f"cfg.keep: expected shape [{n}, {N}], got {list(keep.shape)}")
+        drop = dict(keep=keep.numpy(), keep_rescale=bool(cfg.rescale), key=int(cfg.key),
+                    offset=int(cfg.offset))
+    elif cfg.drops:   # DARE (docs/spec.md §8a): random drop, c_i = w_i or w_i / d_i
         drop = dict(drop=cfg.drop_thresholds, key=int(cfg.key), offset=int(cfg.offset),
                     vote_weights=cfg.vote_weights)
     ext.merge(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
               cfg.on_base, elect, bool(cfg.normalize), tuple(cfg.weights), cfg.t, cfg.u,
-              float(cfg.scale), counts.numpy(), upper=bool(cfg.upper), **drop)
+              float(cfg.scale), counts.numpy(), h=cfg.h, **drop)
     return counts
+
+
+def gram(base: torch.Tensor | None, models, on_base: bool, seg: int) -> torch.Tensor:
+    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K]."""
+    from ..geometry import gram_blocks, pairs
+    mbuf, n, N, mcode = _models(models)
+    if on_base and (base is None or base.numel() != N):
+        raise ValueError(f"base: needs {N} entries (on_base)")
+    out = torch.empty(gram_blocks(N, seg), len(pairs(n)), dtype=torch.float64)
+    bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if on_base else (None, 0)
+    _module().gram(bbuf, mbuf, n, N, bcode, mcode, bool(on_base), int(seg), out.numpy())
+    return out
+
+
+def combine(base: torch.Tensor | None, models, out: torch.Tensor, coef: torch.Tensor,
+            seg: int, columns: bool = False, on_base: bool = True) -> torch.Tensor:
+    """The combine pass of kernel_api's contract (docs/spec.md §8c): writes ``out``,
+    returns the non-finite entries of each vector, int64 [n]."""
+    mbuf, n, N, mcode = _models(models)
+    if out.numel() != N:
+        raise ValueError(f"out: {out.numel()} entries, models have {N}")
+    if on_base and (base is None or base.numel() != N):
+        raise ValueError(f"base: needs {N} entries (on_base)")
+    coef = coef.to(torch.float64).contiguous()
+    if coef.dim() != 2 or coef.shape[1] != n:
+        raise ValueError(f"coef: expected shape [segments, {n}], got {list(coef.shape)}")
+    bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if on_base else (None, 0)
+    nonfinite = torch.zeros(n, dtype=torch.int64)
+    _module().combine(bbuf, mbuf, _buffer(out, "out"), n, N, bcode, mcode, _code(out, "out"),
+                      bool(on_base), bool(columns), coef.numpy(), coef.shape[0], int(seg),
+                      nonfinite.numpy())
+    return nonfinite
 
 
 def philox4x32_10(ctr, key) -> tuple[int, int, int, int]:

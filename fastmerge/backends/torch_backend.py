@@ -1,8 +1,9 @@
 """The PyTorch reference as a backend: exact, any device, the yardstick for the others."""
 from ..kernel_api import Capabilities
+from ..geometry import combine, gram  # noqa: F401  (the backend contract, §8c)
 from ..reference import histogram, merge  # noqa: F401  (the backend contract)
 
-CAPABILITIES = Capabilities()
+CAPABILITIES = Capabilities(gram=True)
 NAME = "torch"
 
 

@@ -13,7 +13,7 @@ from ..kernel_api import Capabilities
 from ..reference import model_matrix
 from . import triton_interpreted
 
-CAPABILITIES = Capabilities(max_models=8)    # triton_merge.MAX_MODELS
+CAPABILITIES = Capabilities(max_models=8, gram=True)    # triton_merge.MAX_MODELS
 NAME = "triton"
 
 
@@ -48,3 +48,17 @@ def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
 def merge(base, models: torch.Tensor, out: torch.Tensor, cfg) -> torch.Tensor:
     """Fused merge pass of kernel_api's contract: writes ``out``, returns int64 [n, 7]."""
     return _kernels().merge(base, model_matrix(models), out, cfg)
+
+
+def gram(base, models, on_base: bool, seg: int) -> torch.Tensor:
+    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K]."""
+    from ..kernels import triton_gram  # noqa: PLC0415
+    return triton_gram.gram(base, model_matrix(models), on_base, seg)
+
+
+def combine(base, models, out: torch.Tensor, coef: torch.Tensor, seg: int,
+            columns: bool = False, on_base: bool = True) -> torch.Tensor:
+    """The combine pass of kernel_api's contract (docs/spec.md §8c): writes ``out``,
+    returns int64 [n] non-finite counts."""
+    from ..kernels import triton_gram  # noqa: PLC0415
+    return triton_gram.combine(base, model_matrix(models), out, coef, seg, columns, on_base)

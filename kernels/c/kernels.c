@@ -7,7 +7,8 @@
  *                                                    bracket: above = #{key > hi},
  *                                                    inside = the keys in [lo, hi])
  *   x_i = τ_i (or θ_i without a base);  kept_i = |x_i| >= t_i,  prot_i = |x_i| >= u_i
- *   (breadcrumbs, spec §8b: kept_i = |x_i| >= t_i ∧ ¬(|x_i| >= h_i), no slack)
+ *   (breadcrumbs, spec §8b: kept_i = |x_i| >= t_i ∧ ¬(|x_i| >= h_i))
+ *   slack (spec §4a): kept_i ← kept_i ∨ prot_i (a protected entry is never dropped)
  *   vote_i = w_i·x_i   (elect="count": sign(w_i)·sign(x_i))
  *   G = Σ prot_i·vote_i if any prot_i else Σ kept_i·vote_i;   γ = +1 if G >= 0 else −1
  *   sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);  D = Σ w_i·sel_i·x_i,
@@ -15,7 +16,9 @@
  *   θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE).
  * DARE (spec §8a) replaces the trim by a random drop: kept_i = r_i(g) < T_i, r_i(g) word
  * g & 3 of Philox4x32-10(key, (g >> 2 low, high, i, 0)) for the entry's global index g =
- * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale).
+ * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
+ * a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
+ * T_i(g) from its rank stage (a->keep) and c_i(g) = (w_i·2^32) / T_i(g) with rescale.
  * Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64
  * (docs/spec.md §7), the models summed in order i = 1..n from +0.0, so every backend
  * evaluates the same fp64 expression. Thresholds of +inf arrive as NaN (no comparison
@@ -84,13 +87,6 @@ static inline int take_chunk(work *w, int64_t *b0, int64_t *b1)
 
 #define FM_INLINE static inline __attribute__((always_inline))
 
-#if defined(FASTMERGE_TARGET_CLONES) && defined(__x86_64__)
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FM_CLONE_NAMES "x86-64-v4,x86-64-v3,x86-64"
-#else
-#define FM_CLONES
-#define FM_CLONE_NAMES "default"
-#endif
 
 /* ------------------------------------------------------------------------------------ */
 /* threads and scratch                                                                  */
@@ -596,6 +592,22 @@ FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t 
     for (int j = 0; j < len; j++) keep[j] = rs[j] < thr;
 }
 
+/* DELLA (spec 8d): keep[j] = r_model(g0 + j) < T[j] (T in [0, 2^32], per entry) and
+ * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
+FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
+                           uint32_t *restrict rw, uint64_t g0, int len, uint32_t k0,
+                           uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
+                           int rescale)
+{
+    dare_words(r, rw, g0, len, k0, k1, model);
+    const uint32_t *restrict rs = r + (g0 & 3);
+    const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
+    for (int j = 0; j < len; j++) {
+        keep[j] = (int64_t)rs[j] < T[j];
+        cf[j] = rescale ? (T[j] != 0 ? w32 / (double)T[j] : 0.0) : w;
+    }
+}
+
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
@@ -623,6 +635,7 @@ typedef struct {
     double *ws;     /* W */
     double *theta;  /* θ before its one rounding */
     int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
+    double *cf;     /* drop: [n][FM_BLOCK] c_i of each entry (DARE: c_i; DELLA: per entry) */
     uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
     uint32_t *rw;   /* drop: [4][FM_RGROUPS] Philox outputs by word */
 } merge_scratch;
@@ -653,15 +666,18 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
+        const double *restrict cfa = s->cf + (size_t)i * FM_BLOCK;
         const float ti = a->t[i], ui = a->u[i], hi = a->h[i], swi = a->sw[i];
-        const double ci = a->cw[i];
+        const double wi = a->w[i], ci = a->cw[i];
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
+            const int p = SLACK ? ax >= ui : 0;                 /* §4a: protected, kept */
+            const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
+            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;   /* protected: w_i */
             const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
-                                      : ci * (double)x[j];
-            g[j] += (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) ? vote : 0.0;
+                                      : cf * (double)x[j];
+            g[j] += k ? vote : 0.0;
             if (SLACK) {
-                const int p = ax >= ui;
                 gp[j] += p ? vote : 0.0;
                 ap[j] |= p;
             }
@@ -677,20 +693,22 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
     for (int i = 0; i < n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
+        const double *restrict cfa = s->cf + (size_t)i * FM_BLOCK;
         const float ti = a->t[i], ui = a->u[i], hi = a->h[i], swi = a->sw[i];
         const double wi = a->w[i], ci = a->cw[i];
         int c_kept = 0, c_sel = 0, c_drop = 0, c_prot = 0, c_imp = 0, c_timp = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]), sx = swi * x[j];      /* sign(w_i·x_i) = sign(sx) */
-            const int k = DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi);
+            const int p = SLACK ? ax >= ui : 0;
+            const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
             const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
-            d[j] += sel ? ci * (double)x[j] : 0.0;
+            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;
+            d[j] += sel ? cf * (double)x[j] : 0.0;
             ws[j] += sel ? wi : 0.0;
             c_kept += k;
             c_sel += sel;
             c_drop += k & !sel & (x[j] != 0.f);
             if (SLACK) {
-                const int p = ax >= ui;
                 c_prot += p;
                 c_imp += p & !sel;
                 c_timp += p & !(k & (sx * gamt[j] > 0.f));
@@ -723,6 +741,7 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
 {
     const float *restrict x = s->x, *restrict b = s->b;
     const int32_t *restrict km = s->km;
+    const double *restrict cfa = s->cf;
     double *restrict theta = s->theta;
     const double lam = a->scale;
     const int on_base = a->on_base;
@@ -739,12 +758,14 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
         int ap = 0;
         for (int i = 0; i < NC; i++) {                      /* §5 elect */
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi);
+            const int p = SLACK ? ax >= u[i] : 0;
+            const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
+                                : (ax >= t[i]) & !(ax >= h[i])) | p;
+            const double cf = DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i];
             const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
-                                      : cw[i] * (double)xi;
-            g += (DROP ? km[(size_t)i * FM_BLOCK + j] != 0 : (ax >= t[i]) & !(ax >= h[i]))
-                     ? vote : 0.0;
+                                      : cf * (double)xi;
+            g += k ? vote : 0.0;
             if (SLACK) {
-                const int p = ax >= u[i];
                 gp += p ? vote : 0.0;
                 ap |= p;
             }
@@ -754,16 +775,17 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
         double d = 0.0, ws = 0.0;
         for (int i = 0; i < NC; i++) {                      /* §6 select; §9 counters */
             const float xi = x[(size_t)i * FM_BLOCK + j], ax = fabsf(xi), sx = sw[i] * xi;
-            const int k = DROP ? km[(size_t)i * FM_BLOCK + j] != 0
-                               : (ax >= t[i]) & !(ax >= h[i]);
+            const int p = SLACK ? ax >= u[i] : 0;
+            const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
+                                : (ax >= t[i]) & !(ax >= h[i])) | p;
             const int sel = k & (sx * gam > 0.f);
-            d += sel ? cw[i] * (double)xi : 0.0;
+            d += sel ? (DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i]) *
+                           (double)xi : 0.0;
             ws += sel ? w[i] : 0.0;
             c_kept[i] += k;
             c_sel[i] += sel;
             c_drop[i] += k & !sel & (xi != 0.f);
             if (SLACK) {
-                const int p = ax >= u[i];
                 c_prot[i] += p;
                 c_imp[i] += p & !sel;
                 c_timp[i] += p & !(k & (sx * gt > 0.f));
@@ -794,13 +816,14 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
     for (int i = 0; i < a->n; i++) {
         const float *restrict x = s->x + (size_t)i * FM_BLOCK;
         const int32_t *restrict km = s->km + (size_t)i * FM_BLOCK;
+        const double *restrict cfa = s->cf + (size_t)i * FM_BLOCK;
         const double ci = a->cw[i];
         const float ti = a->t[i], hi = a->h[i];
         int c_kept = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
             const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
-            d[j] += k ? ci * (double)x[j] : 0.0;
+            d[j] += k ? (KEEP == 2 ? cfa[j] : ci) * (double)x[j] : 0.0;
             c_kept += k;
         }
         if (KEEP) {
@@ -832,9 +855,20 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
             cnt[(size_t)i * FM_NCOUNTERS + FM_NONFINITE] += count_nonfinite(x, len);
         }
         if (DROP)                 /* §8a: kept_i of this block from the entries' global index */
-            for (int i = 0; i < a->n; i++)
-                dare_keep(s->km + (size_t)i * FM_BLOCK, s->rb, s->rw, (uint64_t)(a->offset + off),
-                          len, a->key[0], a->key[1], (uint32_t)i, a->dthr[i], a->dall[i]);
+            for (int i = 0; i < a->n; i++) {
+                int32_t *km = s->km + (size_t)i * FM_BLOCK;
+                double *cf = s->cf + (size_t)i * FM_BLOCK;
+                const uint64_t g0 = (uint64_t)(a->offset + off);
+                if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
+                    ranked_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1],
+                                (uint32_t)i, a->keep + (size_t)i * (size_t)a->N + off, a->w[i],
+                                a->keep_rescale);
+                } else {
+                    dare_keep(km, s->rb, s->rw, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                              a->dthr[i], a->dall[i]);
+                    for (int j = 0; j < len; j++) cf[j] = a->cw[i];
+                }
+            }
         if (ELECT == FM_ELECT_NONE) {
             if (DROP) sum_block(a, s, len, cnt, 2, NORM);
             else if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
@@ -853,8 +887,8 @@ FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int6
 {
 #define FM_RANGE(E, S, D) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1, D) \
                                         : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0, D))
-#define FM_RANGE_ELECT(E) (a->drop ? FM_RANGE(E, 0, 1) : has_slack ? FM_RANGE(E, 1, 0) \
-                                                                    : FM_RANGE(E, 0, 0))
+#define FM_RANGE_ELECT(E) (a->drop ? (has_slack ? FM_RANGE(E, 1, 1) : FM_RANGE(E, 0, 1)) \
+                                   : has_slack ? FM_RANGE(E, 1, 0) : FM_RANGE(E, 0, 0))
     if (a->elect == FM_ELECT_NONE) {
         if (a->drop) FM_RANGE(FM_ELECT_NONE, 0, 1);
         else FM_RANGE(FM_ELECT_NONE, 0, 0);
@@ -890,7 +924,7 @@ int fm_merge(const fm_merge_args *a)
         if (arena_init(&ar, rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
                                 rounded(FM_BLOCK * sizeof(int32_t)) +
                                 rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
-                                rounded(rrow) * 2) != 0) {
+                                rounded(drow * (size_t)n) + rounded(rrow) * 2) != 0) {
             failed = 1;
         } else {
             merge_scratch s;
@@ -905,6 +939,7 @@ int fm_merge(const fm_merge_args *a)
             s.ws = arena_take(&ar, drow);
             s.theta = arena_take(&ar, drow);
             s.km = arena_take(&ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
+            s.cf = arena_take(&ar, drow * (size_t)n);
             s.rb = arena_take(&ar, rrow);
             s.rw = arena_take(&ar, rrow);
             memset(s.b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */

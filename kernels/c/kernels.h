@@ -11,6 +11,16 @@
 
 #include "convert.h"
 
+/* The hot loops of each kernel are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2)
+ * and baseline x86-64 and picked at load time (GCC/Clang target_clones). */
+#if defined(FASTMERGE_TARGET_CLONES) && defined(__x86_64__)
+#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FM_CLONE_NAMES "x86-64-v4,x86-64-v3,x86-64"
+#else
+#define FM_CLONES
+#define FM_CLONE_NAMES "default"
+#endif
+
 #define FM_MAX_MODELS 64
 #define FM_NBINS 2048
 #define FM_LEVELS 3
@@ -74,6 +84,10 @@ typedef struct {
     uint32_t dthr[FM_MAX_MODELS];         /* drop: keep r < dthr[i] ... */
     uint32_t dall[FM_MAX_MODELS];         /* ... or every entry (1: T_i = 2^32, d_i = 1) */
     uint32_t key[2];                      /* drop: Philox key (k0, k1) */
+    const int64_t *keep;                  /* ranked drop (DELLA, spec 8d): [n][N] per-entry
+                                             T_i(g) in [0, 2^32] instead of dthr; NULL: DARE */
+    int keep_rescale;                     /* keep: c_i(g) = (w_i·2^32) / T_i(g) (0 when T = 0),
+                                             else w_i */
     int64_t offset;                       /* drop: global index g of entry 0 (chunking) */
     int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
     int threads;

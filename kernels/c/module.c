@@ -13,6 +13,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "gram.h"
 #include "kernels.h"
 
 /* ------------------------------------------------------------------------------------ */
@@ -480,41 +481,48 @@ static int take_drop(PyObject *obj, int n, uint32_t *thr, uint32_t *all)
 PyDoc_STRVAR(merge_doc,
 "merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, elect,\n"
 "      normalize, weights, t, u, scale, counts, *, threads=0, drop=None, key=0, offset=0,\n"
-"      vote_weights=None)\n"
+"      vote_weights=None, h=None, keep=None, keep_rescale=False)\n"
 "--\n\n"
 "The fused pass of fastmerge.kernel_api (docs/spec.md 4-7, 9) writing out (the fp64\n"
 "result rounded once, to nearest even) and counts (writable n*7 int64, overwritten,\n"
 "kernel_api.COUNTERS order). on_base: x_i = f32(models[i]) - f32(base) and out = base +\n"
 "scale*m (else x_i = models[i], out = m; base may be None). elect: ELECT_NONE / ELECT_SUM /\n"
 "ELECT_COUNT. weights: n floats; t: n fp32 thresholds or None (no trim; an election\n"
-"needs t); u: n or None (no slack). +inf keeps / protects none. out may be base or a\n"
-"model buffer itself (same dtype) but must not partially overlap any input.\n"
-"DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and u must\n"
+"needs t or a drop); u: n or None (no slack; slack needs an election): prot_i = |x_i| >=\n"
+"u_i is always kept and weighs weights[i] (docs/spec.md 4a). +inf keeps / protects none.\n"
+"out may be base or a model buffer itself (same dtype) but must not partially overlap\n"
+"any input.\n"
+"DARE (docs/spec.md 8a): drop = n ints T_i in [0, 2**32] replaces the trim (t and h must\n"
 "be None): kept_i = r_i(offset + j) < T_i, r from Philox4x32-10 under key (an int in\n"
 "[0, 2**64)); offset: the global index of entry 0. vote_weights: n floats c_i, x_i's\n"
-"factor in sum votes and in D (None: the weights).\n"
-"upper (breadcrumbs, docs/spec.md 8b): u holds the trim's exclusive upper bounds h_i:\n"
-"kept_i = t_i <= |x_i| < h_i (+inf: no upper bound); nothing is protected.");
+"factor in sum votes and in D for entries not protected (None: the weights).\n"
+"h (breadcrumbs, docs/spec.md 8b; needs t): the trim's exclusive upper bounds h_i:\n"
+"kept_i = t_i <= |x_i| < h_i (+inf: no upper bound).\n"
+"keep (DELLA, docs/spec.md 8d): an int64 buffer [n, N] of per-entry T_i(g) in [0, 2**32]\n"
+"in place of drop: kept_i = r_i(offset + j) < T_i(j); keep_rescale: c_i(j) =\n"
+"(w_i * 2**32) / T_i(j) (0 when T = 0), else w_i.");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
                              "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
                              "scale", "counts", "threads", "drop", "key", "offset",
-                             "vote_weights", "upper", NULL};
+                             "vote_weights", "h", "keep", "keep_rescale", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
-    PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None;
-    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, upper = 0;
+    PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None, *h_o = Py_None;
+    PyObject *keep_o = Py_None;
+    int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, keep_rescale = 0;
     long long N, offset = 0;
     double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOp", kwlist, &base_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOOOp", kwlist, &base_o,
                                      &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
                                      &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
-                                     &threads, &drop_o, &key_o, &offset, &cw_o, &upper))
+                                     &threads, &drop_o, &key_o, &offset, &cw_o, &h_o, &keep_o,
+                                     &keep_rescale))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
@@ -524,26 +532,30 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
                      "got %d", elect);
         return NULL;
     }
+    if (keep_o != Py_None && drop_o != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "keep (per-entry thresholds) replaces drop: give one");
+        return NULL;
+    }
+    if (keep_o != Py_None) drop_o = keep_o;     /* a drop either way (checks below) */
     if (elect != FM_ELECT_NONE && t_o == Py_None && drop_o == Py_None) {
         PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all) "
                         "or a drop");
         return NULL;
     }
-    if (drop_o != Py_None && (t_o != Py_None || u_o != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "a random drop excludes trim (t) and slack (u) "
-                        "thresholds");
+    if (drop_o != Py_None && (t_o != Py_None || h_o != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a random drop excludes trim thresholds (t, h)");
         return NULL;
     }
     if (offset < 0 || offset > INT64_MAX - N) {
         PyErr_Format(PyExc_ValueError, "offset must be 0..2**63-1-N, got %lld", offset);
         return NULL;
     }
-    if (upper && (t_o == Py_None || u_o == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "upper (breadcrumbs) needs thresholds t and u "
-                        "(u: the trim's exclusive upper bounds h)");
+    if (h_o != Py_None && t_o == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "an upper trim bound h (breadcrumbs) needs the "
+                        "lower thresholds t");
         return NULL;
     }
-    if (elect == FM_ELECT_NONE && u_o != Py_None && !upper) {
+    if (elect == FM_ELECT_NONE && u_o != Py_None) {
         PyErr_SetString(PyExc_ValueError, "slack thresholds u need a sign election");
         return NULL;
     }
@@ -559,15 +571,14 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     }
     if ((a.threads = resolve_threads(threads)) < 0) return NULL;
     if (take_doubles(w_o, "weights", n, a.w, &a.wsum, 1)) return NULL;
-    if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN))
+    if (take_thresholds(t_o, "t", n, a.t, 0.f) || take_thresholds(u_o, "u", n, a.u, NAN) ||
+        take_thresholds(h_o, "h", n, a.h, NAN))
         return NULL;
-    for (int i = 0; i < FM_MAX_MODELS; i++) {   /* spec 8b: u holds h; nothing protected */
-        a.h[i] = upper && i < n ? a.u[i] : NAN;
-        if (upper) a.u[i] = NAN;
-    }
     if (cw_o == Py_None) memcpy(a.cw, a.w, sizeof a.cw);
     else if (take_doubles(cw_o, "vote_weights", n, a.cw, NULL, 1)) return NULL;
-    if (drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall)) return NULL;
+    if (keep_o == Py_None && drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall))
+        return NULL;
+    a.keep_rescale = keep_rescale;
     if (take_key(key_o, a.key)) return NULL;
     a.drop = drop_o != Py_None;
     a.offset = offset;
@@ -589,6 +600,18 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
         a.base = bv->buf;
     }
     if (take_models(&bs, models_o, n, N, mdt, a.models)) goto fail;
+    if (keep_o != Py_None) {
+        Py_buffer *kv = take_buffer(&bs, keep_o, "keep", (int64_t)n * N, sizeof(int64_t), 0);
+        if (!kv) goto fail;
+        const int64_t *T = kv->buf;
+        for (int64_t k = 0; k < (int64_t)n * N; k++)
+            if (T[k] < 0 || T[k] > ((int64_t)1 << 32)) {
+                PyErr_Format(PyExc_ValueError, "keep[%lld]: must be in [0, 2**32], got %lld",
+                             (long long)k, (long long)T[k]);
+                goto fail;
+            }
+        a.keep = T;
+    }
     Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
     if (!ov) goto fail;
     a.out = ov->buf;
@@ -719,6 +742,189 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
     return PyLong_FromLong(fm_get_num_threads());
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* SLERP / NuSLERP / model stock (gram.c, docs/spec.md 8c)                                */
+
+/* A C-contiguous fp64 buffer of exactly `count` items. */
+static Py_buffer *take_f64(bufset *bs, PyObject *obj, const char *what, long long count,
+                           int writable)
+{
+    Py_buffer *v = take_buffer(bs, obj, what, count, 8, writable);
+    if (!v) return NULL;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (!(*f == 'd' && f[1] == '\0')) {
+        PyErr_Format(PyExc_ValueError, "%s: an fp64 buffer is needed, got format %.10s", what,
+                     v->format ? v->format : "B");
+        return NULL;
+    }
+    return v;
+}
+
+/* base (on_base) and models, as the passes over vectors take them */
+static int take_vectors(bufset *bs, PyObject *base_o, PyObject *models_o, int n, long long N,
+                        int on_base, int bdt, int mdt, const void **base, const void **models)
+{
+    if (check_sizes(n, N) || check_dtype(mdt, "models_dtype")) return -1;
+    if (on_base ? (base_o == Py_None || check_dtype(bdt, "base_dtype") != 0) : base_o != Py_None) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, on_base ? "on_base needs a base buffer"
+                                                      : "base must be None when on_base is false");
+        return -1;
+    }
+    *base = NULL;
+    if (on_base) {
+        Py_buffer *bv = take_buffer(bs, base_o, "base", N, fm_dtype_size(bdt), 0);
+        if (!bv) return -1;
+        *base = bv->buf;
+    }
+    return take_models(bs, models_o, n, N, mdt, models);
+}
+
+PyDoc_STRVAR(gram_doc,
+"gram(base, models, n, N, base_dtype, models_dtype, on_base, seg, out, *, threads=0)\n"
+"--\n\n"
+"Statistics pass of docs/spec.md 8c: the N entries are pieces of seg entries, each cut\n"
+"into GRAM_BLOCK blocks from its start; out (writable fp64, gram_blocks(N, seg) * n(n+1)/2\n"
+"items, overwritten) gets, per block and pair k <= l, the pairwise-tree sum of v_k*v_l\n"
+"(v_k = f32(models[k]) - f32(base) with on_base, else f32(models[k]); base None then).");
+
+static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "n", "N", "base_dtype", "models_dtype",
+                             "on_base", "seg", "out", "threads", NULL};
+    PyObject *base_o, *models_o, *out_o;
+    int n, bdt, mdt, on_base, threads = 0;
+    long long N, seg;
+    bufset bs = {.count = 0};
+    fm_gram_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiipLO|$i", kwlist, &base_o, &models_o, &n,
+                                     &N, &bdt, &mdt, &on_base, &seg, &out_o, &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (seg < 1) {
+        PyErr_Format(PyExc_ValueError, "seg must be >= 1, got %lld", seg);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    if (take_vectors(&bs, base_o, models_o, n, N, on_base, bdt, mdt, &a.base, a.models))
+        goto fail;
+    Py_buffer *ov = take_f64(&bs, out_o, "out", fm_gram_blocks(N, seg) * (long long)(n * (n + 1) / 2), 1);
+    if (!ov) goto fail;
+    for (int k = 0; k < bs.count - 1; k++)
+        if (overlaps(ov->buf, (size_t)ov->len, bs.views[k].buf, (size_t)bs.views[k].len)) {
+            PyErr_SetString(PyExc_ValueError, "out: overlaps an input");
+            goto fail;
+        }
+    a.n = n;
+    a.N = N;
+    a.on_base = on_base;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.seg = seg;
+    a.out = ov->buf;
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_gram(&a);
+    Py_END_ALLOW_THREADS
+    return kernel_done(&bs, rc);
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
+PyDoc_STRVAR(combine_doc,
+"combine(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, columns,\n"
+"        coef, nseg, seg, nonfinite, *, threads=0)\n"
+"--\n\n"
+"Combine pass of docs/spec.md 8c: out[j] = [f32(base[j]) +] sum_k coef[s][k] * v_k[j]\n"
+"in fp64 (k in order, from +0.0), rounded once to out_dtype, where s = j // seg (or\n"
+"j % seg with columns); coef: fp64 nseg*n finite values covering every s; nonfinite:\n"
+"writable int64 [n], the non-finite entries of each v_k. out may be base or a model\n"
+"buffer itself (same dtype) but must not partially overlap any input.");
+
+static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
+                             "out_dtype", "on_base", "columns", "coef", "nseg", "seg",
+                             "nonfinite", "threads", NULL};
+    PyObject *base_o, *models_o, *out_o, *coef_o, *nf_o;
+    int n, bdt, mdt, odt, on_base, columns, threads = 0;
+    long long N, nseg, seg;
+    bufset bs = {.count = 0};
+    fm_combine_args a;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiippOLLO|$i", kwlist, &base_o, &models_o,
+                                     &out_o, &n, &N, &bdt, &mdt, &odt, &on_base, &columns,
+                                     &coef_o, &nseg, &seg, &nf_o, &threads))
+        return NULL;
+    memset(&a, 0, sizeof a);
+    if (check_dtype(odt, "out_dtype")) return NULL;
+    if (seg < 1) {
+        PyErr_Format(PyExc_ValueError, "seg must be >= 1, got %lld", seg);
+        return NULL;
+    }
+    const long long need = N == 0 ? 0 : columns ? (N < seg ? N : seg) : (N + seg - 1) / seg;
+    if (nseg < need || nseg > (long long)(PY_SSIZE_T_MAX / 8 / (n > 0 ? n : 1))) {
+        PyErr_Format(PyExc_ValueError, "nseg: %lld segments of coefficients for a chunk that "
+                     "touches %lld", nseg, need);
+        return NULL;
+    }
+    if ((a.threads = resolve_threads(threads)) < 0) return NULL;
+    if (take_vectors(&bs, base_o, models_o, n, N, on_base, bdt, mdt, &a.base, a.models))
+        goto fail;
+    Py_buffer *cv = take_f64(&bs, coef_o, "coef", nseg * n, 0);
+    if (!cv) goto fail;
+    const double *coef = cv->buf;
+    for (long long k = 0; k < nseg * n; k++)
+        if (!(fabs(coef[k]) <= DBL_MAX)) {
+            bad_number("coef", (int)(k < INT32_MAX ? k : -1), coef[k], "must be finite");
+            goto fail;
+        }
+    Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
+    if (!ov) goto fail;
+    for (int k = -1; k < n; k++) {        /* in place is fine; a shifted alias is not */
+        const void *in = k < 0 ? a.base : a.models[k];
+        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
+        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
+            !(in == ov->buf && len == (size_t)ov->len)) {
+            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
+                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
+            goto fail;
+        }
+    }
+    if (overlaps(ov->buf, (size_t)ov->len, cv->buf, (size_t)cv->len)) {
+        PyErr_SetString(PyExc_ValueError, "out: overlaps coef");
+        goto fail;
+    }
+    Py_buffer *nv = take_int_output(&bs, nf_o, "nonfinite", n, 8);
+    if (!nv) goto fail;
+    a.n = n;
+    a.N = N;
+    a.on_base = on_base;
+    a.columns = columns;
+    a.base_dt = bdt;
+    a.models_dt = mdt;
+    a.out_dt = odt;
+    a.out = ov->buf;
+    a.coef = coef;
+    a.seg = seg;
+    a.nonfinite = nv->buf;
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fm_combine(&a);
+    Py_END_ALLOW_THREADS
+    return kernel_done(&bs, rc);
+fail:
+    bufset_release(&bs);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", (PyCFunction)(void (*)(void))py_histogram, METH_VARARGS | METH_KEYWORDS,
      histogram_doc},
@@ -728,6 +934,9 @@ static PyMethodDef methods[] = {
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
     {"dare_words", py_dare_words, METH_VARARGS, dare_words_doc},
+    {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
+    {"combine", (PyCFunction)(void (*)(void))py_combine, METH_VARARGS | METH_KEYWORDS,
+     combine_doc},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): threads for later calls; 0 restores OpenMP's default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS,
@@ -757,6 +966,7 @@ PyMODINIT_FUNC PyInit__cmerge(void)
         PyModule_AddIntConstant(m, "ELECT_COUNT", FM_ELECT_COUNT) ||
         PyModule_AddIntConstant(m, "N_COUNTERS", FM_NCOUNTERS) ||
         PyModule_AddIntConstant(m, "MAX_MODELS", FM_MAX_MODELS) ||
+        PyModule_AddIntConstant(m, "GRAM_BLOCK", FM_GRAM_BLOCK) ||
         PyModule_AddIntConstant(m, "OPENMP", fm_have_openmp()) ||
         PyModule_AddStringConstant(m, "ISA_CLONES", fm_isa_clones()) ||
         PyModule_AddObjectRef(m, "DIGIT_BITS", bits) || PyModule_AddObjectRef(m, "SHIFT", shift);

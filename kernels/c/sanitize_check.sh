@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build fastmerge._cmerge with AddressSanitizer + UndefinedBehaviorSanitizer and run
-# tests/test_c_backend.py against that build. Exits non-zero on any sanitizer report.
+# tests/test_c_backend.py and the C cases of tests/test_geometry.py against that build.
+# Exits non-zero on any sanitizer report.
 #
 # The build happens in a scratch copy of the sources, so the normal in-place extension
 # (fastmerge/_cmerge*.so from `pip install -e .`) is left as it is.
@@ -48,7 +49,8 @@ LD_PRELOAD="$libasan $libubsan" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:exitcode=99:log_path="$TMP/san/asan" \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=98:log_path="$TMP/san/ubsan" \
 FASTMERGE_REQUIRE_EXTENSION=1 PYTHONPATH="$TMP/src" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_c_backend.py "$@" 2>&1 | tee "$TMP/test.log"
+    "$PYTHON" -m pytest -q -p no:cacheprovider -m "not interpreter" tests/test_c_backend.py \
+    tests/test_geometry.py "$@" 2>&1 | tee "$TMP/test.log"
 status=${PIPESTATUS[0]}
 set -e
 

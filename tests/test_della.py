@@ -1,0 +1,471 @@
+"""DELLA (docs/spec.md §8d): magnitude ranks within a row, the ranked random drop.
+
+1. the rank stage: ranks by ascending |τ| with ties by index, rows of 1-D, 2-D and N-D
+   tensors, the keep thresholds T = ⌊p·2^32⌋ by hand, the density edges;
+2. statistics: the kept fraction matches density (within 5 σ), and the keep rate rises
+   with the rank as p does;
+3. merges bit-identical across reference / C / Triton (outputs and counters), equal to
+   the spec written out, with rescale on / off, both elections, slack (§4a);
+4. chunkings, C thread counts, Triton block sizes;
+5. fastmerge.merge() whole / streamed / resumed on the torch and C backends, YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import della, methods, philox
+from fastmerge import reference as R
+from fastmerge.backends import c_backend as C
+from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
+                                  PROTECTED, SELECTED, TIES_IMPORTANT_DROPPED)
+from fastmerge.params import make_params
+from tests.checks import assert_same, interrupt_at_shard, make_inputs, run
+from tests.test_exactness import _triton_module, triton_merge
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+DTYPES = [F16, BF16, F32]
+NAME = {F16: "fp16", BF16: "bf16", F32: "fp32"}
+DELLA = ("della", "della_linear")
+KEY = 0x243F6A8885A308D3
+TWO32 = 1 << 32
+INF = math.inf
+TRITON = pytest.mark.interpreter
+WEIGHTS = {1: (-0.75,), 2: (0.6, -0.45), 3: (1.0, -0.3, 0.35)}
+DENSITY = {1: (0.3,), 2: (0.45, 1.0), 3: (0.7, 0.0, 0.35)}
+EPSILON = {1: (0.2,), 2: (0.1, 0.15), 3: (0.25, 0.1, 0.0)}
+SLACK = {1: (0.05,), 2: (0.1, 0.2), 3: (0.3, 0.0, 0.1)}
+SHAPES = [(37, 53), (2011,), (5, 7, 9)]         # matrix rows, one row, rows along dim 1
+
+
+def ids(name):
+    return lambda v: f"{name}={NAME.get(v, v)}"
+
+
+def brute_ranks(keys_row):
+    """ρ(g) of the definition: #{h: key(h) < key(g) or (key(h) = key(g) and h < g)}."""
+    k = keys_row.tolist()
+    return [sum(1 for h in range(len(k)) if k[h] < k[g] or (k[h] == k[g] and h < g))
+            for g in range(len(k))]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. the rank stage
+
+def test_ranks_by_definition_with_ties():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(6, 9), (40,), (3, 5, 4)]:
+        numel = math.prod(shape)
+        keys = torch.randint(0, 4, (2, numel), generator=g)   # heavy ties
+        rk = della.ranks(keys, shape)
+        for i in range(2):
+            t = keys[i].view(shape)
+            r = rk[i].view(shape)
+            if len(shape) == 1:
+                rows = [(t, r)]
+            elif len(shape) == 2:
+                rows = [(t[a], r[a]) for a in range(shape[0])]
+            else:                                      # rows run along dim 1
+                rows = [(t[a, :, c], r[a, :, c]) for a in range(shape[0])
+                        for c in range(shape[2])]
+            for kr, rr in rows:
+                assert rr.tolist() == brute_ranks(kr), shape
+
+
+def test_keep_thresholds_by_hand():
+    # one row of 5: ranks 0..4 by |τ|, p = 0.5 − 0.2 + q·0.4 = 0.3, 0.4, 0.5, 0.6, 0.7
+    tau = torch.tensor([[3.0, -1.0, 5.0, 2.0, -4.0]])
+    base = torch.zeros(5)
+    T = della.keep_thresholds(base, tau, (5,), (0.5,), (0.2,))
+    p = {0: 0.3, 1: 0.4, 2: 0.5, 3: 0.6, 4: 0.7}
+    rank = [2, 0, 4, 1, 3]
+    want = []
+    for r in rank:
+        q = r / 4
+        want.append(math.floor(((0.5 - 0.2) + q * (2 * 0.2)) * TWO32))
+        assert abs(want[-1] / TWO32 - p[r]) < 1e-9
+    assert T[0].tolist() == want
+    # a row of one entry keeps with probability d; d = 1 all, d = 0 none, whatever ε
+    assert della.keep_thresholds(torch.zeros(3), torch.ones(1, 3), (3, 1), (0.5,),
+                                 (0.2,)).tolist() == [[TWO32 // 2] * 3]
+    T = della.keep_thresholds(base, torch.cat([tau, tau]), (5,), (1.0, 0.0), (0.3, 0.3))
+    assert T[0].tolist() == [TWO32] * 5 and T[1].tolist() == [0] * 5
+    # ε = 0: DARE's threshold everywhere
+    assert della.keep_thresholds(base, tau, (5,), (0.3,), (0.0,)).tolist() == \
+        [[philox.drop_threshold(0.3)] * 5]
+
+
+def test_knob_rule_and_method_rows():
+    assert della.check_knobs(0.5, 0.49) is None and della.check_knobs(1.0, 0.9) is None
+    assert della.check_knobs(0.0, 0.5) is None
+    assert "density ± epsilon" in della.check_knobs(0.1, 0.15)
+    assert "density ± epsilon" in della.check_knobs(0.9, 0.1)
+    for name, elect in (("della", True), ("della_linear", False)):
+        m = methods.METHODS[name]
+        assert m.ranked and m.drop and m.rescale_default and m.elect == elect
+        assert m.normalize_default is elect and ("slack" in m.knobs) is elect
+        assert "epsilon" in m.knobs and methods.ALIASES[name] == name
+        with pytest.raises(ValueError, match="needs keep and key"):
+            m.kernel_config((1.0,), 1.0, False, "sum", key=1)
+    from fastmerge.backends import torch_backend, triton_backend
+    for be in (torch_backend, C, triton_backend):
+        assert be.CAPABILITIES.ranks is False          # the pipeline ranks, in torch
+    with pytest.raises(fastmerge.ParameterError, match="model 0: epsilon 0.15 with density 0.1"):
+        make_params("della", 1, density=0.1)
+    with pytest.raises(fastmerge.ParameterError, match="epsilon is only used by the DELLA"):
+        make_params("dare_ties", 1, epsilon=0.1)
+    with pytest.raises(fastmerge.ParameterError, match="slack is only used by the methods"):
+        make_params("della_linear", 1, slack=0.1)
+    p = make_params("della", 2, density=0.4, epsilon=[0.1, 0.2])
+    assert p.epsilon == (0.1, 0.2) and p.normalize is True and p.rescale_used is True
+    assert p.as_dict()["epsilon"] == [0.1, 0.2]
+
+
+# ---------------------------------------------------------------------------------------
+# 2. statistics
+
+@pytest.mark.parametrize("density,epsilon", [(0.3, 0.2), (0.5, 0.45), (0.9, 0.05)])
+def test_kept_fraction_matches_density(density, epsilon):
+    """Over 128 rows of 2048 the kept fraction is d within 5 σ (σ² = Σ p(1 − p) / N²),
+    and in each rank decile the keep rate is that decile's mean p within 5 σ."""
+    rows, M = 128, 2048
+    g = torch.Generator().manual_seed(3)
+    models = torch.randn(1, rows * M, generator=g)
+    base = torch.zeros(rows * M)
+    T = della.keep_thresholds(base, models, (rows, M), (density,), (epsilon,))
+    kept = philox.random_words(KEY, 0, 0, rows * M) < T[0]
+    p = T[0].double() / TWO32
+    N = rows * M
+    sigma = math.sqrt(float((p * (1 - p)).sum())) / N
+    assert abs(float(kept.double().mean()) - density) < 5 * sigma
+    assert abs(float(p.mean()) - density) < 1e-6
+    rk = della.ranks(models.abs().view(torch.int32), (rows, M))[0]
+    for dec in range(10):
+        sel = (rk * 10 // M) == dec
+        pm = p[sel]
+        s = math.sqrt(float((pm * (1 - pm)).sum())) / int(sel.sum())
+        assert abs(float(kept[sel].double().mean()) - float(pm.mean())) < 5 * s
+    lo, hi = p[rk == 0], p[rk == M - 1]
+    assert torch.allclose(lo, torch.full_like(lo, density - epsilon), atol=1e-9)
+    assert torch.allclose(hi, torch.full_like(hi, density + epsilon), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. merges
+
+def cfg_for(method, base, models, n, shape, *, rescale=None, normalize=None, elect="sum",
+            offset=0, slack=False, density=None):
+    m = methods.METHODS[method]
+    density = density or DENSITY[n]
+    keep = della.keep_thresholds(base, models, shape, density, EPSILON[n])
+    u = None
+    if slack and m.protects:
+        a = R.task_vectors(base, models).abs()
+        u = [R.thresholds_by_sort(a[i], 1.0, min(s, d) if d > 0 else 0.0)[1]
+             for i, (s, d) in enumerate(zip(SLACK[n], density))]
+    return m.kernel_config(WEIGHTS[n], 0.8, m.normalize_default if normalize is None
+                           else normalize, elect, None, u, keep=keep, key=KEY,
+                           rescale=rescale, offset=offset)
+
+
+def derive(base, models, cfg, out_dtype):
+    """θ of §8d (with §4a) written out from the spec: (out, kept, prot, sel, sel_t)."""
+    x32 = models.float() - base.float()
+    x = x32.double()
+    n, N = x.shape
+    T = cfg.keep
+    prot = (torch.stack([x32[i].abs() >= u for i, u in enumerate(cfg.u)]) if cfg.u
+            else torch.zeros(n, N, dtype=torch.bool))
+    kept = torch.stack([philox.random_words(cfg.key, i, cfg.offset, N) < T[i]
+                        for i in range(n)]) | prot
+    w = torch.tensor(cfg.weights, dtype=torch.float64).unsqueeze(1)
+    if cfg.rescale:
+        c = torch.where(T != 0, w * TWO32 / torch.where(T != 0, T.double(), 1.0), 0.0)
+    else:
+        c = w.expand(n, N)
+    c = torch.where(prot, w, c)
+    sgn = torch.sign(w) * torch.sign(x)
+    if cfg.elect == "none":
+        sel = sel_t = kept
+        W = torch.zeros(N, dtype=torch.float64)
+        for i in range(n):
+            W = W + cfg.weights[i]
+    else:
+        vote = sgn if cfg.elect == "count" else c * x
+        G = torch.zeros(N, dtype=torch.float64)
+        GP = torch.zeros(N, dtype=torch.float64)
+        for i in range(n):
+            G = G + torch.where(kept[i], vote[i], 0.0)
+            GP = GP + torch.where(prot[i], vote[i], 0.0)
+        g_t = torch.where(G >= 0, 1.0, -1.0)
+        gamma = torch.where(prot.any(0), torch.where(GP >= 0, 1.0, -1.0), g_t)
+        sel, sel_t = kept & (sgn == gamma), kept & (sgn == g_t)
+        W = torch.zeros(N, dtype=torch.float64)
+        for i in range(n):
+            W = W + torch.where(sel[i], w[i], 0.0)
+    D = torch.zeros(N, dtype=torch.float64)
+    for i in range(n):
+        D = D + torch.where(sel[i], c[i] * x[i], 0.0)
+    m = torch.where(W != 0, D / torch.where(W != 0, W, 1.0), D) if cfg.normalize else D
+    return R.round_once(base.double() + cfg.scale * m, out_dtype), kept, prot, sel, sel_t
+
+
+MODES = [(None, None, "sum", False), (False, None, "sum", True), (True, True, "count", True),
+         (None, False, "sum", True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
+@pytest.mark.parametrize("n", [1, 2, 3], ids=ids("n_models"))
+@pytest.mark.parametrize("method", DELLA)
+def test_c_and_reference_equal_the_definition(method, n, dtype):
+    shape = SHAPES[(n + DTYPES.index(dtype)) % 3]
+    N = math.prod(shape)
+    base, models = make_inputs(n, N, dtype, seed=n, kind="grid" if n == 3 else "normal")
+    for rescale, normalize, elect, slack in MODES:
+        cfg = cfg_for(method, base, models, n, shape, rescale=rescale, normalize=normalize,
+                      elect=elect, offset=5, slack=slack)
+        want = run(R.merge, base, models, cfg, dtype)
+        assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {method} {shape}")
+        out, kept, prot, sel, sel_t = derive(base, models, cfg, dtype)
+        assert torch.equal(want[0].view(torch.uint8), out.view(torch.uint8)), "reference vs spec"
+        c = want[1]
+        assert c[:, KEPT].tolist() == kept.sum(1).tolist()
+        assert c[:, SELECTED].tolist() == sel.sum(1).tolist()
+        if cfg.elect == "none":
+            assert not c[:, DROPPED_BY_SIGN].any() and not c[:, PROTECTED].any()
+        else:
+            assert c[:, PROTECTED].tolist() == prot.sum(1).tolist()
+            assert c[:, IMPORTANT_DROPPED].tolist() == (prot & ~sel).sum(1).tolist()
+            assert c[:, TIES_IMPORTANT_DROPPED].tolist() == (prot & ~sel_t).sum(1).tolist()
+
+
+@TRITON
+@pytest.mark.parametrize("n", [1, 2, 3], ids=ids("n_models"))
+@pytest.mark.parametrize("method", DELLA)
+def test_triton_bit_identical(method, n):
+    k = DELLA.index(method)
+    dtype = DTYPES[(n + k) % 3]
+    shape = SHAPES[n % 3] if n != 1 else (13, 50)
+    base, models = make_inputs(n, math.prod(shape), dtype, seed=20 + n)
+    rescale, normalize, elect, slack = MODES[(n + 2 * k) % len(MODES)]
+    cfg = cfg_for(method, base, models, n, shape, rescale=rescale, normalize=normalize,
+                  elect=elect, offset=4099, slack=slack)
+    assert_same(run(triton_merge, base, models, cfg, dtype), run(R.merge, base, models, cfg, dtype),
+                f"Triton {method}")
+
+
+def test_epsilon_zero_is_dare():
+    """ε = 0: every T is DARE's ⌊d·2^32⌋ and the kept sets are DARE's; the weights differ
+    only in the rescale factor (2^32/T vs 1/d), so compare without rescale."""
+    base, models = make_inputs(2, 999, F32, seed=4)
+    m = methods.METHODS["della"]
+    keep = della.keep_thresholds(base, models, (999,), (0.4, 0.7), (0.0, 0.0))
+    cfg = m.kernel_config((1.0, 0.5), 1.0, True, "sum", keep=keep, key=KEY, rescale=False)
+    dare = methods.METHODS["dare_ties"].kernel_config((1.0, 0.5), 1.0, True, "sum",
+                                                      density=(0.4, 0.7), key=KEY,
+                                                      rescale=False)
+    for merge in (R.merge, C.merge):
+        assert_same(run(merge, base, models, cfg, F32), run(R.merge, base, models, dare, F32),
+                    "ε = 0")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. chunkings, threads, blocks
+
+def chunked(merge, base, models, cfg, out_dtype, step):
+    """Merge [0, N) in chunks of ``step`` entries, each with its offset and keep slice."""
+    N = models.shape[1]
+    out = torch.full((N,), 7.0, dtype=out_dtype)
+    counts = torch.zeros(models.shape[0], len(COUNTERS), dtype=torch.int64)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        piece = torch.empty(stop - start, dtype=out_dtype)
+        c = dataclasses.replace(cfg, offset=cfg.offset + start,
+                                keep=cfg.keep[:, start:stop].contiguous())
+        counts += merge(base[start:stop].contiguous(), models[:, start:stop].contiguous(),
+                        piece, c).cpu()
+        out[start:stop] = piece
+    return out, counts
+
+
+@pytest.mark.parametrize("method", DELLA)
+def test_chunking_and_threads_c_reference(method):
+    n, shape, dtype = 3, (50, 100), BF16
+    base, models = make_inputs(n, 5000, dtype, seed=7)
+    cfg = cfg_for(method, base, models, n, shape, slack=True)
+    whole = run(R.merge, base, models, cfg, dtype)
+    for step in (1000, 37):
+        assert_same(chunked(R.merge, base, models, cfg, dtype, step), whole, f"ref chunks {step}")
+        assert_same(chunked(C.merge, base, models, cfg, dtype, step), whole, f"C chunks {step}")
+    big_base, big_models = make_inputs(2, 70_000, F16, seed=8)      # several C work chunks
+    cfg2 = cfg_for(method, big_base, big_models, 2, (70, 1000), offset=3)
+    want = run(R.merge, big_base, big_models, cfg2, F16)
+    try:
+        for threads in (1, 2, 3):
+            C.set_num_threads(threads)
+            assert_same(run(C.merge, big_base, big_models, cfg2, F16), want, f"{threads} threads")
+    finally:
+        C.set_num_threads(0)
+
+
+@TRITON
+@pytest.mark.parametrize("method", DELLA)
+def test_chunking_and_blocks_triton(method):
+    T = _triton_module()
+    base, models = make_inputs(2, 300, F16, seed=9)
+    cfg = cfg_for(method, base, models, 2, (10, 30), offset=2, slack=True)
+    want = run(R.merge, base, models, cfg, F16)
+    assert_same(chunked(triton_merge, base, models, cfg, F16, 37), want, "Triton chunks 37")
+    for block, programs in ((16, 3), (512, 1)):
+        got = run(lambda b, m, o, c: T.merge(b, m, o, c, block=block, programs=programs),
+                  base, models, cfg, F16)
+        assert_same(got, want, f"Triton block {block}")
+
+
+def test_c_module_checks():
+    ext = C._module()
+    base, models = make_inputs(2, 10, F32, seed=0)
+    out = torch.empty(10)
+    counts = torch.zeros(2, len(COUNTERS), dtype=torch.int64)
+
+    def call(**kw):
+        ext.merge(base.numpy(), models.numpy(), out.numpy(), 2, 10, ext.F32, ext.F32, ext.F32,
+                  True, ext.ELECT_SUM, False, (1.0, 1.0), None, None, 1.0, counts.numpy(), **kw)
+    call(keep=torch.full((2, 10), TWO32, dtype=torch.int64).numpy(), key=1, keep_rescale=True)
+    for kw, msg in [(dict(keep=torch.full((2, 10), TWO32 + 1, dtype=torch.int64).numpy()),
+                     "keep\\[0\\]"),
+                    (dict(keep=torch.zeros(2, 9, dtype=torch.int64).numpy()), "keep"),
+                    (dict(keep=torch.zeros(2, 10, dtype=torch.int64).numpy(), drop=(1, 1)),
+                     "replaces drop")]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. fastmerge.merge(), resume, YAML
+
+def _bits(sd):
+    return {k: (v.view(torch.int16) if v.is_floating_point() and v.element_size() == 2 else v)
+            for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("method", DELLA)
+def test_merge_api_whole_streamed_and_reference(method, monkeypatch):
+    from fastmerge import pipeline
+    from fastmerge.backends import torch_backend
+    from fastmerge.testing import PRESETS, state_dicts
+    base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
+    kw = dict(method=method, density=[0.5, 0.3], epsilon=[0.2, 0.1], weights=[1.0, -0.7],
+              seed=3, progress=False)
+    if method == "della":
+        kw["slack"] = [0.05, 0.1]
+    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+        for mod in (torch_backend, C):
+            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
+        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
+    names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
+    total = torch.zeros(2, len(COUNTERS), dtype=torch.int64)
+    for name in names:
+        m = torch.stack([sd[name] for sd in models])
+        want, counts, _ = R.merge_one(base[name], m, params, name=name)
+        total += counts
+        for be, r in got.items():
+            assert torch.equal(_bits({name: r.state_dict[name]})[name],
+                               _bits({name: want})[name]), (be, name)
+    for r in got.values():
+        assert [[row[c] for c in COUNTERS] for row in r.report["totals"]] == total.tolist()
+        assert r.report["parameters"]["epsilon"] == [0.2, 0.1]
+    N = got["c"].report["population"]
+    if method == "della_linear":           # no slack: the kept fraction is d_i within 5 σ
+        for i, d in enumerate(kw["density"]):
+            assert abs(int(total[i, KEPT]) / N - d) < 5 * 0.5 / math.sqrt(N)
+    assert got["c"].report["tensors"] == got["torch"].report["tensors"] == \
+        got["streamed"].report["tensors"]
+    other = fastmerge.merge(base, models, backend="c", **dict(kw, seed=4))
+    want = _bits(got["c"].state_dict)
+    assert not all(torch.equal(_bits(other.state_dict)[k], want[k]) for k in want)
+
+
+def test_yaml_cli_and_resume(tmp_path, monkeypatch):
+    """della from a mergekit YAML (epsilon per model and global): the API's bytes; a run
+    interrupted after two shards and resumed gives the same bytes."""
+    import yaml
+
+    from fastmerge import cli
+    from fastmerge.config import config_to_kwargs
+    from fastmerge.testing import PRESETS, write_llama_family
+    fam = write_llama_family(tmp_path / "fam", config=PRESETS["tiny"], n_models=2)
+    doc = {"merge_method": "della", "base_model": str(fam["base"]),
+           "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.1, "lambda": 0.9},
+           "models": [{"model": str(fam["models"][0]), "parameters": {"epsilon": 0.3}},
+                      {"model": str(fam["models"][1])}]}
+    kw = config_to_kwargs(doc)
+    assert kw["method"] == "della" and kw["epsilon"] == [0.3, 0.1]
+    path = tmp_path / "della.yml"
+    path.write_text(yaml.safe_dump(doc))
+    args = ["merge", str(path), str(tmp_path / "out"), "--no-progress", "--random-seed", "5",
+            "--shard-size", "100KB"]
+    assert cli.main(args) == 0
+    api = fastmerge.merge(fam["base"], fam["models"], method="della", density=0.4,
+                          epsilon=[0.3, 0.1], weights=1.0, scale=0.9, seed=5,
+                          output=tmp_path / "api", shard_size="100KB", progress=False)
+    assert api.report["parameters"]["normalize"] is True
+    files = sorted((tmp_path / "api").glob("*.safetensors"))
+    assert len(files) > 2
+    for f in files:
+        assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes(), f.name
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as mp:
+        interrupt_at_shard(mp, 2)
+        assert cli.main([*args[:2], str(resumed), *args[3:]]) == 130
+    assert cli.main([*args[:2], str(resumed), *args[3:], "--resume"]) == 0
+    for f in files:
+        assert f.read_bytes() == (resumed / f.name).read_bytes(), f.name
+    with pytest.raises(fastmerge.ParameterError, match="'epsilon' is only used by the methods"):
+        config_to_kwargs(dict(doc, merge_method="ties"))
+    with pytest.raises(fastmerge.ParameterError, match="density ± epsilon"):
+        fastmerge.merge(fam["base"], fam["models"], method="della", density=0.1,
+                        weights=1.0, progress=False)
+
+
+SMALL = {"model.layers.0.w": (3, 43), "model.layers.0.b": (129,), "model.layers.1.c": (2, 3, 5)}
+NEW_MODES = [dict(method="dare_ties", density=[0.5, 0.3], slack=[0.1, 0.05]),
+             dict(method="breadcrumbs_ties", density=[0.5, 0.3], gamma=0.1, slack=[0.1, 0.05]),
+             dict(method="della", density=[0.5, 0.3], epsilon=0.2, slack=[0.1, 0.05],
+                  elect="count"),
+             dict(method="della_linear", density=[0.5, 0.3], epsilon=[0.1, 0.25])]
+
+
+@pytest.mark.parametrize("backend", ["c", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("kw", NEW_MODES, ids=lambda kw: kw["method"])
+def test_merge_on_every_backend(backend, kw):
+    """fastmerge.merge() with slack and DELLA on the C and Triton backends (Triton under
+    the interpreter here) gives the torch backend's bytes and report."""
+    from tests.test_exactness import triton_device
+    total = sum(math.prod(s) for s in SMALL.values())
+    base, models = make_inputs(2, total, BF16, seed=12)
+
+    def sd(x):
+        out, pos = {}, 0
+        for name, shape in SMALL.items():
+            out[name] = x[pos:pos + math.prod(shape)].reshape(shape).clone()
+            pos += math.prod(shape)
+        return out
+    args = (sd(base), [sd(m) for m in models])
+    kw = dict(kw, weights=[1.0, -0.6], seed=7, progress=False)
+    want = fastmerge.merge(*args, backend="torch", **kw)
+    device = triton_device() if backend == "triton" else "cpu"
+    got = fastmerge.merge(*args, backend=backend, device=device, **kw)
+    for name in SMALL:
+        assert torch.equal(got.state_dict[name].cpu().view(torch.int16),
+                           want.state_dict[name].view(torch.int16)), name
+    strip = lambda r: {k: v for k, v in r.items() if k != "backend"}
+    assert strip(got.report) == strip(want.report)
+    assert any(t["kept"] for t in want.report["totals"])
