@@ -158,7 +158,7 @@ def read_vocab(ckpt) -> Vocab | None:
         from tokenizers import Tokenizer
         doc = _read_json(tj, "tokenizer")
         try:
-            mapping = Tokenizer.from_str(json.dumps(doc)).get_vocab(with_added_tokens=True)
+            mapping = Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True)
         except Exception as exc:    # tokenizers raises plain Exceptions on bad files
             raise InputError(f"{tj}: the tokenizers library cannot read it: {exc}") from None
         special = {a["content"] for a in doc.get("added_tokens") or ()
