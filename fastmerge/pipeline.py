@@ -31,6 +31,7 @@ from .plan import TensorTask, kernel_dtype
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
+RANK_CHUNK_ELEMS = 1 << 22      # DELLA's rank stage: entries per chunk (memory, see _source)
 
 
 @dataclass
@@ -272,8 +273,12 @@ class StreamMerge:
             ranges = geometry.chunk_ranges(task.shape, self.params.vectors, self.chunk_elems)
         step = self.chunk_elems
         if self.params.spec.ranked:     # DELLA (§8d): every chunk holds whole rows
+            # the rank stage holds ~10 int64 words per entry and model (keys, their sort,
+            # T_i(g)): chunks of at most RANK_CHUNK_ELEMS entries, never a whole resident
+            # tensor, keep that bounded (a 65M-entry embedding would take ~4 GB)
             block = della.row_block(task.shape)
-            step = max(block, step // block * block)
+            step = max(block, min(step, RANK_CHUNK_ELEMS) // block * block)
+            resident = resident and task.numel <= step
         return TensorSource(self.reader, task, step, resident, ranges)
 
     def _searches(self, task: TensorTask, population: int) -> list[select.Search]:
