@@ -24,7 +24,6 @@ import torch
 from .kernel_api import GRAM_BLOCK
 from .reference import model_matrix, round_once, task_vectors
 
-VECTORS = ("tensor", "rows", "columns")
 SLERP_PARALLEL = 0.9995     # SLERP: |cos| above this interpolates linearly (mergekit's)
 SLERP_EPS = 1e-8            # SLERP: a norm at or below this is not divided by
 NUSLERP_NORM_MIN = 1e-7     # NuSLERP: norms clamped from below

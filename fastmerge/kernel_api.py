@@ -26,7 +26,7 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     entries are entries ``cfg.offset .. cfg.offset + N − 1`` of the tensor: the drop
     depends on that global index only, so any chunking gives the same result.
 
-``gram(base, models, on_base, seg) -> fp64 [Q, K]`` (optional; docs/spec.md §8c)
+``gram(base, models, on_base, seg) -> fp64 [Q, K]`` (docs/spec.md §8c)
     The statistics pass of SLERP / NuSLERP / model stock. v_k = τ_k (``on_base``) or
     f32(θ_k). The N entries are pieces of ``seg`` entries (the last may be shorter), each
     cut into GRAM_BLOCK blocks from its start (Q blocks in all); row q holds, for block q
@@ -34,7 +34,7 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     the sum of the exact fp64 products v_k·v_l over the block by a pairwise tree (the
     block padded with +0.0 to GRAM_BLOCK entries; level by level, p[2m] + p[2m+1]).
 
-``combine(base, models, out, coef, seg, columns, on_base) -> int64 [n]`` (with ``gram``)
+``combine(base, models, out, coef, seg, columns, on_base) -> int64 [n]``
     The elementwise pass of those methods: θ_j = [f32(θ_b) +] Σ_k coef[s, k]·v_k[j] in
     fp64, k in order from +0.0, rounded once to ``out``'s dtype, with s = j // seg (or
     j mod seg when ``columns``); returns the non-finite entries of each v_k.
@@ -196,7 +196,5 @@ class Capabilities:
     elects: tuple[str, ...] = ELECTS
     slack: bool = True
     without_base: bool = True                                       # on_base=False
-    gram: bool = False          # gram + combine (§8c); without them the pipeline runs the
-                                # reference's, on the CPU, and says so in the report
     ranks: bool = False         # computes DELLA's row ranks in its fused pass (§8d); none
                                 # does: the pipeline runs that stage in torch (fastmerge.della)

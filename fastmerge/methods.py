@@ -76,7 +76,8 @@ class Method:
     geometry: str | None = None   # §8c: "slerp" / "nuslerp" / "model_stock" (gram + combine
                                   # passes, fastmerge.geometry) instead of the fused pass
     models: tuple = (1, None)     # how many models it merges (besides a base): (min, max)
-    vectors: tuple = ("tensor",)  # §8c: what one vector is (VECTORS), the first the default
+    vectors: tuple = ("tensor",)  # §8c: what one vector may be (tensor / rows / columns),
+                                  # the first the default
 
     @property
     def protects(self) -> bool:

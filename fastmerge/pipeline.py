@@ -22,6 +22,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -420,7 +421,6 @@ class StreamMerge:
         """SLERP / NuSLERP / model stock (docs/spec.md §8c): the statistics pass over every
         chunk, the coefficients on the host, then the combine pass."""
         p, tk, spec = self.params, task.knobs, self.params.spec
-        be = self.backend if self.backend.CAPABILITIES.gram else _reference_backend()
         vectors = geometry.effective(task.shape, p.vectors)
         seg, nseg = (geometry.segment_length(task.shape, vectors),
                      geometry.segment_count(task.shape, vectors))
@@ -442,11 +442,11 @@ class StreamMerge:
             if columns:
                 parts.append(geometry.gram_columns(b, m, on_base, seg).numpy())
             else:
-                parts.append(be.gram(b, m, on_base, min(seg, count)).cpu().numpy())
+                parts.append(self.backend.gram(b, m, on_base, min(seg, count)).cpu().numpy())
         if columns:
-            G = geometry.column_sums(np_concat(parts))
+            G = geometry.column_sums(np.concatenate(parts))
         else:
-            G = geometry.segment_sums(np_concat(parts), nseg)
+            G = geometry.segment_sums(np.concatenate(parts), nseg)
         coef, fallback, cos = geometry.coefficients(spec.geometry, G, tk, p.n_models)
         coef = torch.from_numpy(coef)
         stats = TensorStats(task.name, task.numel,
@@ -462,8 +462,8 @@ class StreamMerge:
             else:
                 first, width = start // seg, min(seg, count)
                 c = coef[first:first + -(-count // width)]
-            nonfinite = be.combine(b, m, out, c, seg if columns else min(seg, count), columns,
-                                   on_base)
+            nonfinite = self.backend.combine(b, m, out, c, seg if columns else min(seg, count),
+                                             columns, on_base)
             if not p.allow_nonfinite and bool(nonfinite.any()):
                 self._raise_nonfinite_vectors(task, nonfinite, slerp, on_base)
             self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
@@ -492,11 +492,6 @@ class StreamMerge:
             "; pass allow_nonfinite=True to merge anyway")
 
 
-def np_concat(parts):
-    import numpy as np
-    return np.concatenate(parts, axis=0)
-
-
 def _with_base(base, models):
     """[θ_b, θ_1, ...] as the kernels take models: a list of 1-D tensors of one dtype, or
     one [n + 1, N] tensor (fp32 when the dtypes differ: f32(θ) is exact)."""
@@ -506,7 +501,3 @@ def _with_base(base, models):
             torch.cat([base.unsqueeze(0), models])
     return torch.stack([base.float(), *(r.float() for r in rows)])
 
-
-def _reference_backend():
-    from .backends import torch_backend
-    return torch_backend

@@ -164,14 +164,12 @@ def test_combine_bit_identical(combine, dtype, n, N, seg, on_base, columns):
     S = min(seg, N) if columns else -(-N // seg)
     for kind in ("normal", "cancel") if n >= 2 else ("normal",):
         coef = _coef(S, n, seed=S, kind=kind)
+        # "cancel": models 0 and 1 equal, weighed c and ≈ −c
+        vecs = models if kind == "normal" else torch.stack([models[0]] * 2 + list(models[2:]))
         want = torch.full((N,), 7.0, dtype=dtype)
-        nf_want = G.combine(b, models if kind == "normal" else
-                            torch.stack([models[0]] * 2 + list(models[2:])), want, coef, seg,
-                            columns, on_base)
+        nf_want = G.combine(b, vecs, want, coef, seg, columns, on_base)
         got = torch.full((N,), 7.0, dtype=dtype)
-        nf = combine(b, models if kind == "normal" else
-                     torch.stack([models[0]] * 2 + list(models[2:])), got, coef, seg, columns,
-                     on_base)
+        nf = combine(b, vecs, got, coef, seg, columns, on_base)
         assert torch.equal(bits(got), bits(want)), f"{kind}: outputs differ"
         assert torch.equal(nf.cpu(), nf_want)
 

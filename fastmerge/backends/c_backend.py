@@ -13,7 +13,7 @@ import torch
 from .. import kernel_api
 from ..kernel_api import COUNTERS, NBINS, Capabilities, KernelConfig
 
-CAPABILITIES = Capabilities(max_models=64, gram=True)   # FM_MAX_MODELS
+CAPABILITIES = Capabilities(max_models=64)   # FM_MAX_MODELS
 NAME = "c"
 
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -3,7 +3,7 @@ from ..kernel_api import Capabilities
 from ..geometry import combine, gram  # noqa: F401  (the backend contract, §8c)
 from ..reference import histogram, merge  # noqa: F401  (the backend contract)
 
-CAPABILITIES = Capabilities(gram=True)
+CAPABILITIES = Capabilities()
 NAME = "torch"
 
 

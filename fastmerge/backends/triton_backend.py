@@ -13,7 +13,7 @@ from ..kernel_api import Capabilities
 from ..reference import model_matrix
 from . import triton_interpreted
 
-CAPABILITIES = Capabilities(max_models=8, gram=True)    # triton_merge.MAX_MODELS
+CAPABILITIES = Capabilities(max_models=8)    # triton_merge.MAX_MODELS
 NAME = "triton"
 
 

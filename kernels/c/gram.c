@@ -24,7 +24,6 @@
 #include <omp.h>
 #endif
 
-#define FM_INLINE static inline __attribute__((always_inline))
 #define GB FM_GRAM_BLOCK
 #define CB 256                 /* combine: entries per block */
 
@@ -33,18 +32,6 @@ static int64_t blocks_of(int64_t len) { return (len + GB - 1) / GB; }
 int64_t fm_gram_blocks(int64_t N, int64_t seg)
 {
     return (N / seg) * blocks_of(seg) + blocks_of(N % seg);
-}
-
-static int threads_for(int requested, int64_t work)
-{
-#ifdef _OPENMP
-    int64_t nt = requested > 0 ? requested : fm_get_num_threads();
-    if (nt > work) nt = work;
-    return nt < 1 ? 1 : (int)nt;
-#else
-    (void)requested; (void)work;
-    return 1;
-#endif
 }
 
 /* v_k[0..len) of the entries at off, in fp32 (b: f32(θ_b) when on_base) */
@@ -95,21 +82,6 @@ FM_CLONES static void gram_range(const fm_gram_args *a, int64_t blk0, int64_t bl
     }
 }
 
-/* Threads take chunks of `per` blocks from a shared counter (dynamic scheduling: on a
- * busy machine a descheduled thread does not hold up the others). Every block is
- * computed alone, so any assignment gives the same results. */
-static int next_chunk(int64_t *next, int64_t per, int64_t nblk, int64_t *b0, int64_t *b1)
-{
-    int64_t c;
-#ifdef _OPENMP
-#pragma omp atomic capture
-#endif
-    c = (*next)++;
-    *b0 = c * per;
-    *b1 = *b0 + per < nblk ? *b0 + per : nblk;
-    return *b0 < nblk;
-}
-
 #ifdef _OPENMP
 #define FM_TID omp_get_thread_num()
 #else
@@ -121,11 +93,11 @@ int fm_gram(const fm_gram_args *a)
     const int n = a->n;
     const int64_t Q = fm_gram_blocks(a->N, a->seg);
     if (Q == 0) return 0;
-    const int nt = threads_for(a->threads, Q);
+    const int nt = fm_pick_threads(a->threads, Q);
+    work w = {Q, 16, 0};                       /* blocks handed out 16 at a time */
     const size_t xs = GB * ((size_t)n + 1), ps = GB / 2;   /* per-thread scratch */
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *pall = malloc(sizeof(double) * ps * (size_t)nt);
-    int64_t next = 0;
     if (!xall || !pall) {
         free(xall);
         free(pall);
@@ -137,7 +109,7 @@ int fm_gram(const fm_gram_args *a)
     {
         const int tid = FM_TID;
         float *x = xall + xs * (size_t)tid;
-        for (int64_t b0, b1; next_chunk(&next, 16, Q, &b0, &b1);)
+        for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
             gram_range(a, b0, b1, x, x + (size_t)n * GB, pall + ps * (size_t)tid);
     }
     free(xall);
@@ -195,11 +167,11 @@ int fm_combine(const fm_combine_args *a)
     const int64_t nblk = (a->N + CB - 1) / CB;
     memset(a->nonfinite, 0, (size_t)n * sizeof(int64_t));
     if (nblk == 0) return 0;
-    const int nt = threads_for(a->threads, nblk);
+    const int nt = fm_pick_threads(a->threads, nblk);
+    work w = {nblk, 64, 0};
     const size_t xs = CB * ((size_t)n + 1);   /* per-thread scratch */
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *tall = malloc(sizeof(double) * CB * (size_t)nt);
-    int64_t next = 0;
     if (!xall || !tall) {
         free(xall);
         free(tall);
@@ -213,7 +185,7 @@ int fm_combine(const fm_combine_args *a)
         int64_t cnt[FM_MAX_MODELS] = {0};
         float *x = xall + xs * (size_t)tid, *b = x + (size_t)n * CB;
         if (!a->on_base) memset(b, 0, sizeof(float) * CB);
-        for (int64_t b0, b1; next_chunk(&next, 64, nblk, &b0, &b1);)
+        for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
             combine_range(a, b0, b1, x, b, tall + (size_t)CB * tid, cnt);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_combine_counts)

@@ -59,12 +59,6 @@ const int FM_SHIFT[FM_LEVELS] = {20, 9, 0};
 #define FM_FLUSH_BLOCKS ((int64_t)1024)
 #define FM_MERGE_CHUNK_BLOCKS ((int64_t)64)
 
-/* The blocks of a tensor, handed out in chunks of `per` blocks. Threads take chunks from
- * a shared counter (dynamic scheduling): on a busy machine a descheduled thread no longer
- * holds up the whole parallel region. */
-typedef struct {
-    int64_t nblk, per, next;
-} work;
 
 static work work_for(int64_t N, int64_t per)
 {
@@ -72,20 +66,6 @@ static work work_for(int64_t N, int64_t per)
     return w;
 }
 
-/* Next chunk [*b0, *b1) of blocks; 0 when none is left. */
-static inline int take_chunk(work *w, int64_t *b0, int64_t *b1)
-{
-    int64_t c;
-#ifdef _OPENMP
-#pragma omp atomic capture
-#endif
-    c = w->next++;
-    *b0 = c * w->per;
-    *b1 = *b0 + w->per < w->nblk ? *b0 + w->per : w->nblk;
-    return *b0 < w->nblk;
-}
-
-#define FM_INLINE static inline __attribute__((always_inline))
 
 
 /* ------------------------------------------------------------------------------------ */
@@ -115,7 +95,7 @@ int fm_have_openmp(void)
 
 const char *fm_isa_clones(void) { return FM_CLONE_NAMES; }
 
-static int pick_threads(int requested, int64_t nblk)
+int fm_pick_threads(int requested, int64_t nblk)
 {
 #ifdef _OPENMP
     int64_t nt = requested > 0 ? requested : fm_get_num_threads();
@@ -317,7 +297,7 @@ int fm_histogram(const fm_hist_args *a)
     if (a->N == 0) return 0;
 
     work w = work_for(a->N, FM_FLUSH_BLOCKS);
-    const int nt = pick_threads(a->threads, w.nblk);
+    const int nt = fm_pick_threads(a->threads, w.nblk);
     int failed = 0;
     (void)nt;
 #ifdef _OPENMP
@@ -476,7 +456,7 @@ int fm_bracket(const fm_bracket_args *a)
     if (a->N == 0) return 0;
 
     work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
-    const int nt = pick_threads(a->threads, w.nblk);
+    const int nt = fm_pick_threads(a->threads, w.nblk);
     int failed = 0;
     (void)nt;
 #ifdef _OPENMP
@@ -909,7 +889,7 @@ int fm_merge(const fm_merge_args *a)
     for (int i = 0; i < n; i++) has_slack |= a->u[i] == a->u[i];   /* NaN: protects none */
 
     work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
-    const int nt = pick_threads(a->threads, w.nblk);
+    const int nt = fm_pick_threads(a->threads, w.nblk);
     int failed = 0;
     (void)nt;
 #ifdef _OPENMP

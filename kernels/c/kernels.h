@@ -21,6 +21,28 @@
 #define FM_CLONE_NAMES "default"
 #endif
 
+#define FM_INLINE static inline __attribute__((always_inline))
+
+/* The blocks of a tensor, handed out in chunks of `per` blocks. Threads take chunks from
+ * a shared counter (dynamic scheduling): on a busy machine a descheduled thread no longer
+ * holds up the whole parallel region. */
+typedef struct {
+    int64_t nblk, per, next;
+} work;
+
+/* Next chunk [*b0, *b1) of blocks; 0 when none is left. */
+static inline int take_chunk(work *w, int64_t *b0, int64_t *b1)
+{
+    int64_t c;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    c = w->next++;
+    *b0 = c * w->per;
+    *b1 = *b0 + w->per < w->nblk ? *b0 + w->per : w->nblk;
+    return *b0 < w->nblk;
+}
+
 #define FM_MAX_MODELS 64
 #define FM_NBINS 2048
 #define FM_LEVELS 3
@@ -111,6 +133,8 @@ void fm_convert(void *dst, int dst_dt, const void *src, int src_dt, int64_t N);
 void fm_convert_f64(void *dst, int dst_dt, const double *src, int64_t N);
 
 void fm_set_num_threads(int n);           /* 0: OpenMP's default */
+/* threads for `nblk` blocks of work: `requested` (0: fm_get_num_threads()), at most nblk */
+int fm_pick_threads(int requested, int64_t nblk);
 int fm_get_num_threads(void);
 int fm_have_openmp(void);
 const char *fm_isa_clones(void);          /* which SIMD variants were compiled */

@@ -106,6 +106,24 @@ static Py_buffer *take_int_output(bufset *bs, PyObject *obj, const char *what, l
     return v;
 }
 
+/* out may be exactly base or a model (in place: each block is read before it is written)
+ * but must not partially overlap any of them; -1 with a ValueError when it does. */
+static int check_out_alias(const Py_buffer *ov, const void *base, int bdt,
+                           const void *const *models, int mdt, int n, long long N)
+{
+    for (int k = -1; k < n; k++) {
+        const void *in = k < 0 ? base : models[k];
+        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
+        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
+            !(in == ov->buf && len == (size_t)ov->len)) {
+            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
+                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int check_dtype(int dt, const char *what)
 {
     if (dt != FM_F32 && dt != FM_F16 && dt != FM_BF16) {
@@ -615,17 +633,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
     Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
     if (!ov) goto fail;
     a.out = ov->buf;
-    /* in place is fine (each block is read before it is written); a shifted alias is not */
-    for (int k = -1; k < n; k++) {
-        const void *in = k < 0 ? a.base : a.models[k];
-        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
-        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
-            !(in == ov->buf && len == (size_t)ov->len)) {
-            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
-                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
-            goto fail;
-        }
-    }
+    if (check_out_alias(ov, a.base, bdt, a.models, mdt, n, N)) goto fail;
     Py_buffer *cv = take_int_output(&bs, counts_o, "counts", (long long)n * FM_NCOUNTERS, 8);
     if (!cv) goto fail;
     a.counts = cv->buf;
@@ -887,16 +895,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
         }
     Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
     if (!ov) goto fail;
-    for (int k = -1; k < n; k++) {        /* in place is fine; a shifted alias is not */
-        const void *in = k < 0 ? a.base : a.models[k];
-        const size_t len = (size_t)N * fm_dtype_size(k < 0 ? bdt : mdt);
-        if (in && overlaps(in, len, ov->buf, (size_t)ov->len) &&
-            !(in == ov->buf && len == (size_t)ov->len)) {
-            PyErr_Format(PyExc_ValueError, "out: partially overlaps %s (only out == base or "
-                         "out == a model of the same dtype is allowed)", k < 0 ? "base" : "a model");
-            goto fail;
-        }
-    }
+    if (check_out_alias(ov, a.base, bdt, a.models, mdt, n, N)) goto fail;
     if (overlaps(ov->buf, (size_t)ov->len, cv->buf, (size_t)cv->len)) {
         PyErr_SetString(PyExc_ValueError, "out: overlaps coef");
         goto fail;
