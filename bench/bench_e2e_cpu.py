@@ -32,8 +32,9 @@ from pathlib import Path
 DENSITY, SLACK = 0.2, 0.05
 
 
-def timed(cmd: list[str], env=None) -> dict:
-    """Run cmd under /usr/bin/time -v; return wall seconds, peak RSS (MiB), exit code."""
+def timed(cmd: list[str], env=None, stdout: bool = False) -> dict:
+    """Run cmd under /usr/bin/time -v; return wall seconds, peak RSS (MiB), exit code
+    (and with ``stdout``, what it printed, under "stdout")."""
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
                           env=env)
@@ -43,6 +44,8 @@ def timed(cmd: list[str], env=None) -> dict:
            "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None}
     if proc.returncode:
         row["stderr_tail"] = proc.stderr[-2000:]
+    if stdout:
+        row["stdout"] = proc.stdout
     return row
 
 

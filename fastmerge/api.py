@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import backends
+from . import distributed as _dist
 from .errors import InputError, OutputError, ParameterError
 from .params import make_params
 
@@ -25,6 +27,9 @@ class MergeResult:
         ``shards_total`` shards were kept from an interrupted run (``resume=True``) rather
         than written by this one (0 otherwise). The report does not say: a resumed merge
         writes the same bytes as an uninterrupted one.
+    ranks: for a merge split over a process group (docs/spec.md §14), each rank's work:
+        {"rank", "host", "shards", "bytes_written", "seconds"} (None otherwise; not in the
+        report, which is the single-process one).
 
     An in-memory result unpacks like a tuple, ``state_dict, report = fastmerge.merge(...)``
     (as earlier versions returned); a merge written to disk does not (it has no state dict).
@@ -35,6 +40,7 @@ class MergeResult:
     state_dict: dict | None = None
     shards_resumed: int = 0
     shards_total: int = 0
+    ranks: list | None = None
 
     def _pair(self) -> tuple:
         if self.state_dict is None:
@@ -93,7 +99,7 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
           config=None, resume: bool = False, seed: int = 0,
           rescale: bool | None = None, gamma=None, epsilon=None, t=None,
           vectors: str | None = None, layer_range=None, tokenizer_source=None,
-          pad_to_multiple_of: int | None = None) -> MergeResult:
+          pad_to_multiple_of: int | None = None, distributed=None) -> MergeResult:
     """Merge ``models`` into ``base`` (docs/spec.md), streaming tensor by tensor.
 
     Every argument is checked before any tensor data is read; errors name the bad value
@@ -185,6 +191,13 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             reference with a warning), "triton", "c" or "torch" (the reference).
         progress: show a progress bar (bytes and tensors done, rate, ETA) on stderr when
             stderr is a terminal (default True; nothing is printed otherwise).
+        distributed: split a merge to disk over the ranks of a torch.distributed process
+            group (docs/spec.md §14): None (default) uses the default group when one is
+            initialised with more than one rank (as under torchrun), False never splits,
+            or a ProcessGroup. Every rank calls merge() with the same arguments; each
+            writes the output shards given to it and the output is byte-identical to a
+            single-process merge. On CUDA each rank uses GPU LOCAL_RANK. In-memory merges
+            are never split.
 
     Returns a MergeResult: ``result.path`` and ``result.report`` for a merge to disk;
     ``result.state_dict`` and ``result.report`` in memory, where it also unpacks as
@@ -200,119 +213,161 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     if isinstance(models, (str, os.PathLike, dict)):
         models = [models]
     models = list(models)
-    params = make_params(method, len(models), weights=weights, density=density, slack=slack,
-                         scale=scale, normalize=normalize, elect=elect, scope=scope,
-                         dtype=dtype, allow_nonfinite=allow_nonfinite, seed=seed,
-                         rescale=rescale, gamma=gamma, epsilon=epsilon, t=t,
-                         vectors=vectors)
-    if base is None and params.spec.needs_base:
-        raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
-                             "and 'nuslerp' work without one")
-    if isinstance(config_from, (str, os.PathLike)):
-        config_from = None if str(config_from) == "base" else \
-            _model_index("config_from", config_from, models)
-    if tokenizer_source is not None:
-        from .vocab import resolve_source
-        if isinstance(tokenizer_source, (str, os.PathLike)) and \
-                isinstance(base, (str, os.PathLike)) and str(tokenizer_source) == str(base):
-            tokenizer_source = "base"      # mergekit: the base model named as the source
-        tokenizer_source = resolve_source(tokenizer_source, models)
-        from .embeddings import METHODS as ROW_METHODS
-        if params.method not in ROW_METHODS:
-            raise ParameterError(f"tokenizer_source (vocabulary alignment) is not available "
-                                 f"with method {params.method!r} yet; it is with "
-                                 f"{', '.join(ROW_METHODS)}")
-    elif pad_to_multiple_of is not None:
-        raise ParameterError("pad_to_multiple_of needs a tokenizer_source")
-    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
-                                           not isinstance(pad_to_multiple_of, int) or
-                                           pad_to_multiple_of < 1):
-        raise ParameterError(f"pad_to_multiple_of must be a positive integer, got "
-                             f"{pad_to_multiple_of!r}")
-    if config_from is not None and (isinstance(config_from, bool) or
-                                    not isinstance(config_from, int) or
-                                    not 0 <= config_from < len(models)):
-        raise ParameterError(f"config_from must be None (the base) or a model index in "
-                             f"0..{len(models) - 1}, got {config_from!r}")
-    shard_bytes = parse_size(shard_size)
-    config_doc = None
-    if config is not None:
-        if output is None:
-            raise ParameterError("config is written into the output folder; it needs "
-                                 "output=")
-        if config_from is not None:
-            raise ParameterError("give config (the output's config.json) or config_from (whose "
-                                 "config to copy), not both")
-        config_doc = _read_config_arg(config)
-    local_inputs = _local_inputs([base, *models])
+    group = None
     if output is not None:
-        output = Path(output)
-        check_output_location(output, local_inputs, overwrite)
-    elif resume:
-        raise ParameterError("resume=True needs an output folder")
-    module, dev = backends.resolve(backend, device)
-    backends.check_supported(module, params)
-
+        group = _dist.current(distributed)
+        device = _dist.rank_device(device, group)
+    elif distributed not in (None, False):
+        raise ParameterError("distributed= splits a merge to disk by output shard; it needs "
+                             "output=")
     opened = []
-    try:
-        base_ckpt = None
+    s = _Setup()
+
+    def setup():
+        """Every check, opening the inputs and planning: no collective inside, so that
+        under a group every rank gets here and agrees on the outcome."""
+        s.params = params = make_params(
+            method, len(models), weights=weights, density=density, slack=slack,
+            scale=scale, normalize=normalize, elect=elect, scope=scope, dtype=dtype,
+            allow_nonfinite=allow_nonfinite, seed=seed, rescale=rescale, gamma=gamma,
+            epsilon=epsilon, t=t, vectors=vectors)
+        nonlocal config_from, tokenizer_source, output
+        if base is None and params.spec.needs_base:
+            raise ParameterError(f"method {params.method!r} needs a base model; only 'linear' "
+                                 "and 'nuslerp' work without one")
+        if isinstance(config_from, (str, os.PathLike)):
+            config_from = None if str(config_from) == "base" else \
+                _model_index("config_from", config_from, models)
+        if tokenizer_source is not None:
+            from .vocab import resolve_source
+            if isinstance(tokenizer_source, (str, os.PathLike)) and \
+                    isinstance(base, (str, os.PathLike)) and str(tokenizer_source) == str(base):
+                tokenizer_source = "base"      # mergekit: the base model named as the source
+            tokenizer_source = resolve_source(tokenizer_source, models)
+            from .embeddings import METHODS as ROW_METHODS
+            if params.method not in ROW_METHODS:
+                raise ParameterError(f"tokenizer_source (vocabulary alignment) is not "
+                                     f"available with method {params.method!r} yet; it is "
+                                     f"with {', '.join(ROW_METHODS)}")
+        elif pad_to_multiple_of is not None:
+            raise ParameterError("pad_to_multiple_of needs a tokenizer_source")
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                               not isinstance(pad_to_multiple_of, int) or
+                                               pad_to_multiple_of < 1):
+            raise ParameterError(f"pad_to_multiple_of must be a positive integer, got "
+                                 f"{pad_to_multiple_of!r}")
+        if config_from is not None and (isinstance(config_from, bool) or
+                                        not isinstance(config_from, int) or
+                                        not 0 <= config_from < len(models)):
+            raise ParameterError(f"config_from must be None (the base) or a model index in "
+                                 f"0..{len(models) - 1}, got {config_from!r}")
+        s.shard_bytes = parse_size(shard_size)
+        s.config_doc = None
+        if config is not None:
+            if output is None:
+                raise ParameterError("config is written into the output folder; it needs "
+                                     "output=")
+            if config_from is not None:
+                raise ParameterError("give config (the output's config.json) or config_from "
+                                     "(whose config to copy), not both")
+            s.config_doc = _read_config_arg(config)
+        local_inputs = _local_inputs([base, *models])
+        if output is not None:
+            output = check_output_location(Path(output), local_inputs, overwrite)
+        elif resume:
+            raise ParameterError("resume=True needs an output folder")
+        s.module, s.dev = backends.resolve(backend, device)
+        backends.check_supported(s.module, params)
+
+        s.base_ckpt = None
         if base is not None:
-            base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle,
-                                        label="base" if isinstance(base, dict) else None)
-            opened.append(base_ckpt)
-        model_ckpts = []
+            s.base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle,
+                                          label="base" if isinstance(base, dict) else None)
+            opened.append(s.base_ckpt)
+        s.model_ckpts = []
         for i, m in enumerate(models):
             label = f"model {i}" if isinstance(m, dict) else None
-            model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
-            opened.append(model_ckpts[-1])
+            s.model_ckpts.append(Checkpoint.open(m, allow_pickle=allow_pickle, label=label))
+            opened.append(s.model_ckpts[-1])
         if layer_range is not None:
-            _check_layer_range(layer_range, base_ckpt or model_ckpts[0])
-        aligned, rows = None, {}
+            _check_layer_range(layer_range, s.base_ckpt or s.model_ckpts[0])
+        s.aligned, s.rows = None, {}
         if tokenizer_source is not None:       # vocabularies aligned by token (§13)
             from .embeddings import align_inputs
-            aligned, rows = align_inputs(base_ckpt, model_ckpts, tokenizer_source,
-                                         pad_to_multiple_of)
-        tasks = plan_merge(base_ckpt, model_ckpts, params, rows)
-        backends.check_supported(module, params, {t.out_dtype for t in tasks if t.merged})
-        inputs = Inputs(base_ckpt, model_ckpts)
+            s.aligned, s.rows = align_inputs(s.base_ckpt, s.model_ckpts, tokenizer_source,
+                                             pad_to_multiple_of)
+        s.tasks = plan_merge(s.base_ckpt, s.model_ckpts, params, s.rows)
+        backends.check_supported(s.module, params, {t.out_dtype for t in s.tasks if t.merged})
+        s.source = None
+        if output is None:
+            return
+        k = config_from if config_from is not None else None if base is not None else 0
+        s.source = s.base_ckpt if k is None else s.model_ckpts[k]
+        if s.config_doc is None and (group is None or group.leader):
+            _warn_if_no_config(s.source, isinstance(base if k is None else models[k], dict),
+                               output)
+        if s.aligned is not None:     # made and checked before any tensor is merged
+            from .vocab import tokenizer_files
+            s.aligned.files = tokenizer_files(s.aligned, s.source.root)
+        roots = [c.root for c in opened if c.root is not None]
+        output = check_output_location(output, [*roots, *local_inputs], overwrite)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {output.parent} for the output {output}: "
+                              f"{exc}") from exc
+        s.fingerprint, s.parts = _fingerprint(
+            params, s.module.NAME, opened, s.tasks, s.shard_bytes,
+            None if s.aligned is None else s.aligned.digest())
 
-        source = None
+    try:
+        if group is None:
+            setup()
+        else:
+            group.agree(setup, "preparing the merge")
+        params, module, tasks = s.params, s.module, s.tasks
+        inputs = Inputs(s.base_ckpt, s.model_ckpts)
         if output is None:
             sink = MemorySink()
         else:
-            k = config_from if config_from is not None else None if base is not None else 0
-            source = base_ckpt if k is None else model_ckpts[k]
-            if config_doc is None:
-                _warn_if_no_config(source, isinstance(base if k is None else models[k], dict),
-                                   output)
-            if aligned is not None:     # made and checked before any tensor is merged
-                from .vocab import tokenizer_files
-                aligned.files = tokenizer_files(aligned, source.root)
-            roots = [c.root for c in opened if c.root is not None]
-            output = check_output_location(output, [*roots, *local_inputs], overwrite)
-            try:
-                output.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot create {output.parent} for the output {output}: "
-                                  f"{exc}") from exc
-            fingerprint, parts = _fingerprint(params, module.NAME, opened, tasks, shard_bytes,
-                                              None if aligned is None else aligned.digest())
-            sink = CheckpointWriter(output, tasks, shard_bytes, overwrite, resume,
-                                    fingerprint, parts).open()
-        bar = _progress_bar(tasks, progress)
+            sink = CheckpointWriter(output, tasks, s.shard_bytes, overwrite, resume,
+                                    s.fingerprint, s.parts, group=group).open()
+        bar = _progress_bar([t for t in tasks if sink.mine(t) or sink.done(t) is not None],
+                            progress and (group is None or group.leader))
+        work = None if group is None else _dist.Work(group.rank, group.host)
         try:
-            engine = StreamMerge(inputs, tasks, params, module, dev, sink, progress=bar)
-            stats = engine.run()
-            report = build_report(params, module.NAME, base_ckpt, model_ckpts, stats,
-                                  engine.global_thresholds)
-            if aligned is not None:
-                from .embeddings import vocabulary_report
-                report["vocabulary"] = vocabulary_report(aligned, rows, report["models"])
+            engine = StreamMerge(inputs, tasks, params, module, s.dev, sink, progress=bar,
+                                 group=group)
+            if group is None:
+                stats = engine.run()
+            else:
+                stats = _run_ranks(group, engine, sink, work)
+            report = None
+            if group is None or group.leader:
+                report = build_report(params, module.NAME, s.base_ckpt, s.model_ckpts, stats,
+                                      engine.global_thresholds)
+                if s.aligned is not None:
+                    from .embeddings import vocabulary_report
+                    report["vocabulary"] = vocabulary_report(s.aligned, s.rows,
+                                                             report["models"])
             if output is None:
                 return MergeResult(None, report, sink.state_dict)
-            copy = _config_files(source, params.dtype, sink.partial, config_doc, aligned)
-            path = sink.finish(report, copy)
-            return MergeResult(path, report, None, sink.resumed, len(sink.names))
+            if group is None:
+                copy = _config_files(s.source, params.dtype, sink.partial, s.config_doc,
+                                     s.aligned)
+                path = sink.finish(report, copy)
+                return MergeResult(path, report, None, sink.resumed, len(sink.names))
+
+            def finish():
+                if not group.leader:
+                    return None
+                copy = _config_files(s.source, params.dtype, sink.partial, s.config_doc,
+                                     s.aligned)
+                return sink.finish(report, copy)
+            path = group.agree(finish, f"finishing {output}")
+            report = group.broadcast(report)
+            return MergeResult(output, report, None, sink.resumed, len(sink.names),
+                               ranks=engine.work)
         except (OSError, KeyboardInterrupt) as exc:
             if output is not None and sink.renamed:  # the output is in place already
                 sink.abort()                            # (releases the lock)
@@ -322,6 +377,11 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             elif output is not None:  # resumable: keep the completed shards, hidden
                 sink.abort(keep_partial=True)  # (in-flight shards complete first)
                 kept = sink.completed
+                if group is not None and isinstance(exc, OSError):
+                    raise OutputError(f"merge into {output} failed on "
+                                      f"{group.label()}: {exc}; completed shards are kept "
+                                      f"in {sink.partial} — rerun with resume=True (CLI: "
+                                      "--resume) to continue") from exc
                 if isinstance(exc, OSError):
                     if not kept:
                         raise OutputError(f"merge into {output} failed: {exc}; no shard was "
@@ -329,8 +389,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
                     raise OutputError(f"merge into {output} failed: {exc}; completed shards "
                                       f"are kept in {sink.partial} — rerun with resume=True "
                                       "(CLI: --resume) to continue") from exc
-                raise MergeInterrupted(output, sink.partial if kept else None, kept,
-                                       len(sink.names), sink.completed_bytes) from exc
+                raise MergeInterrupted(output, sink.partial if kept or group else None,
+                                       kept, len(sink.names), sink.completed_bytes) from exc
             raise
         except BaseException:
             if output is not None:
@@ -342,6 +402,49 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
     finally:
         for c in opened:
             c.close()
+
+
+class _Setup:
+    """What merge()'s checks and planning produce (a namespace)."""
+
+
+def _run_ranks(group, engine, sink, work) -> list:
+    """One rank's part of a distributed merge: its shards, then every rank's outcome
+    gathered. On success rank 0 holds every shard and the report entries of every tensor
+    (returned in task order; [] elsewhere) and ``engine.work`` lists each rank's work.
+    A failure on any rank raises on every rank (RankFailed elsewhere) after this rank's
+    completed shards are journaled: rerun with resume."""
+    from .pipeline import TensorStats
+    error = None
+    try:
+        engine.run()
+        part = sink.close_part()
+    except Exception as exc:          # reported to the other ranks, then raised
+        error, part = exc, None
+    work.seconds = time.perf_counter() - work.started
+    mine = [i for i in sink.owned or ()]
+    work.shards = len(mine)
+    work.bytes_written = sum(sink.size.get(sink.names[i], 0) for i in mine)
+    try:
+        told = group.gather({"error": None if error is None else f"{error}",
+                             "part": part, "work": work.as_dict()})
+    except _dist.RankFailed as exc:       # a rank died: say where the shards wait
+        raise _dist.RankFailed(f"{exc}; completed shards are kept in {sink.partial} — "
+                               "rerun with resume=True (CLI: --resume) to continue") from exc
+    engine.work = [t["work"] for t in told]
+    if error is not None:
+        raise error
+    failed = [(r, t["error"]) for r, t in enumerate(told) if t["error"] is not None]
+    if failed:
+        r, message = failed[0]
+        raise _dist.RankFailed(f"merge into {sink.output} failed on {group.label(r)}: "
+                               f"{message}; completed shards are kept in {sink.partial} — "
+                               "rerun with resume=True (CLI: --resume) to continue")
+    if not group.leader:
+        return []
+    for t in told:
+        sink.absorb(t["part"])
+    return [TensorStats.from_dict(sink.recorded[t.name]) for t in engine.tasks if t.merged]
 
 
 def _check_layer_range(layer_range, ckpt) -> None:

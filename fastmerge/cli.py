@@ -244,6 +244,9 @@ def cmd_merge(args) -> int:
         parse_size(args.shard_size)
     except ParameterError as exc:
         raise ParameterError(f"--shard-size: {exc}") from None
+    from . import distributed
+    if distributed.launched():      # one of several ranks (torchrun): docs/spec.md §14
+        return _merge_ranks(args, kwargs)
     backends.resolve(args.backend, args.device)
     gc.freeze()   # the import-time objects (PyTorch's) need no more garbage collection scans
     atexit.register(gc.unfreeze)   # ...but at exit they must be collectable: Triton's
@@ -263,6 +266,53 @@ def cmd_merge(args) -> int:
     print(summary(result.report))
     print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _merge_ranks(args, kwargs) -> int:
+    """``torchrun ... -m fastmerge merge CONFIG OUT``: this process is one rank. The
+    process group comes from torchrun's variables; SIGTERM (torchrun stopping every rank
+    when one fails) ends the merge like Ctrl-C, keeping the completed shards; only rank
+    0 prints the summary, and every rank prints its errors with its rank."""
+    import signal
+
+    from . import distributed
+    from .api import merge
+    from .report import summary
+
+    distributed.init_from_env(args.device)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM: torchrun stops every rank when one fails")
+    previous = signal.signal(signal.SIGTERM, stop)
+    t0 = time.perf_counter()
+    try:
+        rank = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}"
+        try:
+            result = merge(**kwargs, output=args.output, overwrite=args.overwrite,
+                           shard_size=args.shard_size, allow_pickle=args.allow_pickle,
+                           allow_nonfinite=args.allow_nonfinite, resume=args.resume,
+                           device=args.device, backend=args.backend, seed=args.seed,
+                           progress=not args.no_progress)
+        except ParameterError as exc:
+            raise ParameterError(f"{rank}: {args.config}: {exc}"
+                                 f"{_model_legend(str(exc), kwargs['models'])}") from exc
+        except FastmergeError as exc:
+            if str(exc).startswith(rank):
+                raise
+            raise type(exc)(f"{rank}: {exc}") from exc
+        if os.environ.get("RANK") == "0":
+            if args.resume:
+                print(f"resumed {result.shards_resumed} of {result.shards_total} shards")
+            print(summary(result.report))
+            for w in result.ranks or ():
+                print(f"rank {w['rank']} ({w['host']}): {w['shards']} shards, "
+                      f"{w['bytes_written'] / 1e9:.2f} GB in {w['seconds']:.1f} s")
+            print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s on "
+                  f"{os.environ.get('WORLD_SIZE')} ranks")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        distributed.finalize()
 
 
 def cmd_demo(args) -> int:
@@ -340,11 +390,16 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
     partial = getattr(exc, "partial", None)
     if args.command != "merge" or not hasattr(exc, "shards_done"):
         return "fastmerge: interrupted"
+    argv = list(args.argv) + ([] if args.resume else ["--resume"])
+    from .distributed import launched
+    if launched():                   # one rank of several: the others stop too
+        return (f"fastmerge: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
+                f"stopped ({str(exc.__cause__ or '') or 'interrupted'}); the completed shards of every rank are kept in {partial}; "
+                f"continue with the same launch of: fastmerge {shlex.join(argv)}")
     if partial is None:
         return ("fastmerge: interrupted before the first shard was complete; nothing was "
                 "kept")
     from .output import format_size
-    argv = list(args.argv) + ([] if args.resume else ["--resume"])
     return (f"fastmerge: interrupted; {exc.shards_done} of {exc.shards_total} shards are "
             f"complete ({format_size(exc.bytes_done)}) and kept in {partial}; continue with: "
             f"fastmerge {shlex.join(argv)}")

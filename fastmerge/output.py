@@ -18,6 +18,11 @@ planned tensors with the recorded size and sha256, read in full (``_verified_sha
 only way a journaled shard is kept) — and redoes the rest, tensors included, so the
 finished output is byte-identical to an uninterrupted run even when a kept shard was
 truncated or changed after the interruption.
+
+Several ranks (fastmerge.distributed, docs/spec.md §14) write one output together: each
+rank writes the shards it is given and journals them in its own file (rank 0
+``progress.json``, rank r ``progress.r.json``); a resume reads every journal, whoever
+wrote it. Rank 0 holds the lock and alone removes, renames or finishes the folder.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import hashlib
 import json
 import operator
 import os
+import re
+import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -42,6 +49,8 @@ from .plan import TensorTask
 INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "progress.json"
 REPORT_NAME = "fastmerge_report.json"
+JOB_NAME = ".job"                 # a distributed run's token: the ranks share the folder
+_JOURNAL = re.compile(r"progress(\.\d+)?\.json")
 _T = TypeVar("_T")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
@@ -89,6 +98,11 @@ def plan_shards(items: Sequence[_T], shard_size: int | None,
     return shards
 
 
+def is_journal(name: str) -> bool:
+    """A resume journal: rank 0's (or one process's) progress.json, rank r's progress.r.json."""
+    return _JOURNAL.fullmatch(name) is not None
+
+
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -114,6 +128,9 @@ class MemorySink:
 
     def done(self, task: TensorTask) -> None:
         return None
+
+    def mine(self, task: TensorTask) -> bool:
+        return True
 
 
 def format_size(nbytes: int) -> str:
@@ -163,12 +180,14 @@ class CheckpointWriter:
     """Sharded safetensors output written in a hidden folder, renamed when complete.
 
     Shards are written by one background thread (writes and sha256 overlap compute);
-    ``write`` takes CPU tensors in strict file order.
+    ``write`` takes CPU tensors in strict file order. With a ``group``
+    (fastmerge.distributed.Group) this writer is one rank's part: it writes the shards
+    ``owned`` (set by ``open``), and rank 0's writer finishes the output.
     """
 
     def __init__(self, output: Path, tasks: list[TensorTask], shard_size: int,
                  overwrite: bool = False, resume: bool = False, fingerprint: str = "",
-                 fingerprint_parts: dict | None = None):
+                 fingerprint_parts: dict | None = None, group=None):
         self.output = Path(output)
         self.overwrite = overwrite
         self.resume = resume
@@ -185,6 +204,10 @@ class CheckpointWriter:
         self.size: dict[str, int] = {}
         self.recorded: dict[str, dict] = {}  # tensor name -> report entry, completed shards
         self.resumed = 0  # shards kept from an interrupted run (resume=True)
+        self.group = group
+        self.leader = group is None or group.leader
+        self.journal = PROGRESS_NAME if self.leader else f"progress.{group.rank}.json"
+        self.owned: set[int] | None = None   # shard indices this rank writes (None: all)
         self._writer: SafetensorsWriter | None = None
         self._current = -1
         self._lock_fd = None
@@ -216,11 +239,23 @@ class CheckpointWriter:
             os.close(fd)  # a stale file: drop it (and its flock) and try again
 
     def open(self) -> "CheckpointWriter":
+        if self.group is not None:
+            return self._open_group()
+        self._prepare()
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
+        return self
+
+    def _prepare(self, verify: bool = True) -> dict:
+        """Lock, then make the partial folder ready: resume's journal read and (``verify``)
+        its shards checked, or a left-over folder refused or removed. Returns the
+        journaled {shard: entry} when resuming, else {}."""
         self._lock_fd = self._acquire_lock()
+        journaled = {}
         try:
             if self.partial.exists() and self.resume:
-                self._load_progress()
-                self.resumed = len(self.sha256)
+                journaled = self._read_journals()
+                if verify:
+                    self._keep_verified({n: self._verified(n, e) for n, e in journaled.items()})
             elif self.partial.exists():  # left by a run that was killed: we hold the lock now
                 left = self._journaled()
                 if left and not self.overwrite:
@@ -240,8 +275,63 @@ class CheckpointWriter:
                 raise OutputError(f"cannot prepare {self.partial} for {self.output}: "
                                   f"{exc}") from exc
             raise
+        self.resumed = len(self.sha256)
+        return journaled
+
+    def _open_group(self) -> "CheckpointWriter":
+        """Every rank of the group: rank 0 locks and prepares the folder; all check that
+        they see it (a shared file system); on resume each verifies a share of the
+        journaled shards (by bytes) and rank 0 keeps the verified ones; then the shards
+        left are given out by bytes (distributed.assign)."""
+        from .distributed import assign
+        g = self.group
+
+        def lead():
+            journaled = self._prepare(verify=False)
+            token = secrets.token_hex(16)
+            (self.partial / JOB_NAME).write_text(token)
+            return {"token": token, "journaled": journaled}
+
+        try:
+            found = g.broadcast(g.agree(lead if g.leader else lambda: None,
+                                        f"opening the output {self.output}"))
+            g.agree(lambda: self._check_shared(found["token"]),
+                    f"opening the output {self.output}")
+            if self.resume:
+                journaled = {n: e for n, e in found["journaled"].items() if n in self.names}
+                names = sorted(journaled)
+                owner = assign([_entry_size(journaled[n]) for n in names], g.world)
+                mine = {n: self._verified(n, journaled[n])
+                        for n, r in zip(names, owner) if r == g.rank}
+                verified = {}
+                for part in g.gather(mine):
+                    verified.update(part)
+                g.agree(lambda: self._keep_verified(verified, remove=g.leader),
+                        f"resuming {self.output}")
+                self.resumed = len(self.sha256)
+            left = [i for i, n in enumerate(self.names) if n not in self.sha256]
+            owner = assign([sum(t.nbytes for t in self.shards[i]) for i in left], g.world)
+            self.owned = {i for i, r in zip(left, owner) if r == g.rank}
+        except BaseException:
+            self._unlock()
+            raise
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
         return self
+
+    def _check_shared(self, token: str) -> None:
+        """OutputError unless this rank sees rank 0's partial folder (its token file)."""
+        try:
+            seen = (self.partial / JOB_NAME).read_text()
+        except OSError:
+            seen = None
+        if seen != token:
+            raise OutputError(f"{self.group.label()} on {self.group.host} does not see "
+                              f"{self.partial}, which rank 0 made: every rank must write "
+                              "the output on one shared file system")
+
+    def mine(self, task: TensorTask) -> bool:
+        """This rank writes ``task``'s shard."""
+        return self.owned is None or self.shard_of[task.name] in self.owned
 
     def abort(self, keep_partial: bool = False) -> None:
         """Stop; the output location is left untouched. The hidden partial folder is
@@ -252,11 +342,19 @@ class CheckpointWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._writer = None  # its file goes with the partial folder
+        if self.group is not None:
+            # the other ranks may still be writing: drop only this rank's unfinished files
+            for i in self.owned or ():
+                if self.names[i] not in self.sha256:
+                    (self.partial / self.names[i]).unlink(missing_ok=True)
+            (self.partial / (self.journal + ".tmp")).unlink(missing_ok=True)
+            self._unlock()
+            return
         if keep_partial and not self.sha256:
             keep_partial = False  # no completed shard: nothing worth resuming from
         if keep_partial and self.partial.is_dir():
             for path in self.partial.iterdir():
-                if path.name != PROGRESS_NAME and path.name not in self.sha256:
+                if not is_journal(path.name) and path.name not in self.sha256:
                     path.unlink(missing_ok=True)
             if not (self.partial / PROGRESS_NAME).exists():  # stopped inside finish()
                 try:
@@ -276,38 +374,65 @@ class CheckpointWriter:
     def completed_bytes(self) -> int:
         return sum(self.size.values())
 
-    def _journaled(self) -> dict:
-        """The journal's {shard: entry} of the partial folder ({} when it has none)."""
+    def _journals(self) -> list[dict]:
+        """The readable journals of the partial folder (every rank's), as JSON objects."""
+        docs = []
         try:
-            progress = json.loads((self.partial / PROGRESS_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        shards = progress.get("shards") if isinstance(progress, dict) else None
-        return shards if isinstance(shards, dict) else {}
+            paths = sorted(p for p in self.partial.iterdir() if is_journal(p.name))
+        except OSError:
+            return []
+        for path in paths:
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict):
+                docs.append(doc)
+        return docs
 
-    def _load_progress(self) -> None:
-        """Keep the verified shards of an interrupted run; drop everything else in it."""
-        try:
-            progress = json.loads((self.partial / PROGRESS_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            progress = {"fingerprint": self.fingerprint, "shards": {}}
-        if not isinstance(progress, dict):
-            progress = {"fingerprint": self.fingerprint, "shards": {}}
-        if progress.get("fingerprint") != self.fingerprint:
-            changed = _changed_parts(progress.get("parts"), self.fingerprint_parts)
-            raise OutputError(f"cannot resume {self.output}: the interrupted run in "
-                              f"{self.partial} used {changed}; pass overwrite=True "
-                              "(CLI: --overwrite) instead of resume=True (CLI: --resume) "
-                              "to start over")
-        shards = progress.get("shards")
-        for i, name in enumerate(self.names):
-            entry = shards.get(name) if isinstance(shards, dict) else None
-            verified = self._verified_shard(i, entry)
-            if verified is not None:
-                self.size[name], self.sha256[name] = entry["size"], entry["sha256"]
-                self.recorded.update(verified)
+    def _journaled(self) -> dict:
+        """{shard: entry} of every journal in the partial folder ({} when none)."""
+        out = {}
+        for doc in self._journals():
+            shards = doc.get("shards")
+            if isinstance(shards, dict):
+                out.update(shards)
+        return out
+
+    def _read_journals(self) -> dict:
+        """The journaled {shard: entry} to resume from; OutputError when a journal is of a
+        different merge (fingerprint), naming what changed."""
+        for doc in self._journals():
+            if doc.get("fingerprint") != self.fingerprint:
+                changed = _changed_parts(doc.get("parts"), self.fingerprint_parts)
+                raise OutputError(f"cannot resume {self.output}: the interrupted run in "
+                                  f"{self.partial} used {changed}; pass overwrite=True "
+                                  "(CLI: --overwrite) instead of resume=True (CLI: --resume) "
+                                  "to start over")
+        return self._journaled()
+
+    def _verified(self, name: str, entry) -> dict | None:
+        """{"size", "sha256", "recorded"} of journaled shard ``name`` when it checks out
+        (``_verified_shard``), else None."""
+        if name not in self.names:
+            return None
+        recorded = self._verified_shard(self.names.index(name), entry)
+        if recorded is None:
+            return None
+        return {"size": entry["size"], "sha256": entry["sha256"], "recorded": recorded}
+
+    def _keep_verified(self, verified: dict, remove: bool = True) -> None:
+        """Take the verified shards ({shard: ``_verified`` or None}) as complete; with
+        ``remove`` (one process, or rank 0) delete everything else in the folder and
+        leave one journal of them."""
+        for name, v in verified.items():
+            if v is not None:
+                self.size[name], self.sha256[name] = v["size"], v["sha256"]
+                self.recorded.update(v["recorded"])
+        if not remove:
+            return
         for path in self.partial.iterdir():
-            if path.name not in self.sha256 and path.name != PROGRESS_NAME:
+            if path.name not in self.sha256 and path.name not in (PROGRESS_NAME, JOB_NAME):
                 path.unlink()
         self._write_progress()
 
@@ -340,13 +465,13 @@ class CheckpointWriter:
                                 "tensors": [
                     {"name": t.name, "stats": self.recorded.get(t.name, {})}
                     for t in self.shards[i]]}
-        tmp = self.partial / (PROGRESS_NAME + ".tmp")
+        tmp = self.partial / (self.journal + ".tmp")
         doc = {"fingerprint": self.fingerprint}
         if self.fingerprint_parts is not None:
             doc["parts"] = self.fingerprint_parts
         doc["shards"] = shards
         _write_json(tmp, doc)
-        os.replace(tmp, self.partial / PROGRESS_NAME)
+        os.replace(tmp, self.partial / self.journal)
 
     def done(self, task: TensorTask) -> dict | None:
         """The recorded report entry of a tensor in a verified completed shard, else None."""
@@ -408,11 +533,25 @@ class CheckpointWriter:
         self._write_progress()
 
     # -- completion ----------------------------------------------------------------------
-    def finish(self, report: dict, copy_files: list[Path]) -> Path:
-        """Write index, copied files and report; then make the output appear atomically."""
+    def close_part(self) -> dict:
+        """Wait for this rank's writes; its completed shards and their report entries,
+        {"size", "sha256", "recorded"}, for rank 0 (``absorb``)."""
         self._drain()
         self._pool.shutdown(wait=True)
         self._pool = None
+        return {"size": dict(self.size), "sha256": dict(self.sha256),
+                "recorded": dict(self.recorded)}
+
+    def absorb(self, part: dict) -> None:
+        """Take another rank's ``close_part``."""
+        self.size.update(part["size"])
+        self.sha256.update(part["sha256"])
+        self.recorded.update(part["recorded"])
+
+    def finish(self, report: dict, copy_files: list[Path]) -> Path:
+        """Write index, copied files and report; then make the output appear atomically."""
+        if self._pool is not None:
+            self.close_part()
         if len(self.sha256) != len(self.names):
             raise OutputError(f"internal error: {len(self.sha256)} of {len(self.names)} "
                               "shards were completed")
@@ -424,7 +563,9 @@ class CheckpointWriter:
             shutil.copyfile(src, self.partial / src.name)
         report["shards"] = {n: self.sha256[n] for n in self.names}
         _write_json(self.partial / REPORT_NAME, report)
-        (self.partial / PROGRESS_NAME).unlink()
+        for path in list(self.partial.iterdir()):
+            if is_journal(path.name) or path.name == JOB_NAME:
+                path.unlink()
         _fsync_dir(self.partial)
         old = None
         # an empty folder is replaced by the rename itself (atomically, by rename(2))
@@ -454,6 +595,12 @@ class CheckpointWriter:
         self._finished = True  # abort() must keep the result it points to
         raise OutputError(f"output {self.output} appeared during the merge; "
                           f"the result is left in {self.partial}")
+
+
+def _entry_size(entry) -> int:
+    """A journal entry's shard size (0 when it has none: verification refuses it)."""
+    size = entry.get("size") if isinstance(entry, dict) else None
+    return size if type(size) is int else 0
 
 
 def _changed_parts(old, new) -> str:

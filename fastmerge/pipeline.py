@@ -7,6 +7,10 @@ For every merged tensor (docs/spec.md §1-§9):
      rounds over the whole checkpoint comes first;
   2. one fused merge pass per chunk, whose output goes straight to the sink.
 
+Under a process group (fastmerge.distributed) a rank merges only the tensors of the
+shards its sink says are its own (``sink.mine``); ``scope="model"``'s histograms are
+summed over the ranks, each rank counting the tensors of the shards assigned to it.
+
 Memory is bounded by the chunk budget, not the model: a tensor whose inputs fit in
 ``resident_bytes`` is read from disk once and kept for all passes (and the next one is
 prefetched on a thread while this one computes); a larger tensor is streamed in chunks of
@@ -247,14 +251,18 @@ class StreamMerge:
 
     sink: object with ``begin(task)``, ``write(task, start, data_cpu, release=None)`` (calls
     ``release(data)`` once it no longer needs the buffer),
-    ``end(task, stats_dict_or_None)``, and ``done(task) -> stats dict | None`` which
-    returns the recorded stats of a tensor an interrupted run already wrote (resume).
+    ``end(task, stats_dict_or_None)``, ``done(task) -> stats dict | None`` which
+    returns the recorded stats of a tensor an interrupted run already wrote (resume), and
+    ``mine(task)``: whether this process writes it (False: another rank does).
+    ``group``: the distributed.Group of the ranks, or None.
     """
 
     def __init__(self, inputs: Inputs, tasks: list[TensorTask], params, backend,
                  device: torch.device, sink, progress=None,
-                 chunk_elems: int | None = None, resident_bytes: int | None = None):
+                 chunk_elems: int | None = None, resident_bytes: int | None = None,
+                 group=None):
         self.inputs, self.tasks, self.params = inputs, tasks, params
+        self.group = group
         self.backend, self.device, self.sink = backend, device, sink
         self.progress = progress
         self.chunk_elems = chunk_elems or getattr(backend, "CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS)
@@ -289,23 +297,41 @@ class StreamMerge:
     def model_scope_thresholds(self) -> dict:
         """{"t": t_i, "u": u_i, "h": h_i as the method has them} over every merged entry of
         the checkpoint (docs/spec.md §3; the knobs are the same for every tensor then,
-        params.make_params checks it)."""
+        params.make_params checks it). Under a group each rank counts the tensors of its
+        share of the shards (distributed.assign over all shards) and every round's
+        histograms are summed over the ranks, exactly (int64)."""
         from . import embeddings
         merged = [t for t in self.tasks if t.merged]
         if not merged:
             return {}
         found = self._searches(merged[0], sum(t.numel if t.rows is None else
                                               embeddings.full_population(t) for t in merged))
+        reduce = None
+        counted = merged
+        if self.group is not None:
+            counted = [t for t in merged if t.name in self._counted_here()]
+            g = self.group
+
+            def reduce(local):
+                return g.sum(g.agree(local, "the model-scope selection"))
 
         def all_chunks():
-            for task in merged:
+            for task in counted:
                 if task.rows is not None:       # the rows every input has (docs/spec.md §13)
                     yield from embeddings.full_chunks(self, task)
                     continue
                 src = TensorSource(self.reader, task, self.chunk_elems, resident=False)
                 for _, _, b, m in src.chunks():
                     yield b, m
-        return select.find_all(self.backend, found, all_chunks)
+        return select.find_all(self.backend, found, all_chunks, reduce=reduce)
+
+    def _counted_here(self) -> set[str]:
+        """The tensors this rank counts for the model-scope selection: those of the output
+        shards distributed.assign gives it among all shards (resumed or not)."""
+        from .distributed import assign
+        shards = self.sink.shards
+        owner = assign([sum(t.nbytes for t in s) for s in shards], self.group.world)
+        return {t.name for s, r in zip(shards, owner) if r == self.group.rank for t in s}
 
     def run(self) -> list[TensorStats]:
         p = self.params
@@ -318,6 +344,8 @@ class StreamMerge:
             slots: dict[str, int] = {}      # report entries in task order, resumed or not
             for task in self.tasks:
                 recorded = self.sink.done(task)
+                if recorded is None and not self.sink.mine(task):
+                    continue                    # another rank writes it
                 if recorded is None:
                     todo.append(task)
                     if task.merged:

@@ -193,15 +193,20 @@ class RadixSelect:
         return out[0], out[1]
 
 
-def find_thresholds(histogram, chunks, targets: Targets):
-    """Run RadixSelect to completion; ``chunks()`` yields (base, models) pairs each round."""
+def find_thresholds(histogram, chunks, targets: Targets, reduce=None):
+    """Run RadixSelect to completion; ``chunks()`` yields (base, models) pairs each round.
+    ``reduce(local)``, when given, turns the function computing this process's histograms
+    into the total over every process (fastmerge.distributed: an exact int64 sum)."""
     sel = RadixSelect.of(targets)
     while not sel.done:
         prefixes = sel.prefixes()
-        total = torch.zeros(len(targets.ks), 2, NBINS, dtype=torch.int64)
-        for base, models in chunks():
-            total += histogram(base, models, prefixes, sel.level).cpu()
-        sel.update(total)
+
+        def local():
+            total = torch.zeros(len(targets.ks), 2, NBINS, dtype=torch.int64)
+            for base, models in chunks():
+                total += histogram(base, models, prefixes, sel.level).cpu()
+            return total
+        sel.update(local() if reduce is None else reduce(local))
     return sel.thresholds()
 
 
@@ -316,22 +321,23 @@ def bracket_thresholds(bracket, base: torch.Tensor, models, targets: Targets, sa
     return out[0], out[1]
 
 
-def find_all(backend, found: list[Search], chunks, whole=None, sample=None) -> dict:
+def find_all(backend, found: list[Search], chunks, whole=None, sample=None,
+             reduce=None) -> dict:
     """{name: per-model thresholds} of every slot of every search (``thresholds`` each)."""
     out = {}
     for search in found:
-        pair = thresholds(backend, search.targets, chunks, whole, sample)
+        pair = thresholds(backend, search.targets, chunks, whole, sample, reduce)
         for name, values in zip(search.slots, pair):
             if name is not None:
                 out[name] = list(values)
     return out
 
 
-def thresholds(backend, targets: Targets, chunks, whole=None, sample=None):
+def thresholds(backend, targets: Targets, chunks, whole=None, sample=None, reduce=None):
     """(t, u) of one population: the selection policy. Nothing to search: the fixed
     values. A tensor held in memory (``whole`` = (base, models)) on a backend with a
     bracketing pass: one counting pass, unless a bracket misses. Otherwise radix select
-    over ``chunks()`` (three histogram rounds)."""
+    over ``chunks()`` (three histogram rounds; ``reduce``: see find_thresholds)."""
     if not targets.searched:
         return targets.fixed_only()
     bracket = getattr(backend, "bracket", None)
@@ -339,4 +345,4 @@ def thresholds(backend, targets: Targets, chunks, whole=None, sample=None):
         found = bracket_thresholds(bracket, *whole, targets, sample)
         if found is not None:
             return found
-    return find_thresholds(backend.histogram, chunks, targets)
+    return find_thresholds(backend.histogram, chunks, targets, reduce)
