@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import stat
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -312,6 +313,12 @@ class CheckpointWriter:
             left = [i for i, n in enumerate(self.names) if n not in self.sha256]
             owner = assign([sum(t.nbytes for t in self.shards[i]) for i in left], g.world)
             self.owned = {i for i, r in zip(left, owner) if r == g.rank}
+            idle = g.world - len(set(owner))
+            if idle and g.leader:
+                warnings.warn(f"{idle} of {g.world} ranks have no shard to write ({len(left)} "
+                              f"shards to write): the work splits by output shard; a "
+                              f"smaller shard_size (CLI: --shard-size) splits it further",
+                              RuntimeWarning, stacklevel=4)
         except BaseException:
             self._unlock()
             raise

@@ -272,3 +272,17 @@ def test_assign_balances_bytes_not_count():
     loads = [sum(s for s, r in zip(sizes, owner) if r == k) for k in range(3)]
     assert max(loads) - min(loads) <= max(sizes)
     assert owner == assign(sizes, 3)          # deterministic
+
+
+def test_each_rank_takes_its_local_gpu(monkeypatch):
+    import torch
+    from fastmerge.distributed import Group, rank_device
+    g = Group(rank=5, world=8, local_rank=1, host="node1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rank_device("auto", g) == "cuda:1"
+    assert rank_device("cuda", g) == "cuda:1"
+    assert rank_device("cuda:3", g) == "cuda:3"      # asked for by name: kept
+    assert rank_device("cpu", g) == "cpu"
+    assert rank_device("auto", None) == "auto"        # one process: unchanged
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto", g) == "auto"           # no GPU: the CPU, as one process
