@@ -21,7 +21,7 @@ import fastmerge
 import fastmerge.cli
 from fastmerge.distributed import assign
 from fastmerge.methods import METHODS
-from fastmerge.testing import PRESETS, write_llama_family
+from fastmerge.testing import PRESETS, write_extended_vocab_family, write_llama_family
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SHARD = "40KB"           # the tiny preset's output in 8 shards: work for every rank
@@ -76,8 +76,11 @@ def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     paths = write_llama_family(root / "in", config=PRESETS["tiny"], n_models=2,
                                names=("base", "ct", "sft"), shard_size="60KB")
+    vocab = write_extended_vocab_family(root / "vocab", "tiny", new_tokens=64)
     return {"root": root, "base": str(paths["base"]),
-            "models": [str(m) for m in paths["models"]]}
+            "models": [str(m) for m in paths["models"]],
+            "vocab": {"base": str(vocab["base"]), "models": [str(vocab["ct"]),
+                                                             str(vocab["sft"])]}}
 
 
 def method_cases() -> list[tuple[str, dict]]:
@@ -104,6 +107,15 @@ def test_every_method_and_scope_is_byte_identical_to_one_process(family, tmp_pat
         models = family["models"][:METHODS[kw["method"]].models[1] or 2]
         common = dict(base=family["base"], models=models, shard_size=SHARD, backend="c",
                       progress=False, **kw)
+        want[name] = fastmerge.merge(**common, output=tmp_path / "one" / name,
+                                     distributed=False)
+        merges.append({"name": name,
+                       "kwargs": {**common, "output": str(tmp_path / "many" / name)}})
+    for scope in ("tensor", "model"):      # a CT model with an extended vocabulary (§13)
+        name = f"vocab-union-{scope}"
+        common = dict(**family["vocab"], method="ties_sv", density=0.4, slack=[0.0, 0.05],
+                      scope=scope, tokenizer_source="union", config_from=1,
+                      shard_size=SHARD, backend="c", progress=False)
         want[name] = fastmerge.merge(**common, output=tmp_path / "one" / name,
                                      distributed=False)
         merges.append({"name": name,
