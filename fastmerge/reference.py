@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import della, philox
+from .select import U_MIN
 from .kernel_api import (COUNTERS, DIGIT_BITS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
                          NBINS, NONFINITE, PROTECTED, SELECTED, SHIFT,
                          TIES_IMPORTANT_DROPPED, KernelConfig)
@@ -83,7 +84,7 @@ def thresholds_by_sort(abs_tau: torch.Tensor, density: float, slack: float,
     p = abs_tau.numel() if population is None else population
     k, s = int(density * p), int(slack * p)
     t = 0.0 if density == 1 else (float("inf") if k == 0 else kth_largest(abs_tau, k))
-    u = float("inf") if s == 0 else kth_largest(abs_tau, s)
+    u = float("inf") if s == 0 else max(kth_largest(abs_tau, s), U_MIN)   # never zeros
     return t, u
 
 

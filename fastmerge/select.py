@@ -35,6 +35,10 @@ import torch
 from .kernel_api import DIGIT_BITS, NBINS
 
 INF = float("inf")
+#: the least u_i can be: fp32's smallest normal number. A slack larger than a tensor's share
+#: of nonzero |τ_i| would otherwise give u_i = 0 and "protect" exact zeros, which have no
+#: sign to protect (docs/spec.md §4)
+U_MIN = 2.0 ** -126
 
 
 def key_to_float(key: int) -> float:
@@ -328,6 +332,8 @@ def find_all(backend, found: list[Search], chunks, whole=None, sample=None,
     for search in found:
         pair = thresholds(backend, search.targets, chunks, whole, sample, reduce)
         for name, values in zip(search.slots, pair):
+            if name == "u":
+                values = [max(v, U_MIN) for v in values]
             if name is not None:
                 out[name] = list(values)
     return out

@@ -273,6 +273,41 @@ def test_cancellation_through_merge_api(backend, dtype, method, elect):
         {k: v for k, v in want_report.items() if k != "backend"}
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("method", ["ties_sv", "dare_ties", "breadcrumbs_ties", "della"])
+def test_a_slack_past_the_nonzero_share_protects_only_nonzero_entries(backend, method):
+    """The SFT model changes 10 % of a tensor; a slack of 0.5 would put u at 0 and protect
+    its zeros (docs/spec.md §4: u_i ≥ 2^-126). Only its nonzero entries are protected, on
+    every backend as in the reference, and where it is zero the CT model's entries are
+    elected as without its slack."""
+    g = torch.Generator().manual_seed(7)
+    n = 64 * 96
+    base = (0.02 * torch.randn(n, generator=g)).half()
+    ct = (base.float() + 0.003 * torch.randn(n, generator=g)).half()
+    sft = base.clone()
+    hit = torch.randperm(n, generator=g)[: n // 10]
+    sft[hit] = (base[hit].float() + 0.001 * torch.randn(len(hit), generator=g)).half()
+    nonzero = int((sft.float() - base.float() != 0).sum())
+    sd = lambda x: {"w": x.view(64, 96)}                                  # noqa: E731
+    kw = dict(method=method, density=[0.6, 0.6], slack=[0.0, 0.5], progress=False)
+    if method == "breadcrumbs_ties":
+        kw["gamma"] = 0.01
+    want, report = fastmerge.merge(sd(base), [sd(ct), sd(sft)], backend="torch",
+                                   device="cpu", **kw)
+    assert report["tensors"][0]["u"][1] == 2.0 ** -126
+    assert report["tensors"][0]["models"][1]["protected"] == nonzero
+    device = "cpu" if backend == "c" else triton_device()
+    got, got_report = fastmerge.merge(sd(base), [sd(ct), sd(sft)], backend=backend,
+                                      device=device, **kw)
+    assert torch.equal(got["w"].cpu(), want["w"])
+    assert got_report["tensors"] == report["tensors"]
+    if method == "ties_sv":      # where the SFT model is zero, its slack changes nothing
+        plain, _ = fastmerge.merge(sd(base), [sd(ct), sd(sft)], backend="torch",
+                                   device="cpu", **{**kw, "slack": [0.0, 0.0]})
+        zero = (sft.float() == base.float()).view(64, 96)
+        assert torch.equal(want["w"][zero], plain["w"][zero])
+
+
 # ---------------------------------------------------------------------------------------
 # 2. negative weights, by hand (docs/spec.md §5-§7)
 

@@ -51,6 +51,19 @@ def test_slack_flips_an_election_by_hand():
     assert counts_ties[:, C["dropped_by_sign"]].tolist() == [0, 1]
 
 
+def test_slack_never_protects_zeros():
+    # model 2 changes one entry of four: S = floor(.5 * 4) = 2 would make u2 = 0 and
+    # "protect" its three zeros, whose zero votes elect + there and drop model 1's
+    # negative entries. u2 is at least fp32's smallest normal: only its nonzero entry
+    # is protected, and the zeros leave the election to model 1 (docs/spec.md §4).
+    out, counts, (t, u) = run([0, 0, 0, 0], [[-4, -3, 2, 1], [0, 0, 0, 5]], "ties_sv",
+                              density=[0.5, 1.0], slack=[0.0, 0.5])
+    assert u[1] == 2.0 ** -126 and u[0] == float("inf")
+    assert counts[:, C["protected"]].tolist() == [0, 1]
+    assert out == [-4.0, -3.0, 0.0, 5.0]
+    # with u2 = 0 entries 0 and 1 would have been elected + and merged to 0.0
+
+
 def test_slack_zero_is_exactly_ties():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(999, generator=g).half()
