@@ -229,10 +229,8 @@ def _model_legend(message: str, models: list) -> str:
 
 def cmd_merge(args) -> int:
     from . import backends
-    from .api import merge
     from .config import load_config
     from .output import parse_size
-    from .report import summary
 
     kwargs = load_config(args.config)
     if args.config_from is not None:
@@ -252,20 +250,36 @@ def cmd_merge(args) -> int:
     atexit.register(gc.unfreeze)   # ...but at exit they must be collectable: Triton's
                                    # nanobind bindings report uncollected objects as leaks
     t0 = time.perf_counter()
+    _report(args, _run_merge(args, kwargs), t0)
+    return 0
+
+
+def _run_merge(args, kwargs, who: str = ""):
+    """fastmerge.merge() with the config's arguments and the command line's options; a
+    parameter error names the config file (and ``who``: a rank) and the models."""
+    from .api import merge
     try:
-        result = merge(**kwargs, output=args.output, overwrite=args.overwrite,
-                       shard_size=args.shard_size, allow_pickle=args.allow_pickle,
-                       allow_nonfinite=args.allow_nonfinite, resume=args.resume,
-                       device=args.device, backend=args.backend, seed=args.seed,
-                       progress=not args.no_progress)
+        return merge(**kwargs, output=args.output, overwrite=args.overwrite,
+                     shard_size=args.shard_size, allow_pickle=args.allow_pickle,
+                     allow_nonfinite=args.allow_nonfinite, resume=args.resume,
+                     device=args.device, backend=args.backend, seed=args.seed,
+                     progress=not args.no_progress)
     except ParameterError as exc:
-        raise ParameterError(f"{args.config}: {exc}"
+        raise ParameterError(f"{who}{args.config}: {exc}"
                              f"{_model_legend(str(exc), kwargs['models'])}") from exc
+
+
+def _report(args, result, t0: float) -> None:
+    """What ``fastmerge merge`` prints: resumed shards, the summary, each rank's work."""
+    from .report import summary
     if args.resume:
         print(f"resumed {result.shards_resumed} of {result.shards_total} shards")
     print(summary(result.report))
-    print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s")
-    return 0
+    for w in result.ranks or ():
+        print(f"rank {w['rank']} ({w['host']}): {w['shards']} shards, "
+              f"{w['bytes_written'] / 1e9:.2f} GB in {w['seconds']:.1f} s")
+    ranks = f" on {len(result.ranks)} ranks" if result.ranks else ""
+    print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s{ranks}")
 
 
 def _merge_ranks(args, kwargs) -> int:
@@ -276,8 +290,6 @@ def _merge_ranks(args, kwargs) -> int:
     import signal
 
     from . import distributed
-    from .api import merge
-    from .report import summary
 
     distributed.init_from_env(args.device)
 
@@ -285,30 +297,16 @@ def _merge_ranks(args, kwargs) -> int:
         raise KeyboardInterrupt("SIGTERM: torchrun stops every rank when one fails")
     previous = signal.signal(signal.SIGTERM, stop)
     t0 = time.perf_counter()
+    rank = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}"
     try:
-        rank = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}"
         try:
-            result = merge(**kwargs, output=args.output, overwrite=args.overwrite,
-                           shard_size=args.shard_size, allow_pickle=args.allow_pickle,
-                           allow_nonfinite=args.allow_nonfinite, resume=args.resume,
-                           device=args.device, backend=args.backend, seed=args.seed,
-                           progress=not args.no_progress)
-        except ParameterError as exc:
-            raise ParameterError(f"{rank}: {args.config}: {exc}"
-                                 f"{_model_legend(str(exc), kwargs['models'])}") from exc
+            result = _run_merge(args, kwargs, f"{rank}: ")
         except FastmergeError as exc:
             if str(exc).startswith(rank):
                 raise
             raise type(exc)(f"{rank}: {exc}") from exc
         if os.environ.get("RANK") == "0":
-            if args.resume:
-                print(f"resumed {result.shards_resumed} of {result.shards_total} shards")
-            print(summary(result.report))
-            for w in result.ranks or ():
-                print(f"rank {w['rank']} ({w['host']}): {w['shards']} shards, "
-                      f"{w['bytes_written'] / 1e9:.2f} GB in {w['seconds']:.1f} s")
-            print(f"wrote {result.path} in {time.perf_counter() - t0:.1f} s on "
-                  f"{os.environ.get('WORLD_SIZE')} ranks")
+            _report(args, result, t0)
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -306,14 +306,10 @@ class StreamMerge:
             return {}
         found = self._searches(merged[0], sum(t.numel if t.rows is None else
                                               embeddings.full_population(t) for t in merged))
-        reduce = None
-        counted = merged
+        reduce, counted = None, merged
         if self.group is not None:
             counted = [t for t in merged if t.name in self._counted_here()]
-            g = self.group
-
-            def reduce(local):
-                return g.sum(g.agree(local, "the model-scope selection"))
+            reduce = self._summed
 
         def all_chunks():
             for task in counted:
@@ -324,6 +320,11 @@ class StreamMerge:
                 for _, _, b, m in src.chunks():
                     yield b, m
         return select.find_all(self.backend, found, all_chunks, reduce=reduce)
+
+    def _summed(self, local) -> torch.Tensor:
+        """The histograms ``local()`` counts here, summed over the ranks (int64, exact);
+        a failure on any rank is raised on every rank."""
+        return self.group.sum(self.group.agree(local, "the model-scope selection"))
 
     def _counted_here(self) -> set[str]:
         """The tensors this rank counts for the model-scope selection: those of the output

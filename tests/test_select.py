@@ -15,9 +15,16 @@ def chunked(base, models, step):
 
 
 def brute(base, models, density, slack, population=None):
+    """(t, u) per model by sorting, u as the selection finds it: the S-th largest |τ|
+    itself. The floor u ≥ 2^-126 of docs/spec.md §4 is applied after the search, by
+    select.find_all (tested in test_find_all_floors_u)."""
     a = R.task_vectors(base, models).abs()
-    return [R.thresholds_by_sort(a[i], density[i], slack[i], population)
-            for i in range(models.shape[0])]
+    out = []
+    for i in range(models.shape[0]):
+        t, _ = R.thresholds_by_sort(a[i], density[i], 0.0, population)
+        s = int(slack[i] * (a[i].numel() if population is None else population))
+        out.append((t, R.kth_largest(a[i], s) if s else float("inf")))
+    return out
 
 
 CASES = {
@@ -178,3 +185,22 @@ def test_kth_largest_in_a_range_equals_sorting(values, spread):
     for r in [1, 2, 777, 10_000, 19_999, 20_000]:
         assert S.kth_largest_in(keys, lo, hi, r) == desc[r - 1]
         assert S.kth_largest_in(keys, lo - 5, hi + 9, r) == desc[r - 1]   # looser range
+
+
+def test_find_all_floors_u():
+    """u_i is at least 2^-126 (docs/spec.md §4): a slack past the nonzero share protects
+    the nonzero entries only, never zeros; t is not floored (density past the nonzero
+    share keeps everything, zeros included, which changes nothing)."""
+    from types import SimpleNamespace
+
+    from fastmerge import methods
+    from fastmerge.backends import torch_backend
+    base = torch.zeros(100)
+    models = torch.zeros(1, 100)
+    models[0, :10] = torch.arange(1, 11).float()            # 10 nonzero entries of 100
+    knobs = SimpleNamespace(density=[0.5], slack=[0.3], gamma=[])
+    found = S.find_all(torch_backend, S.searches(methods.get("ties_sv"), knobs, 100),
+                       lambda: [(base, models)])
+    assert found["t"] == [0.0] and found["u"] == [S.U_MIN] and S.U_MIN == 2.0 ** -126
+    assert R.thresholds_by_sort(models[0].abs(), 0.5, 0.3) == (0.0, S.U_MIN)
+    assert R.thresholds_by_sort(models[0].abs(), 0.5, 0.05) == (0.0, 6.0)   # not floored
