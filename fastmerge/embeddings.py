@@ -41,7 +41,7 @@ _LAYER = re.compile(r"\.\d+\.")
 #: methods whose per-group pass ``merge_rows`` makes: a kernel config from the knobs and the
 #: thresholds (a method with another pass before the merge needs its statistics per group)
 METHODS = ("linear", "task_arithmetic", "ties", "ties_sv", "dare_linear", "dare_ties",
-           "breadcrumbs", "breadcrumbs_ties")
+           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 
 
 def _config_rows(ckpt) -> int | None:
@@ -250,6 +250,17 @@ def _searches(p, tk, members: list[int], population: int) -> list:
     return select.searches(p.spec, knobs, population)
 
 
+def _ranked_config(p, tk, group, base, models, rows: int, width: int):
+    """DELLA's kernel config for a chunk of ``rows`` whole rows of a group: its per-entry
+    keep thresholds from the ranks within each row (della.keep_thresholds), the group's
+    models' knobs and slack threshold."""
+    from . import della
+    weights, epsilon, found, drop = group
+    keep = della.keep_thresholds(base, models, (rows, width), drop["density"], epsilon)
+    return p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect, None, found.get("u"),
+                                keep=keep, rescale=drop["rescale"], key=drop["key"])
+
+
 def merge_rows(engine, task) -> None:
     """Merge the vocabulary tensor ``task`` row by row (module docstring) into the sink."""
     from .pipeline import TensorStats
@@ -258,7 +269,7 @@ def merge_rows(engine, task) -> None:
     w = r.width
     masks = list(dict.fromkeys(m for _, _, m in r.runs))
     linear = methods.get("linear")
-    cfgs, thr = {}, {}
+    cfgs, thr, ranked = {}, {}, {}
     held = None     # (mask, {run start: group offset}, device pair, host pair)
     own = set()     # masks merged by the method (the others: a mean or a copy)
     for mask in masks:
@@ -292,9 +303,12 @@ def merge_rows(engine, task) -> None:
             if p.spec.drop:
                 drop = dict(density=[tk.density[i] for i in members], rescale=p.rescale,
                             key=philox.tensor_key(p.seed, task.name))
-            cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect,
-                                              found.get("t"), found.get("u"),
-                                              h=found.get("h"), **drop)
+            if p.spec.ranked:       # DELLA: the rank stage per chunk of whole rows (§8d)
+                ranked[mask] = (weights, [tk.epsilon[i] for i in members], found, drop)
+            else:
+                cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect,
+                                                  found.get("t"), found.get("u"),
+                                                  h=found.get("h"), **drop)
             own.add(mask)
         elif len(members) >= 2:
             if sum(weights) == 0:
@@ -329,6 +343,8 @@ def merge_rows(engine, task) -> None:
             else:
                 out = torch.empty(n, dtype=task.out_dtype, device=engine.device)
             cfg = cfgs.get(mask)
+            if mask in ranked:
+                cfg = _ranked_config(p, tk, ranked[mask], base, models, stop - first, w)
             if cfg is not None:
                 c = engine.backend.merge(base, models, out, cfg.at(first * w)).cpu()
                 if mask in own:

@@ -47,7 +47,8 @@ def backend_ok(name):
 
 CASES = [("ties_sv", dict(density=[0.3, 0.5], slack=[0.0, 0.05])),
          ("dare_ties", dict(density=0.5, seed=3)),
-         ("task_arithmetic", dict(weights=[0.7, 0.4]))]
+         ("task_arithmetic", dict(weights=[0.7, 0.4])),
+         ("della", dict(density=0.5, epsilon=0.1, slack=[0.0, 0.05], seed=2))]
 # the Triton interpreter takes ~1.5 min per case: one case (thresholds per row group)
 BACKEND_CASES = [pytest.param(b, *c, id=f"{b}-{c[0]}") for b in ("torch", "c") for c in CASES]
 BACKEND_CASES.append(pytest.param("triton", *CASES[0], id="triton-ties_sv",
@@ -496,8 +497,9 @@ def test_triton_base_and_model_sources_match_the_c_backend(fam, source):
 
 
 @pytest.mark.parametrize("method,kw", [("ties_sv", dict(density=0.3, slack=0.05)),
-                                       ("dare_ties", dict(density=0.5, seed=1))],
-                         ids=["ties_sv", "dare_ties"])
+                                       ("dare_ties", dict(density=0.5, seed=1)),
+                                       ("della_linear", dict(density=0.5, epsilon=0.2))],
+                         ids=["ties_sv", "dare_ties", "della_linear"])
 def test_row_chunks_do_not_change_the_result(fam, monkeypatch, method, kw):
     """Rows gathered in chunks of 7 rows (runs split across chunks, DARE's entry index
     carried per chunk, radix select over many chunks) give the result of rows held in
