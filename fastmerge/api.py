@@ -244,11 +244,6 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
                     isinstance(base, (str, os.PathLike)) and str(tokenizer_source) == str(base):
                 tokenizer_source = "base"      # mergekit: the base model named as the source
             tokenizer_source = resolve_source(tokenizer_source, models)
-            from .embeddings import METHODS as ROW_METHODS
-            if params.method not in ROW_METHODS:
-                raise ParameterError(f"tokenizer_source (vocabulary alignment) is not "
-                                     f"available with method {params.method!r} yet; it is "
-                                     f"with {', '.join(ROW_METHODS)}")
         elif pad_to_multiple_of is not None:
             raise ParameterError("pad_to_multiple_of needs a tokenizer_source")
         if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or

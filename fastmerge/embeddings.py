@@ -13,7 +13,8 @@ bounded chunks of whole rows into contiguous buffers and run through the backend
 ordinary merge pass with the models of the group:
 * the base and some models: the method as usual among those models (thresholds over the
   group's rows, as if the group were a tensor of its own; with ``scope: model`` the global
-  ones);
+  ones; DELLA's ranks per row; SLERP / NuSLERP / model stock with the group's own
+  statistics, ``_GeometryGroup``);
 * no base, several models: their weighted mean Σ w_i θ_i / Σ w_i (``linear``, normalised);
 * one model: that row, converted to the output dtype (bit for bit when the dtype is the
   same), through the kernel as 1·θ/1 (exact; it counts non-finite entries), or copied
@@ -26,6 +27,7 @@ counting pass, as a tensor held in memory); otherwise radix select streams them.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -38,10 +40,6 @@ from .kernel_api import COUNTERS, NONFINITE
 from .plan import kernel_dtype
 
 _LAYER = re.compile(r"\.\d+\.")
-#: methods whose per-group pass ``merge_rows`` makes: a kernel config from the knobs and the
-#: thresholds (a method with another pass before the merge needs its statistics per group)
-METHODS = ("linear", "task_arithmetic", "ties", "ties_sv", "dare_linear", "dare_ties",
-           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 
 
 def _config_rows(ckpt) -> int | None:
@@ -250,6 +248,54 @@ def _searches(p, tk, members: list[int], population: int) -> list:
     return select.searches(p.spec, knobs, population)
 
 
+class _GeometryGroup:
+    """SLERP / NuSLERP / model stock on one row group (docs/spec.md §13): the group is a
+    tensor of its own, [its rows in output order, width], with its own statistics."""
+
+    def __init__(self, engine, task, g, mask: int, members: list[int]):
+        from .kernel_api import GRAM_BLOCK
+        from .pipeline import Geometry
+        r, w = task.rows, task.rows.width
+        runs = [(a, b) for a, b, m in r.runs if m == mask]
+        at = np.cumsum([0] + [b - a for a, b in runs]).tolist()
+        self.row_of = {a: at[k] for k, (a, _) in enumerate(runs)}     # run -> group row
+        self.members, self.width = members, w
+        rows = np.concatenate([np.arange(a, b) for a, b in runs])
+        self.geo = Geometry(engine, (len(rows), w), task.knobs, n_models=len(members))
+        budget, B = engine.chunk_elems, GRAM_BLOCK
+        if self.geo.vectors == "tensor":     # chunks start on a GRAM_BLOCK boundary
+            align = B // math.gcd(B, w)
+            step = max(1, budget // (w * align)) * align
+        elif self.geo.vectors == "rows":
+            step = max(1, budget // w)
+        else:                                # columns: whole rows, GRAM_BLOCK rows a time
+            step = max(1, budget // w // B) * B
+
+        def chunks():
+            for k in range(0, len(rows), step):
+                idx = rows[k:k + step]
+                (b, m), host = g.read_rows(mask, idx)
+                yield len(idx) * w, b, m
+                g.release(host)
+        self.coef, self.summary = self.geo.coefficients(chunks())
+
+    def combine(self, engine, task, base, models, out, run: int, first: int,
+                stop: int) -> None:
+        """Output rows first..stop of the group's run starting at row ``run``, into ``out``."""
+        row = self.row_of[run] + first - run
+        nonfinite = self.geo.combine(base, models, out, self.coef,
+                                     row * self.width // self.geo.seg,
+                                     (stop - first) * self.width)
+        if not engine.params.allow_nonfinite and bool(nonfinite.any()):
+            # per vector of the group: [θ_b, its model] for SLERP, else its models
+            idx = ([0] if self.geo.slerp else []) + \
+                [i + (1 if self.geo.slerp else 0) for i in self.members]
+            full = torch.zeros(engine.params.n_models + (1 if self.geo.slerp else 0),
+                               dtype=nonfinite.dtype)
+            full[idx] = nonfinite.cpu()
+            engine._raise_nonfinite_vectors(task, full, self.geo.slerp, self.geo.on_base)
+
+
 def _ranked_config(p, tk, group, base, models, rows: int, width: int):
     """DELLA's kernel config for a chunk of ``rows`` whole rows of a group: its per-entry
     keep thresholds from the ranks within each row (della.keep_thresholds), the group's
@@ -269,13 +315,20 @@ def merge_rows(engine, task) -> None:
     w = r.width
     masks = list(dict.fromkeys(m for _, _, m in r.runs))
     linear = methods.get("linear")
-    cfgs, thr, ranked = {}, {}, {}
+    cfgs, thr, ranked, geo = {}, {}, {}, {}
     held = None     # (mask, {run start: group offset}, device pair, host pair)
     own = set()     # masks merged by the method (the others: a mean or a copy)
     for mask in masks:
         members = r.members(mask)
         weights = [tk.weights[i] for i in members]
-        if r.with_base(mask) and members or (not r.has_base and mask == r.full):
+        method = bool(r.with_base(mask) and members or (not r.has_base and mask == r.full))
+        if method and p.spec.geometry and len(members) < p.spec.models[0]:
+            method = False      # fewer models than the method takes (NuSLERP, model stock
+                                # of one model): that model's row, below
+        if method and p.spec.geometry:
+            geo[mask] = _GeometryGroup(engine, task, g, mask, members)
+            own.add(mask)
+        elif method:
             found = {}
             if p.selects:
                 if p.scope == "model":
@@ -337,15 +390,13 @@ def merge_rows(engine, task) -> None:
                 host = ()
             else:
                 (base, models), host = g.read(mask, first, stop)
-            n = (stop - first) * w
-            if engine.device.type == "cpu":
-                out = engine.reader.pool.take(n, task.out_dtype)
-            else:
-                out = torch.empty(n, dtype=task.out_dtype, device=engine.device)
+            out = engine._out(task, (stop - first) * w)
             cfg = cfgs.get(mask)
             if mask in ranked:
                 cfg = _ranked_config(p, tk, ranked[mask], base, models, stop - first, w)
-            if cfg is not None:
+            if mask in geo:
+                geo[mask].combine(engine, task, base, models, out, a, first, stop)
+            elif cfg is not None:
                 c = engine.backend.merge(base, models, out, cfg.at(first * w)).cpu()
                 if mask in own:
                     counts[members] += c
@@ -372,6 +423,8 @@ def merge_rows(engine, task) -> None:
                         not r.has_base else 0)
     if r.full in thr:
         stats.t, stats.u, stats.h = (list(thr[r.full].get(k, ())) for k in ("t", "u", "h"))
+    if r.full in geo:
+        stats.geometry = geo[r.full].summary
     if p.spec.thresholds or p.spec.drop or p.spec.elect:
         stats.counts = counts
     engine.sink.end(task, stats.as_dict())

@@ -433,10 +433,7 @@ class StreamMerge:
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():
-            if self.device.type == "cpu":
-                out = self.reader.pool.take(count, task.out_dtype)
-            else:
-                out = torch.empty(count, dtype=task.out_dtype, device=self.device)
+            out = self._out(task, count)
             counts += self.backend.merge(b, m, out, config(start, b, m)).cpu()
             if not p.allow_nonfinite and counts[:, NONFINITE].any():
                 self._raise_nonfinite(task, counts)
@@ -449,55 +446,24 @@ class StreamMerge:
     def _merge_geometry(self, task: TensorTask, src: TensorSource) -> None:
         """SLERP / NuSLERP / model stock (docs/spec.md §8c): the statistics pass over every
         chunk, the coefficients on the host, then the combine pass."""
-        p, tk, spec = self.params, task.knobs, self.params.spec
-        vectors = geometry.effective(task.shape, p.vectors)
-        seg, nseg = (geometry.segment_length(task.shape, vectors),
-                     geometry.segment_count(task.shape, vectors))
-        columns = vectors == "columns"
-        # SLERP's vectors are θ_b and θ_1 themselves; NuSLERP's are task vectors when a
-        # base is given; model stock's always are
-        slerp = spec.geometry == "slerp"
-        on_base = not slerp and self.inputs.base is not None
-
-        def chunks():
-            for start, count, b, m in src.chunks():
-                if slerp:
-                    yield start, count, None, _with_base(b, m)
-                else:
-                    yield start, count, b if on_base else None, m
-
-        parts = []
-        for _, count, b, m in chunks():
-            if columns:
-                parts.append(geometry.gram_columns(b, m, on_base, seg).numpy())
-            else:
-                parts.append(self.backend.gram(b, m, on_base, min(seg, count)).cpu().numpy())
-        if columns:
-            G = geometry.column_sums(np.concatenate(parts))
-        else:
-            G = geometry.segment_sums(np.concatenate(parts), nseg)
-        coef, fallback, cos = geometry.coefficients(spec.geometry, G, tk, p.n_models)
-        coef = torch.from_numpy(coef)
-        stats = TensorStats(task.name, task.numel,
-                            geometry=geometry.summary(spec.geometry, vectors, coef, fallback, cos))
+        geo = Geometry(self, task.shape, task.knobs)
+        coef, summary = geo.coefficients((c, b, m) for _, c, b, m in src.chunks())
+        stats = TensorStats(task.name, task.numel, geometry=summary)
         self.sink.begin(task)
-        for start, count, b, m in chunks():
-            if self.device.type == "cpu":
-                out = self.reader.pool.take(count, task.out_dtype)
-            else:
-                out = torch.empty(count, dtype=task.out_dtype, device=self.device)
-            if columns:
-                c = coef
-            else:
-                first, width = start // seg, min(seg, count)
-                c = coef[first:first + -(-count // width)]
-            nonfinite = self.backend.combine(b, m, out, c, seg if columns else min(seg, count),
-                                             columns, on_base)
-            if not p.allow_nonfinite and bool(nonfinite.any()):
-                self._raise_nonfinite_vectors(task, nonfinite, slerp, on_base)
+        for start, count, b, m in src.chunks():
+            out = self._out(task, count)
+            nonfinite = geo.combine(b, m, out, coef, start // geo.seg, count)
+            if not self.params.allow_nonfinite and bool(nonfinite.any()):
+                self._raise_nonfinite_vectors(task, nonfinite, geo.slerp, geo.on_base)
             self.sink.write(task, start, out.cpu(), release=self.reader.pool.give)
         self.sink.end(task, stats.as_dict())
         self.stats[self._slots[task.name]] = stats
+
+    def _out(self, task: TensorTask, count: int) -> torch.Tensor:
+        """An output buffer of ``count`` entries of the task's dtype on the compute device."""
+        if self.device.type == "cpu":
+            return self.reader.pool.take(count, task.out_dtype)
+        return torch.empty(count, dtype=task.out_dtype, device=self.device)
 
     def _raise_nonfinite_vectors(self, task: TensorTask, nonfinite, slerp: bool,
                                  on_base: bool):
@@ -519,6 +485,61 @@ class StreamMerge:
             f"the {what} of {label}" + ("" if base is None or base.label == "base" else
                                        f" (base {base.label})") +
             "; pass allow_nonfinite=True to merge anyway")
+
+
+class Geometry:
+    """The two passes of SLERP / NuSLERP / model stock (docs/spec.md §8c) over a tensor of
+    ``shape`` (row-major) whose chunks hold whole segments or GRAM_BLOCK-aligned parts of
+    one (geometry.chunk_ranges): ``coefficients`` from every chunk's statistics, then
+    ``combine`` per chunk. SLERP's vectors are θ_b and θ_1 themselves; NuSLERP's are task
+    vectors when a base is given; model stock's always are."""
+
+    def __init__(self, engine, shape, knobs, n_models: int | None = None):
+        p = engine.params
+        self.backend, self.knobs = engine.backend, knobs
+        self.kind = p.spec.geometry
+        self.n_models = p.n_models if n_models is None else n_models
+        self.vectors = geometry.effective(shape, p.vectors)
+        self.seg = geometry.segment_length(shape, self.vectors)
+        self.nseg = geometry.segment_count(shape, self.vectors)
+        self.columns = self.vectors == "columns"
+        self.slerp = self.kind == "slerp"
+        self.on_base = not self.slerp and engine.inputs.base is not None
+
+    def _inputs(self, b, m):
+        """(base, models) as the kernels take them for this method."""
+        if self.slerp:
+            return None, _with_base(b, m)
+        return (b if self.on_base else None), m
+
+    def coefficients(self, chunks) -> tuple[torch.Tensor, dict]:
+        """(coefficients [segments, vectors], the report's summary) from ``chunks``:
+        (count, base, models) of every chunk in order."""
+        parts = []
+        for count, b, m in chunks:
+            b, m = self._inputs(b, m)
+            if self.columns:
+                parts.append(geometry.gram_columns(b, m, self.on_base, self.seg).numpy())
+            else:
+                parts.append(self.backend.gram(b, m, self.on_base,
+                                               min(self.seg, count)).cpu().numpy())
+        if self.columns:
+            G = geometry.column_sums(np.concatenate(parts))
+        else:
+            G = geometry.segment_sums(np.concatenate(parts), self.nseg)
+        coef, fallback, cos = geometry.coefficients(self.kind, G, self.knobs, self.n_models)
+        coef = torch.from_numpy(coef)
+        return coef, geometry.summary(self.kind, self.vectors, coef, fallback, cos)
+
+    def combine(self, b, m, out, coef: torch.Tensor, first: int, count: int):
+        """The combine pass of one chunk of ``count`` entries whose first segment is
+        segment ``first``; the non-finite count per vector."""
+        b, m = self._inputs(b, m)
+        if self.columns:
+            return self.backend.combine(b, m, out, coef, self.seg, True, self.on_base)
+        width = min(self.seg, count)
+        return self.backend.combine(b, m, out, coef[first:first + -(-count // width)],
+                                    width, False, self.on_base)
 
 
 def _with_base(base, models):

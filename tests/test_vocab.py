@@ -48,9 +48,13 @@ def backend_ok(name):
 CASES = [("ties_sv", dict(density=[0.3, 0.5], slack=[0.0, 0.05])),
          ("dare_ties", dict(density=0.5, seed=3)),
          ("task_arithmetic", dict(weights=[0.7, 0.4])),
-         ("della", dict(density=0.5, epsilon=0.1, slack=[0.0, 0.05], seed=2))]
+         ("della", dict(density=0.5, epsilon=0.1, slack=[0.0, 0.05], seed=2)),
+         ("nuslerp", dict(weights=[0.6, 0.4])),
+         ("nuslerp", dict(weights=[0.6, 0.4], vectors="rows")),
+         ("model_stock", {})]
 # the Triton interpreter takes ~1.5 min per case: one case (thresholds per row group)
-BACKEND_CASES = [pytest.param(b, *c, id=f"{b}-{c[0]}") for b in ("torch", "c") for c in CASES]
+BACKEND_CASES = [pytest.param(b, *c, id=f"{b}-{c[0]}-{k}") for b in ("torch", "c")
+                 for k, c in enumerate(CASES)]
 BACKEND_CASES.append(pytest.param("triton", *CASES[0], id="triton-ties_sv",
                                   marks=pytest.mark.interpreter))
 
@@ -86,6 +90,25 @@ def test_union_new_rows_are_the_models_and_shared_rows_the_same_merge(fam, backe
     assert [x["tokens"] for x in voc["new_tokens"]] == [NEW, 2]
     assert voc["tensors"][0] == {"name": VOCAB[0], "merged": V, "averaged": 0, "copied": NEW + 2,
                                  "padding": 0}
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_slerp_rows_of_the_base_tokens_are_the_slerp_of_the_base_rows(fam, t):
+    """SLERP of the CT model onto the base with union: a row group is a tensor of its own
+    (docs/spec.md §13): the base's tokens are the SLERP of those rows, with the statistics
+    of those rows only; the CT's new tokens (the base lacks them) are its rows."""
+    backend_ok("c")
+    V = fam["config"]["vocab_size"]
+    kw = dict(method="slerp", t=t, backend="c", progress=False)
+    got, rep = fastmerge.merge(fam["base"], [fam["ct"]], tokenizer_source="union", **kw)
+    base, (ct_cut,) = truncated(fam, names=("ct",))
+    want, want_rep = fastmerge.merge(base, [ct_cut], **kw)
+    ct = load(fam["ct"])
+    for name in VOCAB:
+        assert torch.equal(got[name][:V], want[name]), name
+        assert torch.equal(got[name][V:], ct[name][V:]), name
+    geo = {t["name"]: t["geometry"] for t in rep["tensors"]}
+    assert geo == {t["name"]: t["geometry"] for t in want_rep["tensors"]}
 
 
 @pytest.mark.parametrize("backend", ["torch", "c"])
@@ -498,8 +521,11 @@ def test_triton_base_and_model_sources_match_the_c_backend(fam, source):
 
 @pytest.mark.parametrize("method,kw", [("ties_sv", dict(density=0.3, slack=0.05)),
                                        ("dare_ties", dict(density=0.5, seed=1)),
-                                       ("della_linear", dict(density=0.5, epsilon=0.2))],
-                         ids=["ties_sv", "dare_ties", "della_linear"])
+                                       ("della_linear", dict(density=0.5, epsilon=0.2)),
+                                       ("model_stock", {}),
+                                       ("nuslerp", dict(weights=[1, 2], vectors="columns"))],
+                         ids=["ties_sv", "dare_ties", "della_linear", "model_stock",
+                              "nuslerp-columns"])
 def test_row_chunks_do_not_change_the_result(fam, monkeypatch, method, kw):
     """Rows gathered in chunks of 7 rows (runs split across chunks, DARE's entry index
     carried per chunk, radix select over many chunks) give the result of rows held in
