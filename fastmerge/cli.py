@@ -127,7 +127,11 @@ def _merge_epilog() -> str:
               "",
               "docs/spec.md defines every method (section 8) and key (sections 2 and 11).",
               "Ctrl-C keeps the completed shards in .OUTPUT_DIR.partial: rerun with --resume "
-              "to continue."]
+              "to continue.",
+              "Several processes, GPUs or nodes: torchrun --nproc-per-node N -m fastmerge merge "
+              "CONFIG OUT",
+              "(each rank writes its share of the shards; the output is the same bytes; "
+              "section 14)."]
     return "\n".join(lines)
 
 
