@@ -14,17 +14,15 @@ mergekit 0.1.5 with ``rescale: true`` rescales the tensor back to its L1 norm ex
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_della_mergekit import deciles  # noqa: E402
+from compare_della_mergekit import deciles, mean_columns, save  # noqa: E402
 from fastmerge import philox  # noqa: E402
 from fastmerge.kernel_api import drop_threshold  # noqa: E402
 
@@ -67,14 +65,14 @@ def main() -> None:
             l1_mk.append(float(res_l1.double().abs().sum() / tau.double().abs().sum()))
         n = int(nz.sum()) * args.seeds
         sigma = math.sqrt(d * (1 - d) / n)            # of the pooled keep fraction
-        mean = lambda xs: [sum(c) / len(c) for c in zip(*xs)]       # noqa: E731
         row = {"density": d, "rows": R, "cols": M, "seeds": args.seeds,
                "nonzero_fraction": float(nz.double().mean()),
                "fastmerge_keep": sum(frac_fm) / len(frac_fm),
                "mergekit_keep": sum(frac_mk) / len(frac_mk),
                "fastmerge_keep_sigmas": (sum(frac_fm) / len(frac_fm) - d) / sigma,
                "mergekit_keep_sigmas": (sum(frac_mk) / len(frac_mk) - d) / sigma,
-               "fastmerge_keep_per_decile": mean(fm), "mergekit_keep_per_decile": mean(mk),
+               "fastmerge_keep_per_decile": mean_columns(fm),
+               "mergekit_keep_per_decile": mean_columns(mk),
                "l1_ratio_fastmerge": sum(l1_fm) / len(l1_fm),
                "l1_ratio_fastmerge_range": [min(l1_fm), max(l1_fm)],
                "l1_ratio_mergekit": sum(l1_mk) / len(l1_mk)}
@@ -87,11 +85,7 @@ def main() -> None:
               f"{min(row['mergekit_keep_per_decile']):.4f}–"
               f"{max(row['mergekit_keep_per_decile']):.4f}; L1 ratio fastmerge "
               f"{row['l1_ratio_fastmerge']:.4f} mergekit {row['l1_ratio_mergekit']:.4f}")
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-           "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    save(rows, args.out)
 
 
 if __name__ == "__main__":

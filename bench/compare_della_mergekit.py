@@ -31,6 +31,20 @@ def deciles(kept: torch.Tensor, rank: torch.Tensor, M: int, where: torch.Tensor)
     return [float(kept[(dec == k) & where].double().mean()) for k in range(10)]
 
 
+def mean_columns(xs: list[list[float]]) -> list[float]:
+    """The mean of each position over the seeds' lists."""
+    return [sum(c) / len(c) for c in zip(*xs)]
+
+
+def save(rows: list[dict], out: str | None) -> None:
+    """Write the comparison (date, command, torch version, rows) as JSON to ``out``."""
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+           "rows": rows}
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main() -> None:
     from mergekit.sparsify import della_magprune     # LGPL: called, not copied
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,10 +79,9 @@ def main() -> None:
             from mergekit.sparsify import RescaleNorm
             res_l1 = della_magprune(tau.view(R, M), d, e, rescale_norm=RescaleNorm.l1)
             l1_mk.append(float(res_l1.double().abs().sum() / tau.double().abs().sum()))
-        mean = lambda xs: [sum(c) / len(c) for c in zip(*xs)]
         row = {"density": d, "epsilon": e, "rows": R, "cols": M, "seeds": args.seeds,
-               "p_per_decile": want, "fastmerge_keep_per_decile": mean(fm),
-               "mergekit_keep_per_decile": mean(mk),
+               "p_per_decile": want, "fastmerge_keep_per_decile": mean_columns(fm),
+               "mergekit_keep_per_decile": mean_columns(mk),
                "nonzero_fraction": float(nz.double().mean()),
                "l1_ratio_fastmerge": sum(l1_fm) / len(l1_fm),
                "l1_ratio_mergekit": sum(l1_mk) / len(l1_mk)}
@@ -78,11 +91,7 @@ def main() -> None:
               f"{['%.3f' % x for x in row['mergekit_keep_per_decile'][::3]]}; "
               f"L1 ratio fastmerge {row['l1_ratio_fastmerge']:.4f} mergekit "
               f"{row['l1_ratio_mergekit']:.4f}")
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-           "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    save(rows, args.out)
 
 
 if __name__ == "__main__":
