@@ -41,6 +41,7 @@
  * bit-identical (no FMA contraction).
  */
 #include "kernels.h"
+#include "rank.h"
 
 #include <float.h>
 #include <math.h>
@@ -139,12 +140,11 @@ static inline int block_len(int64_t N, int64_t blk)
 /* Ask for the next block of base and models while this one is computed: the loops
  * alternate between loading and scatter / arithmetic, which leaves the hardware
  * prefetchers idle for long stretches. */
-FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *models, int n,
-                              int models_dt, int64_t N, int64_t blk)
+FM_INLINE void prefetch_at(const void *base, int base_dt, const void *const *models, int n,
+                           int models_dt, int64_t N, int64_t off)
 {
-    const int64_t off = blk * FM_BLOCK;
     if (off >= N) return;
-    const int len = block_len(N, blk);
+    const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
     if (base) {
         const char *p = (const char *)base + off * fm_dtype_size(base_dt);
         for (int o = 0; o < len * fm_dtype_size(base_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
@@ -153,6 +153,12 @@ FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *
         const char *p = (const char *)models[i] + off * fm_dtype_size(models_dt);
         for (int o = 0; o < len * fm_dtype_size(models_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
     }
+}
+
+FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *models, int n,
+                              int models_dt, int64_t N, int64_t blk)
+{
+    prefetch_at(base, base_dt, models, n, models_dt, N, blk * FM_BLOCK);
 }
 
 /* number of non-finite entries of x[0..len) */
@@ -588,6 +594,20 @@ FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t
     }
 }
 
+/* DELLA with the fused rank stage: keep[j] = r_model(g0 + j) < T[j], cf[j] = C[j], with T
+ * and C the row's per-entry thresholds and factors (rank_row). */
+FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
+                        uint32_t *restrict rw, uint64_t g0, int len, uint32_t k0, uint32_t k1,
+                        uint32_t model, const int64_t *restrict T, const double *restrict C)
+{
+    dare_words(r, rw, g0, len, k0, k1, model);
+    const uint32_t *restrict rs = r + (g0 & 3);
+    for (int j = 0; j < len; j++) {
+        keep[j] = (int64_t)rs[j] < T[j];
+        cf[j] = C[j];
+    }
+}
+
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
@@ -618,6 +638,13 @@ typedef struct {
     double *cf;     /* drop: [n][FM_BLOCK] c_i of each entry (DARE: c_i; DELLA: per entry) */
     uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
     uint32_t *rw;   /* drop: [4][FM_RGROUPS] Philox outputs by word */
+    /* the fused rank stage (a->rank_keep), for the row being merged: */
+    int64_t r0;     /* the row's first entry (chunk index) */
+    int64_t *rT;    /* [n][M] T_i of the row's entries */
+    double *rcf;    /* [n][M] c_i of the row's entries */
+    float *rowb;    /* [M] f32(θ_b) of the row */
+    uint32_t *rkey; /* [M] one model's keys bits(|τ_i|) */
+    fm_rank_scratch sort;
 } merge_scratch;
 
 /* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64.
@@ -818,15 +845,15 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
     for (int j = 0; j < len; j++) theta[j] = combine(d[j], wsum, b[j], lam, on_base, NORM);
 }
 
-/* One block: load (x_i in fp32, non-finite counted), the pass the flags ask for, store. */
-FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                int64_t blk1, int64_t *cnt, const int ELECT, const int SLACK,
-                                const int NORM, const int DROP)
+/* Entries [off0, off1) of the chunk in blocks of up to FM_BLOCK from off0: load (x_i in
+ * fp32, non-finite counted), the pass the flags ask for, store. */
+FM_INLINE void merge_span_impl(const fm_merge_args *a, merge_scratch *s, int64_t off0,
+                               int64_t off1, int64_t *cnt, const int ELECT, const int SLACK,
+                               const int NORM, const int DROP)
 {
-    for (int64_t blk = blk0; blk < blk1; blk++) {
-        const int64_t off = blk * FM_BLOCK;
-        const int len = block_len(a->N, blk);
-        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+    for (int64_t off = off0; off < off1; off += FM_BLOCK) {
+        const int len = (int)(off1 - off < FM_BLOCK ? off1 - off : FM_BLOCK);
+        prefetch_at(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, off + FM_BLOCK);
         if (a->on_base) fm_load(s->b, a->base, a->base_dt, off, len);
         for (int i = 0; i < a->n; i++) {
             float *x = s->x + (size_t)i * FM_BLOCK;
@@ -839,7 +866,11 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
                 int32_t *km = s->km + (size_t)i * FM_BLOCK;
                 double *cf = s->cf + (size_t)i * FM_BLOCK;
                 const uint64_t g0 = (uint64_t)(a->offset + off);
-                if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
+                if (a->rank_keep) {   /* §8d, rank stage fused: the row's T_i and c_i */
+                    const size_t at = (size_t)i * (size_t)a->rank_M + (size_t)(off - s->r0);
+                    row_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                             s->rT + at, s->rcf + at);
+                } else if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
                     ranked_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1],
                                 (uint32_t)i, a->keep + (size_t)i * (size_t)a->N + off, a->w[i],
                                 a->keep_rescale);
@@ -862,11 +893,11 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
     }
 }
 
-FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                  int64_t blk1, int64_t *cnt, int has_slack)
+FM_CLONES static void merge_span(const fm_merge_args *a, merge_scratch *s, int64_t off0,
+                                 int64_t off1, int64_t *cnt, int has_slack)
 {
-#define FM_RANGE(E, S, D) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1, D) \
-                                        : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0, D))
+#define FM_RANGE(E, S, D) (a->normalize ? merge_span_impl(a, s, off0, off1, cnt, E, S, 1, D) \
+                                        : merge_span_impl(a, s, off0, off1, cnt, E, S, 0, D))
 #define FM_RANGE_ELECT(E) (a->drop ? (has_slack ? FM_RANGE(E, 1, 1) : FM_RANGE(E, 0, 1)) \
                                    : has_slack ? FM_RANGE(E, 1, 0) : FM_RANGE(E, 0, 0))
     if (a->elect == FM_ELECT_NONE) {
@@ -879,16 +910,130 @@ FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int6
 #undef FM_RANGE
 }
 
+/* The fused rank stage's per-tensor tables (a->rank_keep): c_i(ρ) per rank, and which
+ * models have one T for every rank (density 0 or 1, ε = 0, M = 1: no sort needed). */
+typedef struct {
+    double *cf;       /* [n][M]: (w_i·2^32) / T_i(ρ) (0 when T = 0) with rescale, else w_i */
+    int flat[FM_MAX_MODELS];
+} rank_tables;
+
+static int rank_tables_init(rank_tables *tb, const fm_merge_args *a)
+{
+    const int64_t M = a->rank_M;
+    tb->cf = malloc((size_t)a->n * (size_t)M * sizeof(double));
+    if (!tb->cf) return -1;
+    for (int i = 0; i < a->n; i++) {
+        const int64_t *T = a->rank_keep + (size_t)i * (size_t)M;
+        double *cf = tb->cf + (size_t)i * (size_t)M;
+        const double w32 = a->w[i] * 4294967296.0;      /* exact: a power-of-two scaling */
+        tb->flat[i] = 1;
+        for (int64_t r = 0; r < M; r++) {
+            cf[r] = a->keep_rescale ? (T[r] != 0 ? w32 / (double)T[r] : 0.0) : a->w[i];
+            tb->flat[i] &= T[r] == T[0];
+        }
+    }
+    return 0;
+}
+
+/* s->rT, s->rcf = T_i(ρ_i(g)), c_i(ρ_i(g)) for the entries g of the row starting at entry
+ * r0 of the chunk: ρ_i(g) the rank by ascending key bits(|τ_i|), ties by index
+ * (fm_row_thresholds). */
+FM_CLONES static void rank_row(const fm_merge_args *a, const rank_tables *tb, merge_scratch *s,
+                               int64_t r0)
+{
+    const int M = (int)a->rank_M;
+    int loaded = 0;
+    s->r0 = r0;
+    for (int i = 0; i < a->n; i++) {
+        const int64_t *tab = a->rank_keep + (size_t)i * (size_t)M;
+        const double *ctab = tb->cf + (size_t)i * (size_t)M;
+        int64_t *restrict T = s->rT + (size_t)i * (size_t)M;
+        double *restrict cf = s->rcf + (size_t)i * (size_t)M;
+        if (tb->flat[i]) {
+            for (int j = 0; j < M; j++) { T[j] = tab[0]; cf[j] = ctab[0]; }
+            continue;
+        }
+        if (!loaded) {
+            fm_load(s->rowb, a->base, a->base_dt, r0, M);
+            loaded = 1;
+        }
+        load_keys(s->rkey, a->models[i], a->models_dt, r0, M, s->rowb);
+        fm_row_thresholds(s->rkey, (uint32_t)M, tab, ctab, T, cf, &s->sort);
+    }
+}
+
+/* Per-thread scratch of fm_merge in one arena (free ar->mem after use): the block arrays,
+ * and the row arrays of the fused rank stage when M > 0. -1 when out of memory. */
+static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
+{
+    const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
+    const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
+    const size_t m = (size_t)M, hist = FM_RANK_SEGS * FM_RANK_BINS * sizeof(uint32_t);
+    size_t bytes = rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
+                   rounded(FM_BLOCK * sizeof(int32_t)) +
+                   rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
+                   rounded(drow * (size_t)n) + rounded(rrow) * 2;
+    if (M > 0)
+        bytes += rounded(m * (size_t)n * sizeof(int64_t)) + rounded(m * (size_t)n * sizeof(double)) +
+                 rounded(m * sizeof(float)) + rounded(m * sizeof(uint32_t)) +
+                 2 * rounded(m * sizeof(uint64_t)) + rounded(hist);
+    if (arena_init(ar, bytes) != 0) return -1;
+    s->b = arena_take(ar, row);
+    s->x = arena_take(ar, row * (size_t)n);
+    s->gam = arena_take(ar, row);
+    s->gamt = arena_take(ar, row);
+    s->ap = arena_take(ar, FM_BLOCK * sizeof(int32_t));
+    s->g = arena_take(ar, drow);
+    s->gp = arena_take(ar, drow);
+    s->d = arena_take(ar, drow);
+    s->ws = arena_take(ar, drow);
+    s->theta = arena_take(ar, drow);
+    s->km = arena_take(ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
+    s->cf = arena_take(ar, drow * (size_t)n);
+    s->rb = arena_take(ar, rrow);
+    s->rw = arena_take(ar, rrow);
+    memset(s->b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
+    s->r0 = 0;
+    s->rT = NULL;
+    s->rcf = NULL;
+    s->rowb = NULL;
+    s->rkey = NULL;
+    s->sort.a = s->sort.b = NULL;
+    s->sort.hist = NULL;
+    if (M > 0) {
+        s->rT = arena_take(ar, m * (size_t)n * sizeof(int64_t));
+        s->rcf = arena_take(ar, m * (size_t)n * sizeof(double));
+        s->rowb = arena_take(ar, m * sizeof(float));
+        s->rkey = arena_take(ar, m * sizeof(uint32_t));
+        s->sort.a = arena_take(ar, m * sizeof(uint64_t));
+        s->sort.b = arena_take(ar, m * sizeof(uint64_t));
+        s->sort.hist = arena_take(ar, hist);
+    }
+    return 0;
+}
+
+/* Rows of M entries handed out per work chunk: about FM_MERGE_CHUNK_BLOCKS blocks' worth */
+static int64_t rows_per_chunk(int64_t M)
+{
+    const int64_t per = FM_MERGE_CHUNK_BLOCKS * FM_BLOCK / M;
+    return per > 0 ? per : 1;
+}
+
 int fm_merge(const fm_merge_args *a)
 {
     const int n = a->n;
+    const int64_t M = a->rank_keep ? a->rank_M : 0;   /* > 0: the fused rank stage, by rows */
     int has_slack = 0;
+    rank_tables tb = {NULL, {0}};
 
     memset(a->counts, 0, (size_t)n * FM_NCOUNTERS * sizeof(int64_t));
     if (a->N == 0) return 0;
     for (int i = 0; i < n; i++) has_slack |= a->u[i] == a->u[i];   /* NaN: protects none */
+    if (M > 0 && rank_tables_init(&tb, a) != 0) return -1;
 
-    work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
+    /* work units: blocks of FM_BLOCK, or rows of M with the rank stage */
+    work w = M > 0 ? (work){a->N / M, rows_per_chunk(M), 0}
+                   : work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
     const int nt = fm_pick_threads(a->threads, w.nblk);
     int failed = 0;
     (void)nt;
@@ -897,34 +1042,23 @@ int fm_merge(const fm_merge_args *a)
 #endif
     {
         int64_t cnt[FM_MAX_MODELS * FM_NCOUNTERS];
-        const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
+        merge_scratch s;
         arena ar;
         memset(cnt, 0, sizeof cnt);
-        const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
-        if (arena_init(&ar, rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
-                                rounded(FM_BLOCK * sizeof(int32_t)) +
-                                rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
-                                rounded(drow * (size_t)n) + rounded(rrow) * 2) != 0) {
+        if (merge_scratch_init(&s, &ar, n, M) != 0) {
             failed = 1;
         } else {
-            merge_scratch s;
-            s.b = arena_take(&ar, row);
-            s.x = arena_take(&ar, row * (size_t)n);
-            s.gam = arena_take(&ar, row);
-            s.gamt = arena_take(&ar, row);
-            s.ap = arena_take(&ar, FM_BLOCK * sizeof(int32_t));
-            s.g = arena_take(&ar, drow);
-            s.gp = arena_take(&ar, drow);
-            s.d = arena_take(&ar, drow);
-            s.ws = arena_take(&ar, drow);
-            s.theta = arena_take(&ar, drow);
-            s.km = arena_take(&ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
-            s.cf = arena_take(&ar, drow * (size_t)n);
-            s.rb = arena_take(&ar, rrow);
-            s.rw = arena_take(&ar, rrow);
-            memset(s.b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
-            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
-                merge_range(a, &s, b0, b1, cnt, has_slack);
+            for (int64_t u0, u1; take_chunk(&w, &u0, &u1);) {
+                if (M == 0) {
+                    merge_span(a, &s, u0 * FM_BLOCK, u1 * FM_BLOCK < a->N ? u1 * FM_BLOCK : a->N,
+                               cnt, has_slack);
+                    continue;
+                }
+                for (int64_t r = u0; r < u1; r++) {
+                    rank_row(a, &tb, &s, r * M);
+                    merge_span(a, &s, r * M, (r + 1) * M, cnt, has_slack);
+                }
+            }
             free(ar.mem);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_counts)
@@ -932,6 +1066,7 @@ int fm_merge(const fm_merge_args *a)
             for (int k = 0; k < n * FM_NCOUNTERS; k++) a->counts[k] += cnt[k];
         }
     }
+    free(tb.cf);
     return failed ? -1 : 0;
 }
 
