@@ -155,9 +155,9 @@ setup(
         Extension(
             "fastmerge._cmerge",
             sources=["kernels/c/module.c", "kernels/c/kernels.c", "kernels/c/gram.c",
-                     "kernels/c/rank.c"],
+                     "kernels/c/rank.c", "kernels/c/philox.c"],
             depends=["kernels/c/kernels.h", "kernels/c/convert.h", "kernels/c/gram.h",
-                     "kernels/c/rank.h"],
+                     "kernels/c/rank.h", "kernels/c/philox.h"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -201,6 +201,12 @@ def philox4x32_10(ctr, key) -> tuple[int, int, int, int]:
     return _module().philox4x32_10(tuple(int(c) for c in ctr), tuple(int(k) for k in key))
 
 
+def use_philox(name: str | None = None) -> str:
+    """The Philox variant making DARE's words ("avx512", "avx2", "scalar": the best this CPU
+    has); with ``name``, switch to it first (ValueError when the CPU lacks it). Tests."""
+    return _module().use_philox(name)
+
+
 def dare_words(key: int, model: int, offset: int, n: int) -> torch.Tensor:
     """DARE's random words r_model(offset .. offset + n − 1) (docs/spec.md §8a) from the C
     merge's own block generator, int64 [n] of uint32 values; tests."""

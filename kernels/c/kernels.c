@@ -41,6 +41,7 @@
  * bit-identical (no FMA contraction).
  */
 #include "kernels.h"
+#include "philox.h"
 #include "rank.h"
 
 #include <float.h>
@@ -503,77 +504,28 @@ int fm_bracket(const fm_bracket_args *a)
 /* ------------------------------------------------------------------------------------ */
 /* DARE's random drop (docs/spec.md §8a): Philox4x32-10                                 */
 
-#define FM_PHILOX_M0 0xD2511F53u
-#define FM_PHILOX_M1 0xCD9E8D57u
-#define FM_PHILOX_W0 0x9E3779B9u
-#define FM_PHILOX_W1 0xBB67AE85u
-#define FM_RGROUPS (FM_BLOCK / 4 + 2)   /* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4) */
-
-/* Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R(10, ...)) of counter
- * (c0, c1, c2, c3) under key (k0, k1), in place. Each round: (hi0, lo0) = M0·c0,
- * (hi1, lo1) = M1·c2, c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped
- * between rounds (bumping once more after the last one changes nothing). The 32x32
- * multiply-high is a 64-bit product: loops over counters vectorise (vpmuludq). */
-FM_INLINE void philox10(uint32_t *c0, uint32_t *c1, uint32_t *c2, uint32_t *c3, uint32_t k0,
-                        uint32_t k1)
-{
-    uint32_t a = *c0, b = *c1, c = *c2, d = *c3;
-    for (int r = 0; r < 10; r++) {
-        const uint64_t p0 = (uint64_t)FM_PHILOX_M0 * a, p1 = (uint64_t)FM_PHILOX_M1 * c;
-        const uint32_t na = (uint32_t)(p1 >> 32) ^ b ^ k0, nc = (uint32_t)(p0 >> 32) ^ d ^ k1;
-        b = (uint32_t)p1;
-        d = (uint32_t)p0;
-        a = na;
-        c = nc;
-        k0 += FM_PHILOX_W0;
-        k1 += FM_PHILOX_W1;
-    }
-    *c0 = a; *c1 = b; *c2 = c; *c3 = d;
-}
-
-void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1)
-{
-    philox10(&ctr[0], &ctr[1], &ctr[2], &ctr[3], k0, k1);
-}
+/* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4), rounded up to whole batches */
+#define FM_RGROUPS ((FM_BLOCK / 4 + 2 + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH)
 
 /* r[s + j] = r_model(g0 + j) for j < len (len <= FM_BLOCK), s = g0 & 3: one Philox call
  * per group q = g >> 2 of four consecutive g, word g & 3 (r holds the whole groups, from
- * 4·(g0 >> 2)). rw: scratch [4][FM_RGROUPS]. */
-FM_INLINE void dare_words(uint32_t *restrict r, uint32_t *restrict rw, uint64_t g0, int len,
-                          uint32_t k0, uint32_t k1, uint32_t model)
+ * 4·(g0 >> 2); room for 4·FM_RGROUPS words). */
+FM_INLINE void dare_words(uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1,
+                          uint32_t model)
 {
-    const uint64_t q0 = g0 >> 2;
-    const int ng = ((int)(g0 & 3) + len + 3) >> 2;
-    uint32_t *restrict w0 = rw, *restrict w1 = rw + FM_RGROUPS, *restrict w2 = rw + 2 * FM_RGROUPS,
-             *restrict w3 = rw + 3 * FM_RGROUPS;
-    for (int q = 0; q < ng; q++) {
-        const uint64_t c = q0 + (uint64_t)q;
-        uint32_t c0 = (uint32_t)c, c1 = (uint32_t)(c >> 32), c2 = model, c3 = 0;
-        philox10(&c0, &c1, &c2, &c3, k0, k1);
-        w0[q] = c0;
-        w1[q] = c1;
-        w2[q] = c2;
-        w3[q] = c3;
-    }
-    for (int q = 0; q < ng; q++) {
-        r[4 * q] = w0[q];
-        r[4 * q + 1] = w1[q];
-        r[4 * q + 2] = w2[q];
-        r[4 * q + 3] = w3[q];
-    }
+    fm_philox_groups(r, g0 >> 2, ((int)(g0 & 3) + len + 3) >> 2, k0, k1, model);
 }
 
 /* keep[j] = kept_model(g0 + j) = r_model(g0 + j) < T (T = thr, or 2^32 when all): the
  * drop mask of one model over one block. Density 1 or 0 needs no random words. */
-FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t *restrict rw,
-                         uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
+FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
                          uint32_t thr, uint32_t all)
 {
     if (all || thr == 0) {
         for (int j = 0; j < len; j++) keep[j] = (int32_t)all;
         return;
     }
-    dare_words(r, rw, g0, len, k0, k1, model);
+    dare_words(r, g0, len, k0, k1, model);
     const uint32_t *restrict rs = r + (g0 & 3);
     for (int j = 0; j < len; j++) keep[j] = rs[j] < thr;
 }
@@ -581,11 +533,11 @@ FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t 
 /* DELLA (spec 8d): keep[j] = r_model(g0 + j) < T[j] (T in [0, 2^32], per entry) and
  * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
 FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
-                           uint32_t *restrict rw, uint64_t g0, int len, uint32_t k0,
+                           uint64_t g0, int len, uint32_t k0,
                            uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
                            int rescale)
 {
-    dare_words(r, rw, g0, len, k0, k1, model);
+    dare_words(r, g0, len, k0, k1, model);
     const uint32_t *restrict rs = r + (g0 & 3);
     const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
     for (int j = 0; j < len; j++) {
@@ -597,10 +549,10 @@ FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t
 /* DELLA with the fused rank stage: keep[j] = r_model(g0 + j) < T[j], cf[j] = C[j], with T
  * and C the row's per-entry thresholds and factors (rank_row). */
 FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
-                        uint32_t *restrict rw, uint64_t g0, int len, uint32_t k0, uint32_t k1,
+                        uint64_t g0, int len, uint32_t k0, uint32_t k1,
                         uint32_t model, const int64_t *restrict T, const double *restrict C)
 {
-    dare_words(r, rw, g0, len, k0, k1, model);
+    dare_words(r, g0, len, k0, k1, model);
     const uint32_t *restrict rs = r + (g0 & 3);
     for (int j = 0; j < len; j++) {
         keep[j] = (int64_t)rs[j] < T[j];
@@ -611,11 +563,11 @@ FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint32_t *r
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
-    uint32_t r[4 * FM_RGROUPS], rw[4 * FM_RGROUPS];
+    uint32_t r[4 * FM_RGROUPS];
     for (int64_t off = 0; off < N; off += FM_BLOCK) {
         const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
         const uint64_t g0 = (uint64_t)(offset + off);
-        dare_words(r, rw, g0, len, k0, k1, model);
+        dare_words(r, g0, len, k0, k1, model);
         memcpy(dst + off, r + (g0 & 3), (size_t)len * sizeof(uint32_t));
     }
 }
@@ -637,7 +589,6 @@ typedef struct {
     int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
     double *cf;     /* drop: [n][FM_BLOCK] c_i of each entry (DARE: c_i; DELLA: per entry) */
     uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
-    uint32_t *rw;   /* drop: [4][FM_RGROUPS] Philox outputs by word */
     /* the fused rank stage (a->rank_keep), for the row being merged: */
     int64_t r0;     /* the row's first entry (chunk index) */
     int64_t *rT;    /* [n][M] T_i of the row's entries */
@@ -868,14 +819,14 @@ FM_INLINE void merge_span_impl(const fm_merge_args *a, merge_scratch *s, int64_t
                 const uint64_t g0 = (uint64_t)(a->offset + off);
                 if (a->rank_keep) {   /* §8d, rank stage fused: the row's T_i and c_i */
                     const size_t at = (size_t)i * (size_t)a->rank_M + (size_t)(off - s->r0);
-                    row_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                    row_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
                              s->rT + at, s->rcf + at);
                 } else if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
-                    ranked_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1],
+                    ranked_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1],
                                 (uint32_t)i, a->keep + (size_t)i * (size_t)a->N + off, a->w[i],
                                 a->keep_rescale);
                 } else {
-                    dare_keep(km, s->rb, s->rw, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                    dare_keep(km, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
                               a->dthr[i], a->dall[i]);
                     for (int j = 0; j < len; j++) cf[j] = a->cw[i];
                 }
@@ -972,7 +923,7 @@ static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
     size_t bytes = rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
                    rounded(FM_BLOCK * sizeof(int32_t)) +
                    rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
-                   rounded(drow * (size_t)n) + rounded(rrow) * 2;
+                   rounded(drow * (size_t)n) + rounded(rrow);
     if (M > 0)
         bytes += rounded(m * (size_t)n * sizeof(int64_t)) + rounded(m * (size_t)n * sizeof(double)) +
                  rounded(m * sizeof(float)) + rounded(m * sizeof(uint32_t)) +
@@ -991,7 +942,6 @@ static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
     s->km = arena_take(ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
     s->cf = arena_take(ar, drow * (size_t)n);
     s->rb = arena_take(ar, rrow);
-    s->rw = arena_take(ar, rrow);
     memset(s->b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
     s->r0 = 0;
     s->rT = NULL;

@@ -126,8 +126,6 @@ int fm_histogram(const fm_hist_args *a);
 int fm_merge(const fm_merge_args *a);
 int fm_bracket(const fm_bracket_args *a);
 
-/* Philox4x32-10 (Random123's philox4x32_R(10, ctr, key)) of one counter, in place. */
-void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1);
 /* dst[j] = r_model(offset + j), DARE's random words (spec 8a), by the merge's own block
  * generator; for the tests. */
 void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,

@@ -15,6 +15,7 @@
 
 #include "gram.h"
 #include "kernels.h"
+#include "philox.h"
 
 /* ------------------------------------------------------------------------------------ */
 /* buffer bookkeeping: every view taken is released on every exit path                   */
@@ -691,6 +692,26 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
     return Py_BuildValue("(IIII)", ctr[0], ctr[1], ctr[2], ctr[3]);
 }
 
+PyDoc_STRVAR(use_philox_doc,
+"use_philox(name=None) -> str\n--\n\n"
+"The Philox variant DARE's random words come from: 'avx512', 'avx2' or 'scalar' (the\n"
+"best the CPU has, at import). With a name, switch to it first (ValueError when the CPU\n"
+"lacks it); for tests, which check that every variant gives the same words. Not safe\n"
+"while a merge runs.");
+
+static PyObject *py_use_philox(PyObject *self, PyObject *args)
+{
+    const char *name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    if (name && fm_philox_use(name) != 0) {
+        PyErr_Format(PyExc_ValueError, "Philox variant %.20s: unknown, or not supported by "
+                     "this CPU / build", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(fm_philox_variant());
+}
+
 PyDoc_STRVAR(dare_words_doc,
 "dare_words(dst, N, key, offset, model)\n--\n\n"
 "dst (writable N uint32/int32 items) = DARE's random words r_model(offset + j)\n"
@@ -961,6 +982,7 @@ static PyMethodDef methods[] = {
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
     {"dare_words", py_dare_words, METH_VARARGS, dare_words_doc},
+    {"use_philox", py_use_philox, METH_VARARGS, use_philox_doc},
     {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
     {"combine", (PyCFunction)(void (*)(void))py_combine, METH_VARARGS | METH_KEYWORDS,
      combine_doc},
@@ -982,6 +1004,7 @@ PyMODINIT_FUNC PyInit__cmerge(void)
 {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
+    fm_philox_init();
     PyObject *bits = Py_BuildValue("(iii)", FM_DIGIT_BITS[0], FM_DIGIT_BITS[1], FM_DIGIT_BITS[2]);
     PyObject *shift = Py_BuildValue("(iii)", FM_SHIFT[0], FM_SHIFT[1], FM_SHIFT[2]);
     const int bad = !bits || !shift || PyModule_AddIntConstant(m, "F32", FM_F32) ||
