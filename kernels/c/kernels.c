@@ -587,7 +587,7 @@ typedef struct {
     double *ws;     /* W */
     double *theta;  /* θ before its one rounding */
     int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
-    double *cf;     /* drop: [n][FM_BLOCK] c_i of each entry (DARE: c_i; DELLA: per entry) */
+    double *cf;     /* DELLA: [n][FM_BLOCK] c_i of each entry (DARE: a->cw[i]) */
     uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
     /* the fused rank stage (a->rank_keep), for the row being merged: */
     int64_t r0;     /* the row's first entry (chunk index) */
@@ -609,7 +609,8 @@ FM_INLINE double combine(double d, double w, float b, double lam, int on_base, c
 
 /* Election (§5), selection and combine (§6, §7) for one block whose x_i are in s->x.
  * θ lands in s->theta; counters of model i are added to cnt[i][...]. DROP: kept_i comes
- * from s->km (DARE, §8a) instead of |x_i| >= t_i. */
+ * from s->km instead of |x_i| >= t_i, with c_i = a->cw[i] (1, DARE §8a) or s->cf per
+ * entry (2, DELLA §8d). */
 FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
                            const int SLACK, const int COUNT, const int NORM, const int DROP)
 {
@@ -631,7 +632,7 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
             const float ax = fabsf(x[j]);
             const int p = SLACK ? ax >= ui : 0;                 /* §4a: protected, kept */
             const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
-            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;   /* protected: w_i */
+            const double cf = DROP && SLACK && p ? wi : DROP == 2 ? cfa[j] : ci;  /* prot.: w_i */
             const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
                                       : cf * (double)x[j];
             g[j] += k ? vote : 0.0;
@@ -660,7 +661,7 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
             const int p = SLACK ? ax >= ui : 0;
             const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
             const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
-            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;
+            const double cf = DROP && SLACK && p ? wi : DROP == 2 ? cfa[j] : ci;
             d[j] += sel ? cf * (double)x[j] : 0.0;
             ws[j] += sel ? wi : 0.0;
             c_kept += k;
@@ -719,7 +720,8 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
             const int p = SLACK ? ax >= u[i] : 0;
             const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
                                 : (ax >= t[i]) & !(ax >= h[i])) | p;
-            const double cf = DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i];
+            const double cf = DROP && SLACK && p ? w[i]
+                              : DROP == 2 ? cfa[(size_t)i * FM_BLOCK + j] : cw[i];
             const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
                                       : cf * (double)xi;
             g += k ? vote : 0.0;
@@ -737,8 +739,9 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
             const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
                                 : (ax >= t[i]) & !(ax >= h[i])) | p;
             const int sel = k & (sx * gam > 0.f);
-            d += sel ? (DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i]) *
-                           (double)xi : 0.0;
+            const double cf = DROP && SLACK && p ? w[i]
+                              : DROP == 2 ? cfa[(size_t)i * FM_BLOCK + j] : cw[i];
+            d += sel ? cf * (double)xi : 0.0;
             ws += sel ? w[i] : 0.0;
             c_kept[i] += k;
             c_sel[i] += sel;
@@ -765,7 +768,7 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
 }
 
 /* No election: sel_i = kept_i, W = Σ w_i (a->wsum). KEEP: 0 every entry kept, 1 trim
- * (|x_i| >= t_i), 2 DARE's drop (s->km). */
+ * (|x_i| >= t_i), 2 DARE's drop (s->km, c_i = a->cw[i]), 3 DELLA's (s->km, s->cf). */
 FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
                          const int KEEP, const int NORM)
 {
@@ -780,8 +783,8 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
         int c_kept = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
-            const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
-            d[j] += k ? (KEEP == 2 ? cfa[j] : ci) * (double)x[j] : 0.0;
+            const int k = KEEP >= 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
+            d[j] += k ? (KEEP == 3 ? cfa[j] : ci) * (double)x[j] : 0.0;
             c_kept += k;
         }
         if (KEEP) {
@@ -817,22 +820,21 @@ FM_INLINE void merge_span_impl(const fm_merge_args *a, merge_scratch *s, int64_t
                 int32_t *km = s->km + (size_t)i * FM_BLOCK;
                 double *cf = s->cf + (size_t)i * FM_BLOCK;
                 const uint64_t g0 = (uint64_t)(a->offset + off);
-                if (a->rank_keep) {   /* §8d, rank stage fused: the row's T_i and c_i */
+                if (DROP == 2 && a->rank_keep) {   /* §8d, ranked here: the row's T_i, c_i */
                     const size_t at = (size_t)i * (size_t)a->rank_M + (size_t)(off - s->r0);
                     row_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
                              s->rT + at, s->rcf + at);
-                } else if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
+                } else if (DROP == 2) {   /* §8d: DELLA's per-entry thresholds and factors */
                     ranked_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1],
                                 (uint32_t)i, a->keep + (size_t)i * (size_t)a->N + off, a->w[i],
                                 a->keep_rescale);
                 } else {
                     dare_keep(km, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
-                              a->dthr[i], a->dall[i]);
-                    for (int j = 0; j < len; j++) cf[j] = a->cw[i];
+                              a->dthr[i], a->dall[i]);     /* c_i: a->cw[i] (DROP 1) */
                 }
             }
         if (ELECT == FM_ELECT_NONE) {
-            if (DROP) sum_block(a, s, len, cnt, 2, NORM);
+            if (DROP) sum_block(a, s, len, cnt, DROP + 1, NORM);
             else if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
             else sum_block(a, s, len, cnt, 0, NORM);
         } else if (a->n == 2) {
@@ -849,15 +851,16 @@ FM_CLONES static void merge_span(const fm_merge_args *a, merge_scratch *s, int64
 {
 #define FM_RANGE(E, S, D) (a->normalize ? merge_span_impl(a, s, off0, off1, cnt, E, S, 1, D) \
                                         : merge_span_impl(a, s, off0, off1, cnt, E, S, 0, D))
-#define FM_RANGE_ELECT(E) (a->drop ? (has_slack ? FM_RANGE(E, 1, 1) : FM_RANGE(E, 0, 1)) \
-                                   : has_slack ? FM_RANGE(E, 1, 0) : FM_RANGE(E, 0, 0))
-    if (a->elect == FM_ELECT_NONE) {
-        if (a->drop) FM_RANGE(FM_ELECT_NONE, 0, 1);
-        else FM_RANGE(FM_ELECT_NONE, 0, 0);
-    }
+#define FM_RANGE_DROP(E, S) (drop == 2 ? FM_RANGE(E, S, 2) : drop ? FM_RANGE(E, S, 1) \
+                                                                : FM_RANGE(E, S, 0))
+#define FM_RANGE_ELECT(E) (has_slack ? FM_RANGE_DROP(E, 1) : FM_RANGE_DROP(E, 0))
+    /* DROP: 0 none, 1 DARE (one c_i per model), 2 DELLA (c_i per entry) */
+    const int drop = !a->drop ? 0 : a->keep || a->rank_keep ? 2 : 1;
+    if (a->elect == FM_ELECT_NONE) FM_RANGE_DROP(FM_ELECT_NONE, 0);
     else if (a->elect == FM_ELECT_SUM) FM_RANGE_ELECT(FM_ELECT_SUM);
     else FM_RANGE_ELECT(FM_ELECT_COUNT);
 #undef FM_RANGE_ELECT
+#undef FM_RANGE_DROP
 #undef FM_RANGE
 }
 
