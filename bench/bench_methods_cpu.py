@@ -7,8 +7,10 @@ For each shape: an fp16 base and 2 fp16 models (SLERP: the base and 1 model) in 
 Per method, the work its tensor takes once the inputs are read:
 
 * ``pass``: what runs over the entries after any selection: the fused merge pass (TIES
-  family, DARE, breadcrumbs; thresholds found beforehand), or, for SLERP / NuSLERP /
-  model stock, the statistics pass + the host coefficients + the combine pass;
+  family, DARE, breadcrumbs; thresholds found beforehand; DELLA: with its rank stage,
+  which the C pass runs itself, KernelConfig.rank_keep, plus the per-rank table on the
+  host), or, for SLERP / NuSLERP / model stock, the statistics pass + the host
+  coefficients + the combine pass;
 * ``select``: the exact thresholds the trim needs (bracketing pass, as the pipeline does
   for a tensor in memory), for the methods that trim by magnitude;
 * ``reads``: how many times the method's passes read the inputs (threshold selection
@@ -32,12 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmerge import geometry, methods, philox, select  # noqa: E402
+from fastmerge import della, geometry, methods, philox, select  # noqa: E402
 from fastmerge.backends import c_backend as C  # noqa: E402
 from fastmerge.params import TensorKnobs  # noqa: E402
 
-METHODS = ["ties", "ties_sv", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-           "slerp", "nuslerp", "model_stock"]
+METHODS = ["ties", "ties_sv", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+           "breadcrumbs_ties", "slerp", "nuslerp", "model_stock"]
 DENSITY, SLACK, GAMMA = (0.2, 0.2), (0.0, 0.05), (0.01, 0.01)
 
 
@@ -50,7 +52,7 @@ def inputs(shape, seed=0):
     return base, models
 
 
-def prepare(method: str, base, models):
+def prepare(method: str, base, models, shape):
     """(select() -> None, run() -> None, reads) for one method on these inputs."""
     spec = methods.get(method)
     out = torch.empty_like(base)
@@ -87,7 +89,11 @@ def prepare(method: str, base, models):
 
     def run():
         t, u = state.get("tu", (None, None))
-        cfg = spec.kernel_config((1.0, 1.0), 1.0, spec.normalize_default, "sum", t, u, **drop)
+        knobs = drop
+        if spec.ranked:     # DELLA: the per-rank table (host), ranked in the C pass
+            knobs = dict(key=drop["key"], rank_keep=della.rank_table(
+                shape[1], drop["density"], (0.15, 0.15)))
+        cfg = spec.kernel_config((1.0, 1.0), 1.0, spec.normalize_default, "sum", t, u, **knobs)
         C.merge(base, models, out, cfg)
     return sel, run, (2 if spec.thresholds else 1)
 
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     for shape_s in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_s.split("x"))
         base, models = inputs(shape)
-        prepared = {m: prepare(m, base, models) for m in names}
+        prepared = {m: prepare(m, base, models, shape) for m in names}
         times = {m: {"pass": [], "select": []} for m in names}
         for r in range(args.repeats + 1):
             order = names if r % 2 else names[::-1]

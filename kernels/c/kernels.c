@@ -922,7 +922,7 @@ static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
 {
     const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
     const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
-    const size_t m = (size_t)M, hist = FM_RANK_SEGS * FM_RANK_BINS * sizeof(uint32_t);
+    const size_t m = (size_t)M, hist = 3 * FM_RANK_BINS * sizeof(uint32_t);
     size_t bytes = rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
                    rounded(FM_BLOCK * sizeof(int32_t)) +
                    rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +

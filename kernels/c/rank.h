@@ -4,12 +4,11 @@
 
 #include <stdint.h>
 
-#define FM_RANK_BINS 2048      /* radix digits of at most 11 bits */
-#define FM_RANK_SEGS 4         /* segments of a row sorted side by side (rank.c) */
+#define FM_RANK_BINS 4096      /* radix digits of at most 12 bits */
 
 typedef struct {
     uint64_t *a, *b;           /* [M] each: packed keys key·2^32 + index */
-    uint32_t *hist;            /* [FM_RANK_SEGS][FM_RANK_BINS] */
+    uint32_t *hist;            /* [3][FM_RANK_BINS] */
 } fm_rank_scratch;
 
 /* T[j] = tab[ρ(j)], cf[j] = ctab[ρ(j)] for j < M, with ρ(j) the rank of entry j of the row
