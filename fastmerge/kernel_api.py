@@ -132,12 +132,10 @@ class KernelConfig:
         if sum(x is not None for x in (self.keep, self.rank_keep, self.density)) > 1:
             raise ValueError("per-entry (keep) and per-rank (rank_keep) thresholds replace "
                              "density: give one")
-        for name in ("keep", "rank_keep"):
+        for name, cols, least in (("keep", "N", 0), ("rank_keep", "M", 1)):
             v = getattr(self, name)
-            if v is not None and (v.dim() != 2 or tuple(v.shape[:1]) != (n,) or
-                                  v.shape[1] < (name == "rank_keep")):
-                raise ValueError(f"cfg.{name} must be [{n}, {'N' if name == 'keep' else 'M'}]"
-                                 f", got {list(v.shape)}")
+            if v is not None and (v.dim() != 2 or v.shape[0] != n or v.shape[1] < least):
+                raise ValueError(f"cfg.{name} must be [{n}, {cols}], got {list(v.shape)}")
         if self.rank_keep is not None and not self.on_base:
             raise ValueError("per-rank thresholds (rank_keep) rank task vectors: need a base")
         if self.drops:

@@ -466,6 +466,22 @@ def test_pipeline_ranks_in_the_c_pass(monkeypatch):
                            got["torch"].state_dict[name].view(torch.int16)), name
 
 
+def test_rank_keep_config_checks():
+    from fastmerge.kernel_api import KernelConfig
+    table = torch.zeros(2, 5, dtype=torch.int64)
+    KernelConfig(weights=(1.0, 1.0), rank_keep=table, key=1)
+    for kw, msg in [(dict(rank_keep=torch.zeros(3, 5, dtype=torch.int64)), "must be \\[2, M\\]"),
+                    (dict(rank_keep=torch.zeros(2, 0, dtype=torch.int64)), "must be \\[2, M\\]"),
+                    (dict(rank_keep=table, keep=torch.zeros(2, 5)), "give one"),
+                    (dict(rank_keep=table, density=(0.5, 0.5)), "give one"),
+                    (dict(rank_keep=table, on_base=False), "need a base")]:
+        with pytest.raises(ValueError, match=msg):
+            KernelConfig(weights=(1.0, 1.0), key=1, **kw)
+    cfg = KernelConfig(weights=(1.0, 1.0), rank_keep=table, key=1)
+    with pytest.raises(ValueError, match="do not divide"):
+        della.expand(cfg, torch.zeros(7), torch.zeros(2, 7))
+
+
 def test_c_module_checks():
     ext = C._module()
     base, models = make_inputs(2, 10, F32, seed=0)

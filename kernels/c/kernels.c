@@ -18,7 +18,9 @@
  * g & 3 of Philox4x32-10(key, (g >> 2 low, high, i, 0)) for the entry's global index g =
  * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
  * a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
- * T_i(g) from its rank stage (a->keep) and c_i(g) = (w_i·2^32) / T_i(g) with rescale.
+ * T_i(g) and c_i(g) = (w_i·2^32) / T_i(g) with rescale: given (a->keep, from the torch
+ * rank stage), or ranked here (a->rank_keep: the per-rank table; threads take whole rows,
+ * rank each (rank.c) into per-thread buffers, then merge it).
  * Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64
  * (docs/spec.md §7), the models summed in order i = 1..n from +0.0, so every backend
  * evaluates the same fp64 expression. Thresholds of +inf arrive as NaN (no comparison

@@ -11,8 +11,8 @@
  * of counters; the high halves may hold garbage, which no later step reads. They run two
  * independent vectors at a time (8 or 16 counters; measured best on Zen 4, more spill or
  * gain nothing) and store the words interleaved, a0 b0 c0 d0 a1 ... Integer operations
- * only: every variant gives the same words. Without target-clone support (non-x86 or an old compiler) only the scalar
- * variant is built.
+ * only: every variant gives the same words. Without target-clone support (non-x86 or an
+ * old compiler) only the scalar variant is built.
  */
 #include "philox.h"
 
@@ -87,7 +87,8 @@ FM_AVX2 static void groups_avx2(uint32_t *r, uint64_t q0, int ng, uint32_t k0_, 
         __m256i a[V], b[V], c[V], d[V];
         uint32_t k0 = k0_, k1 = k1_;
         for (int v = 0; v < V; v++) {
-            a[v] = _mm256_add_epi64(_mm256_set1_epi64x((long long)(q0 + (uint64_t)(q + 4 * v))), step);
+            const long long qv = (long long)(q0 + (uint64_t)(q + 4 * v));
+            a[v] = _mm256_add_epi64(_mm256_set1_epi64x(qv), step);   /* b: high halves */
             b[v] = _mm256_srli_epi64(a[v], 32);
             c[v] = _mm256_set1_epi64x(model);
             d[v] = _mm256_setzero_si256();
@@ -118,7 +119,8 @@ FM_AVX512 static void groups_avx512(uint32_t *r, uint64_t q0, int ng, uint32_t k
         __m512i a[V], b[V], c[V], d[V];
         uint32_t k0 = k0_, k1 = k1_;
         for (int v = 0; v < V; v++) {
-            a[v] = _mm512_add_epi64(_mm512_set1_epi64((long long)(q0 + (uint64_t)(q + 8 * v))), step);
+            const long long qv = (long long)(q0 + (uint64_t)(q + 8 * v));
+            a[v] = _mm512_add_epi64(_mm512_set1_epi64(qv), step);    /* b: high halves */
             b[v] = _mm512_srli_epi64(a[v], 32);
             c[v] = _mm512_set1_epi64(model);
             d[v] = _mm512_setzero_si512();
