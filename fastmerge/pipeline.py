@@ -32,7 +32,7 @@ from .plan import TensorTask, kernel_dtype
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
-RANK_CHUNK_ELEMS = 1 << 22      # DELLA's rank stage: entries per chunk (memory, see _source)
+RANK_CHUNK_ELEMS = 1 << 22      # DELLA's torch rank stage: entries per chunk (memory, see _source)
 
 
 @dataclass
