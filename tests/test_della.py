@@ -404,6 +404,23 @@ def test_c_fused_rank_stage_equals_torch_stage(case, dtype):
                 assert not (torch.equal(out, want[0]) and torch.equal(counts, want[1])), what
 
 
+@TRITON
+def test_triton_backend_takes_the_rank_table():
+    """The Triton backend (no Capabilities.ranks) given a per-rank table ranks in torch
+    first (della.expand): the reference's bytes and counters."""
+    from fastmerge.backends import triton_backend
+    from tests.test_exactness import triton_device
+    shape = (6, 50)
+    base, models = make_inputs(2, 300, F16, seed=41)
+    _, per_rank = rank_cfgs("della", base, models, shape, DENSITY[2], EPSILON[2],
+                            offset=8)
+    want = run(R.merge, base, models, per_rank, F16)
+    dev = triton_device()
+    out = torch.empty(300, dtype=F16, device=dev)
+    counts = triton_backend.merge(base.to(dev), models.to(dev), out, per_rank)
+    assert_same((out.cpu(), counts.cpu()), want, "Triton backend, rank table")
+
+
 @pytest.mark.parametrize("method", DELLA)
 def test_c_fused_rank_stage_chunks_and_threads(method):
     """Chunks of whole rows (each with its offset) and 1, 2, 3 threads (rows handed out in
