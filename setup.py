@@ -154,8 +154,10 @@ setup(
     ext_modules=[
         Extension(
             "fastmerge._cmerge",
-            sources=["kernels/c/module.c", "kernels/c/kernels.c", "kernels/c/gram.c"],
-            depends=["kernels/c/kernels.h", "kernels/c/convert.h", "kernels/c/gram.h"],
+            sources=["kernels/c/module.c", "kernels/c/kernels.c", "kernels/c/gram.c",
+                     "kernels/c/rank.c", "kernels/c/philox.c"],
+            depends=["kernels/c/kernels.h", "kernels/c/convert.h", "kernels/c/gram.h",
+                     "kernels/c/rank.h", "kernels/c/philox.h"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -7,8 +7,10 @@ For each shape: an fp16 base and 2 fp16 models (SLERP: the base and 1 model) in 
 Per method, the work its tensor takes once the inputs are read:
 
 * ``pass``: what runs over the entries after any selection: the fused merge pass (TIES
-  family, DARE, breadcrumbs; thresholds found beforehand), or, for SLERP / NuSLERP /
-  model stock, the statistics pass + the host coefficients + the combine pass;
+  family, DARE, breadcrumbs; thresholds found beforehand; DELLA: with its rank stage,
+  which the C pass runs itself, KernelConfig.rank_keep, plus the per-rank table on the
+  host), or, for SLERP / NuSLERP / model stock, the statistics pass + the host
+  coefficients + the combine pass;
 * ``select``: the exact thresholds the trim needs (bracketing pass, as the pipeline does
   for a tensor in memory), for the methods that trim by magnitude;
 * ``reads``: how many times the method's passes read the inputs (threshold selection
@@ -16,10 +18,15 @@ Per method, the work its tensor takes once the inputs are read:
 
 Methods alternate in every repeat (machine noise hits all alike); the medians and the
 ratio of each method's ``pass`` to TIES's are reported, as JSON and a Markdown table.
+
+``--other PATH``: another build of ``fastmerge._cmerge`` (e.g. the commit before a kernel
+change, built in a worktree); every method it can run (not DELLA's rank_keep, new here)
+is then also timed on it, as ``method@other``, in the same alternation (an A/B in one run).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -32,12 +39,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmerge import geometry, methods, philox, select  # noqa: E402
+from fastmerge import della, geometry, methods, philox, select  # noqa: E402
 from fastmerge.backends import c_backend as C  # noqa: E402
 from fastmerge.params import TensorKnobs  # noqa: E402
 
-METHODS = ["ties", "ties_sv", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-           "slerp", "nuslerp", "model_stock"]
+METHODS = ["ties", "ties_sv", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+           "breadcrumbs_ties", "slerp", "nuslerp", "model_stock"]
 DENSITY, SLACK, GAMMA = (0.2, 0.2), (0.0, 0.05), (0.01, 0.01)
 
 
@@ -50,7 +57,7 @@ def inputs(shape, seed=0):
     return base, models
 
 
-def prepare(method: str, base, models):
+def prepare(method: str, base, models, shape):
     """(select() -> None, run() -> None, reads) for one method on these inputs."""
     spec = methods.get(method)
     out = torch.empty_like(base)
@@ -87,9 +94,34 @@ def prepare(method: str, base, models):
 
     def run():
         t, u = state.get("tu", (None, None))
-        cfg = spec.kernel_config((1.0, 1.0), 1.0, spec.normalize_default, "sum", t, u, **drop)
+        knobs = dict(drop)
+        if spec.upper:      # breadcrumbs: slot 1 of the selection is the upper bound h
+            u, knobs["h"] = None, u
+        if spec.ranked:     # DELLA: the per-rank table (host), ranked in the C pass
+            knobs = dict(key=drop["key"], rank_keep=della.rank_table(
+                shape[1], drop["density"], (0.15, 0.15)))
+        cfg = spec.kernel_config((1.0, 1.0), 1.0, spec.normalize_default, "sum", t, u, **knobs)
         C.merge(base, models, out, cfg)
     return sel, run, (2 if spec.thresholds else 1)
+
+
+def load_ext(path: str):
+    spec = importlib.util.spec_from_file_location("fastmerge_other._cmerge", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def on_build(ext, fn):
+    """fn with the C backend's calls going to the extension module ``ext``."""
+    def run():
+        saved = C._module
+        C._module = lambda: ext
+        try:
+            fn()
+        finally:
+            C._module = saved
+    return run
 
 
 def main(argv=None) -> int:
@@ -97,14 +129,23 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="4096x4096,11008x4096")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--other", help="another build of fastmerge._cmerge (.so) to time too")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     names = args.methods.split(",")
+    other = load_ext(args.other) if args.other else None
+    if other is not None:
+        names += [f"{m}@other" for m in names if not methods.get(m).ranked]
     rows = []
     for shape_s in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_s.split("x"))
         base, models = inputs(shape)
-        prepared = {m: prepare(m, base, models) for m in names}
+        prepared = {}
+        for m in names:
+            sel, run, reads = prepare(m.split("@")[0], base, models, shape)
+            if m.endswith("@other"):
+                sel, run = on_build(other, sel), on_build(other, run)
+            prepared[m] = (sel, run, reads)
         times = {m: {"pass": [], "select": []} for m in names}
         for r in range(args.repeats + 1):
             order = names if r % 2 else names[::-1]
@@ -130,7 +171,7 @@ def main(argv=None) -> int:
             "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": C.get_num_threads(), "torch": torch.__version__,
-            "load_avg": os.getloadavg()}
+            "load_avg": os.getloadavg(), "other": args.other}
     print("| shape | method | pass ms | × TIES pass | select ms | reads |")
     print("|---|---|---|---|---|---|")
     for r in rows:

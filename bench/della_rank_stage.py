@@ -3,11 +3,17 @@
     python bench/della_rank_stage.py --shapes 4096x4096 --repeats 5 \
         --out bench/results/della_rank_stage.json
 
-Per tensor (fp16, 2 models, density 0.4, epsilon 0.15): the rank stage in torch
-(``fastmerge.della.keep_thresholds``: a stable sort per row, then T = ⌊p·2^32⌋), the C
-fused pass of ``della`` fed with those thresholds, and for scale the C pass of
-``dare_ties`` at the same density (no rank stage, one threshold per model). Timings
-alternate in every repeat so machine noise hits all alike; medians in ms.
+Per tensor (fp16, 2 models, density 0.4, epsilon 0.15), each step as the pipeline runs it:
+
+* ``rank_stage``: the rank stage in torch (``fastmerge.della.keep_thresholds``: a sort
+  per row, then T = ⌊p·2^32⌋), what the torch and Triton backends still get;
+* ``della_fused``: the C pass of ``della`` fed those per-entry thresholds (KernelConfig.keep);
+* ``della_c_ranked``: the C pass of ``della`` that ranks the rows itself (KernelConfig.rank_keep,
+  the per-rank table; what the pipeline runs on the C backend): rank stage + merge;
+* for scale, the C passes of ``dare_ties`` at the same density (no ranks, one threshold
+  per model) and of ``ties`` (thresholds found beforehand, not timed).
+
+Timings alternate in every repeat so machine noise hits all alike; medians in ms.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastmerge import della, methods, philox  # noqa: E402
+from fastmerge import della, methods, philox, select  # noqa: E402
 from fastmerge.backends import c_backend  # noqa: E402
 
 
@@ -50,33 +56,42 @@ def main() -> None:
         key = philox.tensor_key(0, "w")
         dens, eps = (0.4, 0.4), (0.15, 0.15)
         holder = {}
+        table = della.rank_table(shape[1], dens, eps)
+        targets = select.Targets.of(dens, (0, 0), N)
+        t, _ = select.thresholds(c_backend, targets, lambda: [(base, models)], (base, models),
+                                 select.sample_keys(base, models))
+
+        def c_pass(method, **kw):
+            cfg = methods.METHODS[method].kernel_config((1.0, 1.0), 1.0, True, "sum", **kw)
+            return lambda: c_backend.merge(base, models, out, cfg)
 
         def rank():
             holder["keep"] = della.keep_thresholds(base, models, shape, dens, eps)
 
         def fused_della():
-            cfg = methods.METHODS["della"].kernel_config((1.0, 1.0), 1.0, True, "sum",
-                                                         keep=holder["keep"], key=key)
-            c_backend.merge(base, models, out, cfg)
+            c_pass("della", keep=holder["keep"], key=key)()
 
-        def fused_dare():
-            cfg = methods.METHODS["dare_ties"].kernel_config((1.0, 1.0), 1.0, True, "sum",
-                                                             density=dens, key=key)
-            c_backend.merge(base, models, out, cfg)
-
-        rank()
-        fused_della()
-        fused_dare()
-        times = {"rank_stage": [], "della_fused": [], "dare_ties_fused": []}
+        steps = {"rank_stage": rank, "della_fused": fused_della,
+                 "della_c_ranked": c_pass("della", rank_keep=table, key=key),
+                 "dare_ties_fused": c_pass("dare_ties", density=dens, key=key),
+                 "ties_fused": c_pass("ties", t=t)}
+        for fn in steps.values():
+            fn()
+        times = {k: [] for k in steps}
         for _ in range(args.repeats):
-            times["rank_stage"].append(timed(rank))
-            times["della_fused"].append(timed(fused_della))
-            times["dare_ties_fused"].append(timed(fused_dare))
+            for k, fn in steps.items():
+                times[k].append(timed(fn))
         row = {"shape": list(shape), "dtype": "float16", "n_models": 2,
                **{k: statistics.median(v) for k, v in times.items()}, "all_ms": times}
+        row["torch_stage_plus_pass"] = row["rank_stage"] + row["della_fused"]
+        row["speedup_vs_torch_stage"] = row["torch_stage_plus_pass"] / row["della_c_ranked"]
+        row["c_ranked_vs_ties"] = row["della_c_ranked"] / row["ties_fused"]
+        row["c_ranked_vs_dare_ties"] = row["della_c_ranked"] / row["dare_ties_fused"]
         rows.append(row)
-        print(f"{spec}: rank stage {row['rank_stage']:.0f} ms, della fused "
-              f"{row['della_fused']:.0f} ms, dare_ties fused {row['dare_ties_fused']:.0f} ms")
+        print(f"{spec}: " + ", ".join(f"{k} {row[k]:.1f} ms" for k in steps) +
+              f"; torch stage + pass / C ranked {row['speedup_vs_torch_stage']:.1f}x, "
+              f"C ranked / ties {row['c_ranked_vs_ties']:.2f}, "
+              f"/ dare_ties {row['c_ranked_vs_dare_ties']:.2f}")
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": " ".join(["python", *sys.argv]),
            "load_average": os.getloadavg(),

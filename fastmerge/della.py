@@ -15,13 +15,18 @@ row; an N-D tensor of shape (a0, a1, ...) has a row for every index of the other
 dimensions, running along dim 1 — for a matrix, its rows. ``row_block`` says how the
 pipeline may cut a tensor so that every chunk holds whole rows.
 
-No backend fuses this stage (kernel_api.Capabilities.ranks): the pipeline computes it
-here, in torch, chunk by chunk, and passes T to every backend's fused pass
-(KernelConfig.keep). Sorting is exact (integer keys), so T is the same on every device.
+T depends on g only through its rank, so the stage is a table T_i(ρ), ρ = 0..M − 1
+(``rank_table``), and a rank per entry. A backend with kernel_api.Capabilities.ranks (the
+C backend) ranks in its fused pass: for a tensor whose rows are runs of consecutive
+entries (1-D and 2-D, ``fused_row_length``) the pipeline passes it the table
+(KernelConfig.rank_keep). Otherwise (other backends, N-D tensors) the pipeline ranks here,
+in torch, chunk by chunk, and passes T per entry (KernelConfig.keep). Sorting is exact
+(integer keys), so T is the same on every device and backend.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,6 +42,20 @@ def row_block(shape) -> int:
     if len(shape) == 2:
         return max(1, shape[1])
     return max(1, math.prod(shape))
+
+
+def row_length(shape) -> int:
+    """M: the length of a row (a0 for 1-D, a1 otherwise)."""
+    shape = tuple(int(s) for s in shape)
+    return shape[0] if len(shape) == 1 else shape[1]
+
+
+def fused_row_length(shape) -> int | None:
+    """M when the rows are runs of M consecutive entries (1-D, 2-D) that a fused rank stage
+    takes (1 <= M < 2^31), else None (N-D rows along dim 1 are strided)."""
+    shape = tuple(int(s) for s in shape)
+    M = row_length(shape) if shape else 0
+    return M if len(shape) in (1, 2) and 1 <= M < 1 << 31 else None
 
 
 def _rows_view(keys: torch.Tensor, shape) -> torch.Tensor:
@@ -103,25 +122,51 @@ def probability_thresholds(M: int, density: float, epsilon: float) -> torch.Tens
     return torch.floor(torch.clamp(p, 0.0, 1.0) * float(TWO32)).to(torch.int64)
 
 
-def keep_thresholds(base: torch.Tensor, models, shape, density, epsilon) -> torch.Tensor:
-    """T_i(g) = ⌊p_i(g)·2^32⌋ for a chunk of whole rows (docs/spec.md §8d), int64 [n, count]
-    in [0, 2^32]. ``base`` [count], ``models`` [n, count] or n rows of ``count``. The
-    probabilities depend on the rank only, so they are computed once per rank (M values)
-    and scattered to the entries holding that rank."""
+def rank_table(M: int, density, epsilon) -> torch.Tensor:
+    """T_i(ρ) for every model and rank ρ = 0..M − 1 of a row of M: int64 [n, M]
+    (``probability_thresholds`` per model)."""
+    return torch.stack([probability_thresholds(M, d, e) for d, e in zip(density, epsilon)])
+
+
+def _keep(base: torch.Tensor, models, shape, table: torch.Tensor) -> torch.Tensor:
+    """T_i(g) = table[i, ρ_i(g)] for every entry g of a chunk of whole rows, int64 [n, count].
+    A model whose table is constant (d ∈ {0, 1}, ε = 0, M = 1) needs no ranks."""
     rows = models if isinstance(models, torch.Tensor) else torch.stack(list(models))
     n, count = rows.shape
     out = torch.empty(n, count, dtype=torch.int64, device=rows.device)
-    shape = tuple(int(s) for s in shape)
-    M = shape[0] if len(shape) == 1 else shape[1]           # the row length
     b = base.float()
-    for i, (d, e) in enumerate(zip(density, epsilon)):
-        fill = probability_thresholds(M, d, e)
-        if float(d) in (0.0, 1.0) or M <= 1:                 # the same T for every entry
-            out[i] = fill[0] if M else 0
+    for i in range(n):
+        fill = table[i]
+        if fill.numel() == 0 or bool((fill == fill[0]).all()):   # one T for every entry
+            out[i] = fill[0] if fill.numel() else 0
             continue
         keys = (rows[i].float() - b).view(torch.int32) & 0x7FFFFFFF   # bits(|τ|)
         out[i] = _per_row(keys, shape, fill)
     return out
+
+
+def keep_thresholds(base: torch.Tensor, models, shape, density, epsilon) -> torch.Tensor:
+    """T_i(g) = ⌊p_i(g)·2^32⌋ for a chunk of whole rows (docs/spec.md §8d), int64 [n, count]
+    in [0, 2^32]. ``base`` [count], ``models`` [n, count] or n rows of ``count``. The
+    probabilities depend on the rank only, so they are computed once per rank (M values,
+    ``rank_table``) and scattered to the entries holding that rank."""
+    return _keep(base, models, shape, rank_table(row_length(shape), density, epsilon))
+
+
+def expand(cfg, base: torch.Tensor, models):
+    """``cfg`` with a per-rank table (KernelConfig.rank_keep, rows of M consecutive
+    entries) turned into the per-entry thresholds it stands for (KernelConfig.keep): the
+    rank stage in torch, for a backend that does not fuse it. Any other cfg as is."""
+    if cfg.rank_keep is None:
+        return cfg
+    rows = models if isinstance(models, torch.Tensor) else torch.stack(list(models))
+    M = cfg.rank_keep.shape[1]
+    if rows.shape[1] % M:
+        raise ValueError(f"cfg.rank_keep: rows of {M} do not divide the chunk's "
+                         f"{rows.shape[1]} entries")
+    table = cfg.rank_keep.to(device=rows.device, dtype=torch.int64)
+    keep = _keep(base, rows, (rows.shape[1] // M, M), table)
+    return replace(cfg, keep=keep, rank_keep=None)
 
 
 def check_knobs(density: float, epsilon: float) -> str | None:

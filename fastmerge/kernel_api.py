@@ -79,6 +79,11 @@ class KernelConfig:
       r_i(g) < T_i(g) with per-entry thresholds ``keep`` (int64 [n, N] of this chunk, in
       [0, 2^32]) from DELLA's rank stage (fastmerge.della); with ``rescale`` a kept entry
       weighs c_i(g) = (w_i·2^32) / T_i(g) (one fp64 division; 0 when T = 0).
+    fused ranked drop (``rank_keep`` not None; DELLA with its rank stage in the pass, for a
+      backend with Capabilities.ranks, instead of ``keep``): int64 [n, M] thresholds per
+      rank, T_i(g) = rank_keep[i, ρ_i(g)], the chunk being N / M rows of M consecutive
+      entries and ρ_i(g) g's rank in its row by ascending bits(|τ_i|), ties by index
+      (fastmerge.della.rank_table). Needs ``on_base``.
     upper (``h`` not None; breadcrumbs, §8b): the trim's exclusive upper bound h_i:
       kept_i = t_i ≤ |x_i| < h_i, h_i = +inf drops none from the top (|x_i| = inf included).
     slack (``u`` not None, needs an election; §4, §4a): prot_i = |x_i| ≥ u_i (u_i = +inf
@@ -110,6 +115,7 @@ class KernelConfig:
     offset: int = 0                             # global index of this chunk's entry 0
     h: tuple[float, ...] | None = None          # the trim's exclusive upper bound (§8b)
     keep: object = field(default=None, compare=False, repr=False)   # DELLA: T_i(g) [n, N]
+    rank_keep: object = field(default=None, compare=False, repr=False)  # DELLA: T_i(ρ) [n, M]
 
     def __post_init__(self):
         n = len(self.weights)
@@ -123,11 +129,15 @@ class KernelConfig:
             raise ValueError("an upper trim bound (h) needs the lower thresholds t")
         if self.u is not None and self.elect == "none":
             raise ValueError("slack thresholds (u) need a sign election")
-        if self.keep is not None:
-            if self.density is not None:
-                raise ValueError("per-entry thresholds (keep) replace density: give one")
-            if tuple(self.keep.shape[:1]) != (n,) or self.keep.dim() != 2:
-                raise ValueError(f"cfg.keep must be [{n}, N], got {list(self.keep.shape)}")
+        if sum(x is not None for x in (self.keep, self.rank_keep, self.density)) > 1:
+            raise ValueError("per-entry (keep) and per-rank (rank_keep) thresholds replace "
+                             "density: give one")
+        for name, cols, least in (("keep", "N", 0), ("rank_keep", "M", 1)):
+            v = getattr(self, name)
+            if v is not None and (v.dim() != 2 or v.shape[0] != n or v.shape[1] < least):
+                raise ValueError(f"cfg.{name} must be [{n}, {cols}], got {list(v.shape)}")
+        if self.rank_keep is not None and not self.on_base:
+            raise ValueError("per-rank thresholds (rank_keep) rank task vectors: need a base")
         if self.drops:
             if self.t is not None or self.h is not None:
                 raise ValueError("a random drop (density) excludes a magnitude trim (t, h) "
@@ -160,7 +170,7 @@ class KernelConfig:
     @property
     def drops(self) -> bool:
         """DARE's random drop is on (docs/spec.md §8a), or DELLA's ranked one (§8d)."""
-        return self.density is not None or self.keep is not None
+        return self.density is not None or self.keep is not None or self.rank_keep is not None
 
     @property
     def drop_thresholds(self) -> tuple[int, ...] | None:
@@ -196,5 +206,6 @@ class Capabilities:
     elects: tuple[str, ...] = ELECTS
     slack: bool = True
     without_base: bool = True                                       # on_base=False
-    ranks: bool = False         # computes DELLA's row ranks in its fused pass (§8d); none
-                                # does: the pipeline runs that stage in torch (fastmerge.della)
+    ranks: bool = False         # computes DELLA's row ranks in its fused pass (§8d): takes
+                                # KernelConfig.rank_keep. Without it the pipeline runs that
+                                # stage in torch (fastmerge.della) and passes ``keep``

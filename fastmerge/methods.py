@@ -86,7 +86,8 @@ class Method:
 
     def kernel_config(self, weights, scale: float, normalize: bool, elect: str,
                       t=None, u=None, *, h=None, density=None, rescale: bool | None = None,
-                      key: int | None = None, offset: int = 0, keep=None) -> KernelConfig:
+                      key: int | None = None, offset: int = 0, keep=None,
+                      rank_keep=None) -> KernelConfig:
         """The fused pass's flags for one tensor (the one place they are decided).
         ``t`` / ``u`` / ``h``: thresholds from fastmerge.select (trim, slack, breadcrumbs'
         upper bound; None: the method has none, or no slack was asked for).
@@ -94,14 +95,17 @@ class Method:
         64-bit Philox key), ``rescale`` (None: the method's default) and ``offset`` (the
         global index of the chunk's first entry; ``KernelConfig.at`` moves it per chunk);
         other methods ignore them. DELLA (``ranked``) takes ``keep`` instead of ``density``:
-        the chunk's per-entry thresholds T_i(g) (fastmerge.della.keep_thresholds)."""
+        the chunk's per-entry thresholds T_i(g) (fastmerge.della.keep_thresholds), or, for
+        a backend that ranks in its fused pass, ``rank_keep``: the per-rank table T_i(ρ)
+        (fastmerge.della.rank_table)."""
         if self.thresholds and t is None:
             raise ValueError(f"method {self.name!r} needs its thresholds t")
         drop = {}
         if self.ranked:
-            if keep is None or key is None:
-                raise ValueError(f"method {self.name!r} needs keep and key (its ranked drop)")
-            drop = dict(keep=keep,
+            if (keep is None) == (rank_keep is None) or key is None:
+                raise ValueError(f"method {self.name!r} needs keep and key (its ranked drop; "
+                                 f"or rank_keep in place of keep)")
+            drop = dict(keep=keep, rank_keep=rank_keep,
                         rescale=self.rescale_default if rescale is None else bool(rescale),
                         key=int(key), offset=int(offset))
         elif self.drop:

@@ -36,7 +36,7 @@ from .plan import TensorTask, kernel_dtype
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 DEFAULT_RESIDENT_BYTES = 512 << 20
-RANK_CHUNK_ELEMS = 1 << 22      # DELLA's rank stage: entries per chunk (memory, see _source)
+RANK_CHUNK_ELEMS = 1 << 22      # DELLA's torch rank stage: entries per chunk (memory, see _source)
 
 
 @dataclass
@@ -282,13 +282,23 @@ class StreamMerge:
             ranges = geometry.chunk_ranges(task.shape, self.params.vectors, self.chunk_elems)
         step = self.chunk_elems
         if self.params.spec.ranked:     # DELLA (§8d): every chunk holds whole rows
-            # the rank stage holds ~10 int64 words per entry and model (keys, their sort,
-            # T_i(g)): chunks of at most RANK_CHUNK_ELEMS entries, never a whole resident
-            # tensor, keep that bounded (a 65M-entry embedding would take ~4 GB)
             block = della.row_block(task.shape)
-            step = max(block, min(step, RANK_CHUNK_ELEMS) // block * block)
-            resident = resident and task.numel <= step
+            if self._fused_rows(task):  # ranked in the fused pass: per-thread row scratch
+                step = max(block, step // block * block)
+            else:
+                # the torch rank stage holds ~10 int64 words per entry and model (keys,
+                # their sort, T_i(g)): chunks of at most RANK_CHUNK_ELEMS entries, never a
+                # whole resident tensor, keep that bounded (a 65M-entry embedding: ~4 GB)
+                step = max(block, min(step, RANK_CHUNK_ELEMS) // block * block)
+                resident = resident and task.numel <= step
         return TensorSource(self.reader, task, step, resident, ranges)
+
+    def _fused_rows(self, task: TensorTask) -> int | None:
+        """DELLA's row length M when the backend ranks in its fused pass and the tensor's
+        rows are runs of consecutive entries (della.fused_row_length), else None."""
+        if not (self.params.spec.ranked and self.backend.CAPABILITIES.ranks):
+            return None
+        return della.fused_row_length(task.shape)
 
     def _searches(self, task: TensorTask, population: int) -> list[select.Search]:
         return select.searches(self.params.spec, task.knobs, population)
@@ -418,18 +428,26 @@ class StreamMerge:
             drop = dict(density=tk.density, rescale=p.rescale,
                         key=philox.tensor_key(p.seed, task.name))
 
+        def ranked(**ranks):
+            return p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, None,
+                                        thr.get("u"), **ranks,
+                                        **{k: v for k, v in drop.items() if k != "density"})
+
         def config(start, b, m):
-            """The chunk's KernelConfig; DELLA's rank stage runs here, in torch, on the
-            chunk's whole rows (no backend fuses it: Capabilities.ranks, §8d)."""
-            if not p.spec.ranked:
+            """The chunk's KernelConfig; without a fused rank stage DELLA's runs here, in
+            torch, on the chunk's whole rows (§8d)."""
+            if cfg is not None:
                 return cfg.at(start)
             keep = della.keep_thresholds(b, m, task.shape, tk.density, tk.epsilon)
-            return p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, None,
-                                        thr.get("u"), keep=keep, offset=start,
-                                        **{k: v for k, v in drop.items() if k != "density"})
-        cfg = None if p.spec.ranked else p.spec.kernel_config(
-            tk.weights, tk.scale, p.normalize, p.elect, thr.get("t"), thr.get("u"),
-            h=thr.get("h"), **drop)
+            return ranked(keep=keep, offset=start)
+        M = self._fused_rows(task)
+        if not p.spec.ranked:
+            cfg = p.spec.kernel_config(tk.weights, tk.scale, p.normalize, p.elect, thr.get("t"),
+                                       thr.get("u"), h=thr.get("h"), **drop)
+        elif M:       # DELLA ranked in the backend's pass: one table T_i(ρ) per tensor
+            cfg = ranked(rank_keep=della.rank_table(M, tk.density, tk.epsilon))
+        else:
+            cfg = None
         counts = torch.zeros(p.n_models, len(COUNTERS), dtype=torch.int64)
         self.sink.begin(task)
         for start, count, b, m in src.chunks():

@@ -147,6 +147,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     if cfg.on_base and base is None:
         raise ValueError("this kernel config needs a base tensor")
+    cfg = della.expand(cfg, base, models)                   # DELLA's per-rank table (§8d)
     x32 = task_vectors(base, models) if cfg.on_base else models.float()
     counts[:, NONFINITE] = (~torch.isfinite(x32)).sum(1).cpu()
     x = x32.double()

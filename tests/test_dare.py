@@ -129,7 +129,22 @@ def test_stream_reference_matches_definition(key, model, offset):
     assert got.tolist() == definition_words(key, model, offset, 23)
 
 
-def test_stream_c_matches_reference():
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def philox_variant(request):
+    """Each Philox variant of the C kernels this CPU runs (kernels/c/philox.c), in turn."""
+    before = C.use_philox()
+    try:
+        C.use_philox(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU / build has no {request.param} Philox variant")
+    try:
+        yield request.param
+    finally:
+        C.use_philox(before)
+
+
+def test_stream_c_matches_reference(philox_variant):
+    assert C.use_philox() == philox_variant
     for key, model, offset in [(0, 0, 0), (KEY, 2, 1), (KEY, 5, 2), (KEY, 1, 3), (7, 63, 1001),
                                (2**64 - 1, 0, 4 * (1 << 32) - 300), (KEY, 1, 2**61 + 3)]:
         for n in (1, 3, 255, 256, 257, 1000):
@@ -245,7 +260,7 @@ MODES = [  # (rescale, normalize, elect): defaults, each switched, count electio
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
 @pytest.mark.parametrize("n", [1, 2, 3, 8], ids=ids("n_models"))
 @pytest.mark.parametrize("method", DARE)
-def test_c_and_reference_bit_identical(method, n, dtype):
+def test_c_and_reference_bit_identical(method, n, dtype, philox_variant):
     base, models = _inputs(n, 2000 + 37 * n, dtype, seed=n)
     for rescale, normalize, elect in MODES:
         cfg = cfg_for(method, n, rescale=rescale, normalize=normalize, elect=elect, offset=5)

@@ -112,8 +112,12 @@ def test_knob_rule_and_method_rows():
         with pytest.raises(ValueError, match="needs keep and key"):
             m.kernel_config((1.0,), 1.0, False, "sum", key=1)
     from fastmerge.backends import torch_backend, triton_backend
-    for be in (torch_backend, C, triton_backend):
+    for be in (torch_backend, triton_backend):
         assert be.CAPABILITIES.ranks is False          # the pipeline ranks, in torch
+    assert C.CAPABILITIES.ranks is True                # the C fused pass ranks (§8d)
+    with pytest.raises(ValueError, match="needs keep and key"):
+        m.kernel_config((1.0,), 1.0, False, "sum", key=1, keep=torch.zeros(1, 3),
+                        rank_keep=torch.zeros(1, 3))
     with pytest.raises(fastmerge.ParameterError, match="model 0: epsilon 0.15 with density 0.1"):
         make_params("della", 1, density=0.1)
     with pytest.raises(fastmerge.ParameterError, match="epsilon is only used by the DELLA"):
@@ -326,6 +330,175 @@ def test_chunking_and_blocks_triton(method):
         assert_same(got, want, f"Triton block {block}")
 
 
+# ---------------------------------------------------------------------------------------
+# 3a. the rank stage fused into the C pass (KernelConfig.rank_keep)
+
+# (shape, kind, density, epsilon) per case; each runs for n = 1, 2, 3, 5 models (the
+# first n knobs) on every dtype: rows on both sides of rank.c's insertion-sort length
+# (48), odd lengths, 1-D, M = 1, rows longer than one radix digit's bins, heavy ties
+# (grid), all-zero task vectors, |τ| over 40 binades (three radix digits), d = 0 and 1,
+# ε = 0
+RANK_CASES = {
+    "odd-rows": ((37, 53), "normal", (0.45, 1.0, 0.3, 0.6, 0.5), (0.1, 0.15, 0.2, 0.3, 0.0)),
+    "short-rows": ((9, 48), "grid", (0.3, 0.5, 0.0, 0.4, 0.7), (0.2, 0.3, 0.1, 0.35, 0.1)),
+    "rows-49": ((7, 49), "wide", (0.6, 0.2, 0.5, 1.0, 0.4), (0.3, 0.1, 0.45, 0.1, 0.2)),
+    "one-row": ((2011,), "normal", (0.4, 0.7, 0.5, 0.3, 0.55), (0.3, 0.2, 0.0, 0.25, 0.4)),
+    "M=1": ((17, 1), "normal", (0.3, 0.8, 0.5, 0.6, 0.2), (0.2, 0.1, 0.3, 0.3, 0.1)),
+    "long-rows": ((3, 4500), "wide", (0.5, 0.35, 0.65, 0.2, 0.9), (0.45, 0.3, 0.3, 0.15, 0.05)),
+    "zeros": ((6, 300), "zeros", (0.5, 0.25, 0.3, 0.7, 0.4), (0.3, 0.2, 0.25, 0.2, 0.1)),
+}
+
+
+def rank_inputs(kind, n, N, dtype, seed):
+    if kind == "zeros":                       # τ = 0 everywhere: one key per row
+        base, _ = make_inputs(1, N, dtype, seed=seed)
+        return base, base.unsqueeze(0).repeat(n, 1)
+    return make_inputs(n, N, dtype, seed=seed, kind=kind)
+
+
+def rank_cfgs(method, base, models, shape, density, epsilon, **kw):
+    """(per-entry cfg: the torch rank stage, per-rank cfg: ranked in the pass)."""
+    n = models.shape[0]
+    m = methods.METHODS[method]
+    args = (WEIGHTS_5[:n], 0.8, kw.pop("normalize", m.normalize_default), kw.pop("elect", "sum"),
+            None, kw.pop("u", None))
+    keep = della.keep_thresholds(base, models, shape, density[:n], epsilon[:n])
+    table = della.rank_table(della.fused_row_length(shape), density[:n], epsilon[:n])
+    return (m.kernel_config(*args, keep=keep, key=KEY, **kw),
+            m.kernel_config(*args, rank_keep=table, key=KEY, **kw))
+
+
+WEIGHTS_5 = (0.6, -0.45, 1.0, 0.3, -0.8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids("dtype"))
+@pytest.mark.parametrize("case", RANK_CASES)
+def test_c_fused_rank_stage_equals_torch_stage(case, dtype):
+    """C with the rank stage in its pass (rank_keep) gives, bit for bit, the outputs and
+    counters of the C pass and of the reference fed the torch stage's T (keep), for both
+    methods, elections, rescale on / off and slack; and the test can fail: the same table
+    reversed (the ranks read backwards) changes the output or the counters wherever T
+    varies by rank (no slack, which may protect every entry)."""
+    shape, kind, density, epsilon = RANK_CASES[case]
+    N = math.prod(shape)
+    for n in (1, 2, 3, 5):
+        base, models = rank_inputs(kind, n, N, dtype, seed=n + 10 * DTYPES.index(dtype))
+        for k, (method, (rescale, normalize, elect, slack)) in enumerate(
+                (m, mode) for m in DELLA for mode in MODES):
+            u = None
+            if slack and method == "della":
+                a = R.task_vectors(base, models).abs()
+                u = [R.thresholds_by_sort(a[i], 1.0, 0.1 * (1 + i % 2))[1] for i in range(n)]
+            per_entry, per_rank = rank_cfgs(method, base, models, shape, density, epsilon,
+                                            rescale=rescale, normalize=normalize, elect=elect,
+                                            u=u, offset=3 + 4 * k)
+            want = run(C.merge, base, models, per_entry, dtype)
+            what = f"{case} n={n} {method} {rescale, normalize, elect, slack}"
+            assert_same(run(C.merge, base, models, per_rank, dtype), want, f"C fused: {what}")
+            assert_same(run(R.merge, base, models, per_entry, dtype), want, f"reference: {what}")
+            assert_same(run(R.merge, base, models, per_rank, dtype), want, f"ref table: {what}")
+            T = per_entry.keep
+            if bool((T != T[:, :1]).any()) and rescale is not False and u is None:
+                flipped = dataclasses.replace(per_rank, rank_keep=per_rank.rank_keep.flip(1))
+                out, counts = run(C.merge, base, models, flipped, dtype)
+                assert not (torch.equal(out, want[0]) and torch.equal(counts, want[1])), what
+
+
+@TRITON
+def test_triton_backend_takes_the_rank_table():
+    """The Triton backend (no Capabilities.ranks) given a per-rank table ranks in torch
+    first (della.expand): the reference's bytes and counters."""
+    from fastmerge.backends import triton_backend
+    from tests.test_exactness import triton_device
+    shape = (6, 50)
+    base, models = make_inputs(2, 300, F16, seed=41)
+    _, per_rank = rank_cfgs("della", base, models, shape, DENSITY[2], EPSILON[2],
+                            offset=8)
+    want = run(R.merge, base, models, per_rank, F16)
+    dev = triton_device()
+    out = torch.empty(300, dtype=F16, device=dev)
+    counts = triton_backend.merge(base.to(dev), models.to(dev), out, per_rank)
+    assert_same((out.cpu(), counts.cpu()), want, "Triton backend, rank table")
+
+
+@pytest.mark.parametrize("method", DELLA)
+def test_c_fused_rank_stage_chunks_and_threads(method):
+    """Chunks of whole rows (each with its offset) and 1, 2, 3 threads (rows handed out in
+    work chunks) give the whole tensor's result."""
+    shape, n = (600, 130), 3
+    N = math.prod(shape)
+    base, models = make_inputs(n, N, BF16, seed=31)
+    per_entry, per_rank = rank_cfgs(method, base, models, shape, DENSITY[3], EPSILON[3])
+    want = run(C.merge, base, models, per_entry, BF16)
+    for rows in (7, 600):
+        step = rows * shape[1]
+        out = torch.empty(N, dtype=BF16)
+        counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
+        for start in range(0, N, step):
+            piece = torch.empty(min(step, N - start), dtype=BF16)
+            counts += C.merge(base[start:start + step], models[:, start:start + step].contiguous(),
+                              piece, per_rank.at(start))
+            out[start:start + step] = piece
+        assert_same((out, counts), want, f"chunks of {rows} rows")
+    try:
+        for threads in (1, 2, 3):
+            C.set_num_threads(threads)
+            assert_same(run(C.merge, base, models, per_rank, BF16), want, f"{threads} threads")
+    finally:
+        C.set_num_threads(0)
+
+
+def test_pipeline_ranks_in_the_c_pass(monkeypatch):
+    """fastmerge.merge on the C backend ranks 1-D and 2-D tensors in the fused pass (the
+    torch stage runs only for the N-D tensor), on the torch backend every tensor in torch;
+    both give the same bytes and report."""
+    from fastmerge import pipeline
+    shapes = {"a.w": (40, 70), "a.b": (70,), "a.c": (4, 5, 6)}
+    total = sum(math.prod(s) for s in shapes.values())
+    base, models = make_inputs(2, total, F16, seed=5)
+
+    def sd(x):
+        out, pos = {}, 0
+        for name, shape in shapes.items():
+            out[name] = x[pos:pos + math.prod(shape)].reshape(shape).clone()
+            pos += math.prod(shape)
+        return out
+    ranked = []
+    real = della.keep_thresholds
+
+    def spy(b, m, shape, *a):
+        ranked.append(tuple(shape))
+        return real(b, m, shape, *a)
+    monkeypatch.setattr(pipeline.della, "keep_thresholds", spy)
+    kw = dict(method="della", density=[0.5, 0.3], epsilon=0.2, slack=[0.1, 0.05], seed=2,
+              progress=False)
+    got = {}
+    for be in ("c", "torch"):
+        ranked.clear()
+        got[be] = fastmerge.merge(sd(base), [sd(m) for m in models], backend=be, **kw)
+        assert sorted(ranked) == ([(4, 5, 6)] if be == "c" else sorted(shapes.values())), be
+    assert got["c"].report["tensors"] == got["torch"].report["tensors"]
+    for name in shapes:
+        assert torch.equal(got["c"].state_dict[name].view(torch.int16),
+                           got["torch"].state_dict[name].view(torch.int16)), name
+
+
+def test_rank_keep_config_checks():
+    from fastmerge.kernel_api import KernelConfig
+    table = torch.zeros(2, 5, dtype=torch.int64)
+    KernelConfig(weights=(1.0, 1.0), rank_keep=table, key=1)
+    for kw, msg in [(dict(rank_keep=torch.zeros(3, 5, dtype=torch.int64)), "must be \\[2, M\\]"),
+                    (dict(rank_keep=torch.zeros(2, 0, dtype=torch.int64)), "must be \\[2, M\\]"),
+                    (dict(rank_keep=table, keep=torch.zeros(2, 5)), "give one"),
+                    (dict(rank_keep=table, density=(0.5, 0.5)), "give one"),
+                    (dict(rank_keep=table, on_base=False), "need a base")]:
+        with pytest.raises(ValueError, match=msg):
+            KernelConfig(weights=(1.0, 1.0), key=1, **kw)
+    cfg = KernelConfig(weights=(1.0, 1.0), rank_keep=table, key=1)
+    with pytest.raises(ValueError, match="do not divide"):
+        della.expand(cfg, torch.zeros(7), torch.zeros(2, 7))
+
+
 def test_c_module_checks():
     ext = C._module()
     base, models = make_inputs(2, 10, F32, seed=0)
@@ -336,11 +509,23 @@ def test_c_module_checks():
         ext.merge(base.numpy(), models.numpy(), out.numpy(), 2, 10, ext.F32, ext.F32, ext.F32,
                   True, ext.ELECT_SUM, False, (1.0, 1.0), None, None, 1.0, counts.numpy(), **kw)
     call(keep=torch.full((2, 10), TWO32, dtype=torch.int64).numpy(), key=1, keep_rescale=True)
+    call(rank_keep=torch.full((2, 5), TWO32, dtype=torch.int64).numpy(), rank_len=5, key=1)
     for kw, msg in [(dict(keep=torch.full((2, 10), TWO32 + 1, dtype=torch.int64).numpy()),
                      "keep\\[0\\]"),
                     (dict(keep=torch.zeros(2, 9, dtype=torch.int64).numpy()), "keep"),
                     (dict(keep=torch.zeros(2, 10, dtype=torch.int64).numpy(), drop=(1, 1)),
-                     "replaces drop")]:
+                     "replace one another"),
+                    (dict(keep=torch.zeros(2, 10, dtype=torch.int64).numpy(),
+                          rank_keep=torch.zeros(2, 5, dtype=torch.int64).numpy(), rank_len=5),
+                     "replace one another"),
+                    (dict(rank_keep=torch.zeros(2, 3, dtype=torch.int64).numpy(), rank_len=3),
+                     "rows of rank_len"),
+                    (dict(rank_keep=torch.zeros(2, 5, dtype=torch.int64).numpy(), rank_len=0),
+                     "rows of rank_len"),
+                    (dict(rank_keep=torch.zeros(2, 4, dtype=torch.int64).numpy(), rank_len=5),
+                     "rank_keep"),
+                    (dict(rank_keep=torch.full((2, 5), -1, dtype=torch.int64).numpy(),
+                          rank_len=5), "rank_keep\\[0\\]")]:
         with pytest.raises(ValueError, match=msg):
             call(**kw)
 

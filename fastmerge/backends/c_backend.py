@@ -13,7 +13,7 @@ import torch
 from .. import kernel_api
 from ..kernel_api import COUNTERS, NBINS, Capabilities, KernelConfig
 
-CAPABILITIES = Capabilities(max_models=64)   # FM_MAX_MODELS
+CAPABILITIES = Capabilities(max_models=64, ranks=True)   # FM_MAX_MODELS; DELLA's ranks fused
 NAME = "c"
 
 _DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -143,7 +143,13 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
     counts = torch.zeros(n, len(COUNTERS), dtype=torch.int64)
     elect = {"none": ext.ELECT_NONE, "sum": ext.ELECT_SUM, "count": ext.ELECT_COUNT}[cfg.elect]
     drop = {}
-    if cfg.keep is not None:  # DELLA (§8d): per-entry T_i(g), c_i(g) = w_i·2^32 / T_i(g)
+    if cfg.rank_keep is not None:   # DELLA (§8d), ranked in the pass: T_i(ρ) per rank
+        table = cfg.rank_keep.to(device="cpu", dtype=torch.int64).contiguous()
+        if table.shape[0] != n:
+            raise ValueError(f"cfg.rank_keep: expected {n} rows, got {list(table.shape)}")
+        drop = dict(rank_keep=table.numpy(), rank_len=int(table.shape[1]),
+                    keep_rescale=bool(cfg.rescale), key=int(cfg.key), offset=int(cfg.offset))
+    elif cfg.keep is not None:  # DELLA (§8d): per-entry T_i(g), c_i(g) = w_i·2^32 / T_i(g)
         keep = cfg.keep.to(device="cpu", dtype=torch.int64).contiguous()
         if tuple(keep.shape) != (n, N):
             raise ValueError(f"cfg.keep: expected shape [{n}, {N}], got {list(keep.shape)}")
@@ -193,6 +199,12 @@ def combine(base: torch.Tensor | None, models, out: torch.Tensor, coef: torch.Te
 def philox4x32_10(ctr, key) -> tuple[int, int, int, int]:
     """The C kernels' Philox4x32-10 of one counter (4 uint32) and key (2 uint32); tests."""
     return _module().philox4x32_10(tuple(int(c) for c in ctr), tuple(int(k) for k in key))
+
+
+def use_philox(name: str | None = None) -> str:
+    """The Philox variant making DARE's words ("avx512", "avx2", "scalar": the best this CPU
+    has); with ``name``, switch to it first (ValueError when the CPU lacks it). Tests."""
+    return _module().use_philox(name)
 
 
 def dare_words(key: int, model: int, offset: int, n: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import della
 from ..kernel_api import Capabilities
 from ..reference import model_matrix
 from . import triton_interpreted
@@ -46,8 +47,10 @@ def histogram(base: torch.Tensor, models: torch.Tensor, prefixes: torch.Tensor,
 
 
 def merge(base, models: torch.Tensor, out: torch.Tensor, cfg) -> torch.Tensor:
-    """Fused merge pass of kernel_api's contract: writes ``out``, returns int64 [n, 7]."""
-    return _kernels().merge(base, model_matrix(models), out, cfg)
+    """Fused merge pass of kernel_api's contract: writes ``out``, returns int64 [n, 7].
+    DELLA's per-rank table (cfg.rank_keep) is ranked in torch first (no ``ranks``)."""
+    models = model_matrix(models)
+    return _kernels().merge(base, models, out, della.expand(cfg, base, models))
 
 
 def gram(base, models, on_base: bool, seg: int) -> torch.Tensor:

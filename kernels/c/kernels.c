@@ -18,7 +18,9 @@
  * g & 3 of Philox4x32-10(key, (g >> 2 low, high, i, 0)) for the entry's global index g =
  * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
  * a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
- * T_i(g) from its rank stage (a->keep) and c_i(g) = (w_i·2^32) / T_i(g) with rescale.
+ * T_i(g) and c_i(g) = (w_i·2^32) / T_i(g) with rescale: given (a->keep, from the torch
+ * rank stage), or ranked here (a->rank_keep: the per-rank table; threads take whole rows,
+ * rank each (rank.c) into per-thread buffers, then merge it).
  * Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64
  * (docs/spec.md §7), the models summed in order i = 1..n from +0.0, so every backend
  * evaluates the same fp64 expression. Thresholds of +inf arrive as NaN (no comparison
@@ -41,6 +43,8 @@
  * bit-identical (no FMA contraction).
  */
 #include "kernels.h"
+#include "philox.h"
+#include "rank.h"
 
 #include <float.h>
 #include <math.h>
@@ -139,12 +143,11 @@ static inline int block_len(int64_t N, int64_t blk)
 /* Ask for the next block of base and models while this one is computed: the loops
  * alternate between loading and scatter / arithmetic, which leaves the hardware
  * prefetchers idle for long stretches. */
-FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *models, int n,
-                              int models_dt, int64_t N, int64_t blk)
+FM_INLINE void prefetch_at(const void *base, int base_dt, const void *const *models, int n,
+                           int models_dt, int64_t N, int64_t off)
 {
-    const int64_t off = blk * FM_BLOCK;
     if (off >= N) return;
-    const int len = block_len(N, blk);
+    const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
     if (base) {
         const char *p = (const char *)base + off * fm_dtype_size(base_dt);
         for (int o = 0; o < len * fm_dtype_size(base_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
@@ -153,6 +156,12 @@ FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *
         const char *p = (const char *)models[i] + off * fm_dtype_size(models_dt);
         for (int o = 0; o < len * fm_dtype_size(models_dt); o += 64) __builtin_prefetch(p + o, 0, 0);
     }
+}
+
+FM_INLINE void prefetch_block(const void *base, int base_dt, const void *const *models, int n,
+                              int models_dt, int64_t N, int64_t blk)
+{
+    prefetch_at(base, base_dt, models, n, models_dt, N, blk * FM_BLOCK);
 }
 
 /* number of non-finite entries of x[0..len) */
@@ -497,77 +506,28 @@ int fm_bracket(const fm_bracket_args *a)
 /* ------------------------------------------------------------------------------------ */
 /* DARE's random drop (docs/spec.md §8a): Philox4x32-10                                 */
 
-#define FM_PHILOX_M0 0xD2511F53u
-#define FM_PHILOX_M1 0xCD9E8D57u
-#define FM_PHILOX_W0 0x9E3779B9u
-#define FM_PHILOX_W1 0xBB67AE85u
-#define FM_RGROUPS (FM_BLOCK / 4 + 2)   /* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4) */
-
-/* Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R(10, ...)) of counter
- * (c0, c1, c2, c3) under key (k0, k1), in place. Each round: (hi0, lo0) = M0·c0,
- * (hi1, lo1) = M1·c2, c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped
- * between rounds (bumping once more after the last one changes nothing). The 32x32
- * multiply-high is a 64-bit product: loops over counters vectorise (vpmuludq). */
-FM_INLINE void philox10(uint32_t *c0, uint32_t *c1, uint32_t *c2, uint32_t *c3, uint32_t k0,
-                        uint32_t k1)
-{
-    uint32_t a = *c0, b = *c1, c = *c2, d = *c3;
-    for (int r = 0; r < 10; r++) {
-        const uint64_t p0 = (uint64_t)FM_PHILOX_M0 * a, p1 = (uint64_t)FM_PHILOX_M1 * c;
-        const uint32_t na = (uint32_t)(p1 >> 32) ^ b ^ k0, nc = (uint32_t)(p0 >> 32) ^ d ^ k1;
-        b = (uint32_t)p1;
-        d = (uint32_t)p0;
-        a = na;
-        c = nc;
-        k0 += FM_PHILOX_W0;
-        k1 += FM_PHILOX_W1;
-    }
-    *c0 = a; *c1 = b; *c2 = c; *c3 = d;
-}
-
-void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1)
-{
-    philox10(&ctr[0], &ctr[1], &ctr[2], &ctr[3], k0, k1);
-}
+/* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4), rounded up to whole batches */
+#define FM_RGROUPS ((FM_BLOCK / 4 + 2 + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH)
 
 /* r[s + j] = r_model(g0 + j) for j < len (len <= FM_BLOCK), s = g0 & 3: one Philox call
  * per group q = g >> 2 of four consecutive g, word g & 3 (r holds the whole groups, from
- * 4·(g0 >> 2)). rw: scratch [4][FM_RGROUPS]. */
-FM_INLINE void dare_words(uint32_t *restrict r, uint32_t *restrict rw, uint64_t g0, int len,
-                          uint32_t k0, uint32_t k1, uint32_t model)
+ * 4·(g0 >> 2); room for 4·FM_RGROUPS words). */
+FM_INLINE void dare_words(uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1,
+                          uint32_t model)
 {
-    const uint64_t q0 = g0 >> 2;
-    const int ng = ((int)(g0 & 3) + len + 3) >> 2;
-    uint32_t *restrict w0 = rw, *restrict w1 = rw + FM_RGROUPS, *restrict w2 = rw + 2 * FM_RGROUPS,
-             *restrict w3 = rw + 3 * FM_RGROUPS;
-    for (int q = 0; q < ng; q++) {
-        const uint64_t c = q0 + (uint64_t)q;
-        uint32_t c0 = (uint32_t)c, c1 = (uint32_t)(c >> 32), c2 = model, c3 = 0;
-        philox10(&c0, &c1, &c2, &c3, k0, k1);
-        w0[q] = c0;
-        w1[q] = c1;
-        w2[q] = c2;
-        w3[q] = c3;
-    }
-    for (int q = 0; q < ng; q++) {
-        r[4 * q] = w0[q];
-        r[4 * q + 1] = w1[q];
-        r[4 * q + 2] = w2[q];
-        r[4 * q + 3] = w3[q];
-    }
+    fm_philox_groups(r, g0 >> 2, ((int)(g0 & 3) + len + 3) >> 2, k0, k1, model);
 }
 
 /* keep[j] = kept_model(g0 + j) = r_model(g0 + j) < T (T = thr, or 2^32 when all): the
  * drop mask of one model over one block. Density 1 or 0 needs no random words. */
-FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t *restrict rw,
-                         uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
+FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
                          uint32_t thr, uint32_t all)
 {
     if (all || thr == 0) {
         for (int j = 0; j < len; j++) keep[j] = (int32_t)all;
         return;
     }
-    dare_words(r, rw, g0, len, k0, k1, model);
+    dare_words(r, g0, len, k0, k1, model);
     const uint32_t *restrict rs = r + (g0 & 3);
     for (int j = 0; j < len; j++) keep[j] = rs[j] < thr;
 }
@@ -575,11 +535,11 @@ FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint32_t 
 /* DELLA (spec 8d): keep[j] = r_model(g0 + j) < T[j] (T in [0, 2^32], per entry) and
  * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
 FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
-                           uint32_t *restrict rw, uint64_t g0, int len, uint32_t k0,
+                           uint64_t g0, int len, uint32_t k0,
                            uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
                            int rescale)
 {
-    dare_words(r, rw, g0, len, k0, k1, model);
+    dare_words(r, g0, len, k0, k1, model);
     const uint32_t *restrict rs = r + (g0 & 3);
     const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
     for (int j = 0; j < len; j++) {
@@ -588,14 +548,28 @@ FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t
     }
 }
 
+/* DELLA with the fused rank stage: keep[j] = r_model(g0 + j) < T[j], cf[j] = C[j], with T
+ * and C the row's per-entry thresholds and factors (rank_row). */
+FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
+                        uint64_t g0, int len, uint32_t k0, uint32_t k1,
+                        uint32_t model, const int64_t *restrict T, const double *restrict C)
+{
+    dare_words(r, g0, len, k0, k1, model);
+    const uint32_t *restrict rs = r + (g0 & 3);
+    for (int j = 0; j < len; j++) {
+        keep[j] = (int64_t)rs[j] < T[j];
+        cf[j] = C[j];
+    }
+}
+
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
-    uint32_t r[4 * FM_RGROUPS], rw[4 * FM_RGROUPS];
+    uint32_t r[4 * FM_RGROUPS];
     for (int64_t off = 0; off < N; off += FM_BLOCK) {
         const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
         const uint64_t g0 = (uint64_t)(offset + off);
-        dare_words(r, rw, g0, len, k0, k1, model);
+        dare_words(r, g0, len, k0, k1, model);
         memcpy(dst + off, r + (g0 & 3), (size_t)len * sizeof(uint32_t));
     }
 }
@@ -615,9 +589,15 @@ typedef struct {
     double *ws;     /* W */
     double *theta;  /* θ before its one rounding */
     int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
-    double *cf;     /* drop: [n][FM_BLOCK] c_i of each entry (DARE: c_i; DELLA: per entry) */
+    double *cf;     /* DELLA: [n][FM_BLOCK] c_i of each entry (DARE: a->cw[i]) */
     uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
-    uint32_t *rw;   /* drop: [4][FM_RGROUPS] Philox outputs by word */
+    /* the fused rank stage (a->rank_keep), for the row being merged: */
+    int64_t r0;     /* the row's first entry (chunk index) */
+    int64_t *rT;    /* [n][M] T_i of the row's entries */
+    double *rcf;    /* [n][M] c_i of the row's entries */
+    float *rowb;    /* [M] f32(θ_b) of the row */
+    uint32_t *rkey; /* [M] one model's keys bits(|τ_i|) */
+    fm_rank_scratch sort;
 } merge_scratch;
 
 /* m = D / W (normalize, W != 0) or D;  θ = f32(θ_b) + λ·m (on_base) or m  -- §7, fp64.
@@ -631,7 +611,8 @@ FM_INLINE double combine(double d, double w, float b, double lam, int on_base, c
 
 /* Election (§5), selection and combine (§6, §7) for one block whose x_i are in s->x.
  * θ lands in s->theta; counters of model i are added to cnt[i][...]. DROP: kept_i comes
- * from s->km (DARE, §8a) instead of |x_i| >= t_i. */
+ * from s->km instead of |x_i| >= t_i, with c_i = a->cw[i] (1, DARE §8a) or s->cf per
+ * entry (2, DELLA §8d). */
 FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
                            const int SLACK, const int COUNT, const int NORM, const int DROP)
 {
@@ -653,7 +634,7 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
             const float ax = fabsf(x[j]);
             const int p = SLACK ? ax >= ui : 0;                 /* §4a: protected, kept */
             const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
-            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;   /* protected: w_i */
+            const double cf = DROP && SLACK && p ? wi : DROP == 2 ? cfa[j] : ci;  /* prot.: w_i */
             const double vote = COUNT ? (double)(swi * (float)((x[j] > 0.f) - (x[j] < 0.f)))
                                       : cf * (double)x[j];
             g[j] += k ? vote : 0.0;
@@ -682,7 +663,7 @@ FM_INLINE void elect_block(const fm_merge_args *a, merge_scratch *s, int len, in
             const int p = SLACK ? ax >= ui : 0;
             const int k = (DROP ? km[j] != 0 : (ax >= ti) & !(ax >= hi)) | p;
             const int sel = k & (sx * gam[j] > 0.f);             /* a zero never matches */
-            const double cf = DROP ? (SLACK && p ? wi : cfa[j]) : ci;
+            const double cf = DROP && SLACK && p ? wi : DROP == 2 ? cfa[j] : ci;
             d[j] += sel ? cf * (double)x[j] : 0.0;
             ws[j] += sel ? wi : 0.0;
             c_kept += k;
@@ -741,7 +722,8 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
             const int p = SLACK ? ax >= u[i] : 0;
             const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
                                 : (ax >= t[i]) & !(ax >= h[i])) | p;
-            const double cf = DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i];
+            const double cf = DROP && SLACK && p ? w[i]
+                              : DROP == 2 ? cfa[(size_t)i * FM_BLOCK + j] : cw[i];
             const double vote = COUNT ? (double)(sw[i] * (float)((xi > 0.f) - (xi < 0.f)))
                                       : cf * (double)xi;
             g += k ? vote : 0.0;
@@ -759,8 +741,9 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
             const int k = (DROP ? km[(size_t)i * FM_BLOCK + j] != 0
                                 : (ax >= t[i]) & !(ax >= h[i])) | p;
             const int sel = k & (sx * gam > 0.f);
-            d += sel ? (DROP ? (SLACK && p ? w[i] : cfa[(size_t)i * FM_BLOCK + j]) : cw[i]) *
-                           (double)xi : 0.0;
+            const double cf = DROP && SLACK && p ? w[i]
+                              : DROP == 2 ? cfa[(size_t)i * FM_BLOCK + j] : cw[i];
+            d += sel ? cf * (double)xi : 0.0;
             ws += sel ? w[i] : 0.0;
             c_kept[i] += k;
             c_sel[i] += sel;
@@ -787,7 +770,7 @@ FM_INLINE void elect_block_fused(const fm_merge_args *a, merge_scratch *s, int l
 }
 
 /* No election: sel_i = kept_i, W = Σ w_i (a->wsum). KEEP: 0 every entry kept, 1 trim
- * (|x_i| >= t_i), 2 DARE's drop (s->km). */
+ * (|x_i| >= t_i), 2 DARE's drop (s->km, c_i = a->cw[i]), 3 DELLA's (s->km, s->cf). */
 FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int64_t *cnt,
                          const int KEEP, const int NORM)
 {
@@ -802,8 +785,8 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
         int c_kept = 0;
         for (int j = 0; j < len; j++) {
             const float ax = fabsf(x[j]);
-            const int k = KEEP == 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
-            d[j] += k ? (KEEP == 2 ? cfa[j] : ci) * (double)x[j] : 0.0;
+            const int k = KEEP >= 2 ? km[j] != 0 : KEEP == 1 ? (ax >= ti) & !(ax >= hi) : 1;
+            d[j] += k ? (KEEP == 3 ? cfa[j] : ci) * (double)x[j] : 0.0;
             c_kept += k;
         }
         if (KEEP) {
@@ -818,15 +801,15 @@ FM_INLINE void sum_block(const fm_merge_args *a, merge_scratch *s, int len, int6
     for (int j = 0; j < len; j++) theta[j] = combine(d[j], wsum, b[j], lam, on_base, NORM);
 }
 
-/* One block: load (x_i in fp32, non-finite counted), the pass the flags ask for, store. */
-FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                int64_t blk1, int64_t *cnt, const int ELECT, const int SLACK,
-                                const int NORM, const int DROP)
+/* Entries [off0, off1) of the chunk in blocks of up to FM_BLOCK from off0: load (x_i in
+ * fp32, non-finite counted), the pass the flags ask for, store. */
+FM_INLINE void merge_span_impl(const fm_merge_args *a, merge_scratch *s, int64_t off0,
+                               int64_t off1, int64_t *cnt, const int ELECT, const int SLACK,
+                               const int NORM, const int DROP)
 {
-    for (int64_t blk = blk0; blk < blk1; blk++) {
-        const int64_t off = blk * FM_BLOCK;
-        const int len = block_len(a->N, blk);
-        prefetch_block(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, blk + 1);
+    for (int64_t off = off0; off < off1; off += FM_BLOCK) {
+        const int len = (int)(off1 - off < FM_BLOCK ? off1 - off : FM_BLOCK);
+        prefetch_at(a->base, a->base_dt, a->models, a->n, a->models_dt, a->N, off + FM_BLOCK);
         if (a->on_base) fm_load(s->b, a->base, a->base_dt, off, len);
         for (int i = 0; i < a->n; i++) {
             float *x = s->x + (size_t)i * FM_BLOCK;
@@ -839,18 +822,21 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
                 int32_t *km = s->km + (size_t)i * FM_BLOCK;
                 double *cf = s->cf + (size_t)i * FM_BLOCK;
                 const uint64_t g0 = (uint64_t)(a->offset + off);
-                if (a->keep) {    /* §8d: DELLA's per-entry thresholds and factors */
-                    ranked_keep(km, cf, s->rb, s->rw, g0, len, a->key[0], a->key[1],
+                if (DROP == 2 && a->rank_keep) {   /* §8d, ranked here: the row's T_i, c_i */
+                    const size_t at = (size_t)i * (size_t)a->rank_M + (size_t)(off - s->r0);
+                    row_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                             s->rT + at, s->rcf + at);
+                } else if (DROP == 2) {   /* §8d: DELLA's per-entry thresholds and factors */
+                    ranked_keep(km, cf, s->rb, g0, len, a->key[0], a->key[1],
                                 (uint32_t)i, a->keep + (size_t)i * (size_t)a->N + off, a->w[i],
                                 a->keep_rescale);
                 } else {
-                    dare_keep(km, s->rb, s->rw, g0, len, a->key[0], a->key[1], (uint32_t)i,
-                              a->dthr[i], a->dall[i]);
-                    for (int j = 0; j < len; j++) cf[j] = a->cw[i];
+                    dare_keep(km, s->rb, g0, len, a->key[0], a->key[1], (uint32_t)i,
+                              a->dthr[i], a->dall[i]);     /* c_i: a->cw[i] (DROP 1) */
                 }
             }
         if (ELECT == FM_ELECT_NONE) {
-            if (DROP) sum_block(a, s, len, cnt, 2, NORM);
+            if (DROP) sum_block(a, s, len, cnt, DROP + 1, NORM);
             else if (a->trim) sum_block(a, s, len, cnt, 1, NORM);
             else sum_block(a, s, len, cnt, 0, NORM);
         } else if (a->n == 2) {
@@ -862,33 +848,147 @@ FM_INLINE void merge_range_impl(const fm_merge_args *a, merge_scratch *s, int64_
     }
 }
 
-FM_CLONES static void merge_range(const fm_merge_args *a, merge_scratch *s, int64_t blk0,
-                                  int64_t blk1, int64_t *cnt, int has_slack)
+FM_CLONES static void merge_span(const fm_merge_args *a, merge_scratch *s, int64_t off0,
+                                 int64_t off1, int64_t *cnt, int has_slack)
 {
-#define FM_RANGE(E, S, D) (a->normalize ? merge_range_impl(a, s, blk0, blk1, cnt, E, S, 1, D) \
-                                        : merge_range_impl(a, s, blk0, blk1, cnt, E, S, 0, D))
-#define FM_RANGE_ELECT(E) (a->drop ? (has_slack ? FM_RANGE(E, 1, 1) : FM_RANGE(E, 0, 1)) \
-                                   : has_slack ? FM_RANGE(E, 1, 0) : FM_RANGE(E, 0, 0))
-    if (a->elect == FM_ELECT_NONE) {
-        if (a->drop) FM_RANGE(FM_ELECT_NONE, 0, 1);
-        else FM_RANGE(FM_ELECT_NONE, 0, 0);
-    }
+#define FM_RANGE(E, S, D) (a->normalize ? merge_span_impl(a, s, off0, off1, cnt, E, S, 1, D) \
+                                        : merge_span_impl(a, s, off0, off1, cnt, E, S, 0, D))
+#define FM_RANGE_DROP(E, S) (drop == 2 ? FM_RANGE(E, S, 2) : drop ? FM_RANGE(E, S, 1) \
+                                                                : FM_RANGE(E, S, 0))
+#define FM_RANGE_ELECT(E) (has_slack ? FM_RANGE_DROP(E, 1) : FM_RANGE_DROP(E, 0))
+    /* DROP: 0 none, 1 DARE (one c_i per model), 2 DELLA (c_i per entry) */
+    const int drop = !a->drop ? 0 : a->keep || a->rank_keep ? 2 : 1;
+    if (a->elect == FM_ELECT_NONE) FM_RANGE_DROP(FM_ELECT_NONE, 0);
     else if (a->elect == FM_ELECT_SUM) FM_RANGE_ELECT(FM_ELECT_SUM);
     else FM_RANGE_ELECT(FM_ELECT_COUNT);
 #undef FM_RANGE_ELECT
+#undef FM_RANGE_DROP
 #undef FM_RANGE
+}
+
+/* The fused rank stage's per-tensor tables (a->rank_keep): c_i(ρ) per rank, and which
+ * models have one T for every rank (density 0 or 1, ε = 0, M = 1: no sort needed). */
+typedef struct {
+    double *cf;       /* [n][M]: (w_i·2^32) / T_i(ρ) (0 when T = 0) with rescale, else w_i */
+    int flat[FM_MAX_MODELS];
+} rank_tables;
+
+static int rank_tables_init(rank_tables *tb, const fm_merge_args *a)
+{
+    const int64_t M = a->rank_M;
+    tb->cf = malloc((size_t)a->n * (size_t)M * sizeof(double));
+    if (!tb->cf) return -1;
+    for (int i = 0; i < a->n; i++) {
+        const int64_t *T = a->rank_keep + (size_t)i * (size_t)M;
+        double *cf = tb->cf + (size_t)i * (size_t)M;
+        const double w32 = a->w[i] * 4294967296.0;      /* exact: a power-of-two scaling */
+        tb->flat[i] = 1;
+        for (int64_t r = 0; r < M; r++) {
+            cf[r] = a->keep_rescale ? (T[r] != 0 ? w32 / (double)T[r] : 0.0) : a->w[i];
+            tb->flat[i] &= T[r] == T[0];
+        }
+    }
+    return 0;
+}
+
+/* s->rT, s->rcf = T_i(ρ_i(g)), c_i(ρ_i(g)) for the entries g of the row starting at entry
+ * r0 of the chunk: ρ_i(g) the rank by ascending key bits(|τ_i|), ties by index
+ * (fm_row_thresholds). */
+FM_CLONES static void rank_row(const fm_merge_args *a, const rank_tables *tb, merge_scratch *s,
+                               int64_t r0)
+{
+    const int M = (int)a->rank_M;
+    int loaded = 0;
+    s->r0 = r0;
+    for (int i = 0; i < a->n; i++) {
+        const int64_t *tab = a->rank_keep + (size_t)i * (size_t)M;
+        const double *ctab = tb->cf + (size_t)i * (size_t)M;
+        int64_t *restrict T = s->rT + (size_t)i * (size_t)M;
+        double *restrict cf = s->rcf + (size_t)i * (size_t)M;
+        if (tb->flat[i]) {
+            for (int j = 0; j < M; j++) { T[j] = tab[0]; cf[j] = ctab[0]; }
+            continue;
+        }
+        if (!loaded) {
+            fm_load(s->rowb, a->base, a->base_dt, r0, M);
+            loaded = 1;
+        }
+        load_keys(s->rkey, a->models[i], a->models_dt, r0, M, s->rowb);
+        fm_row_thresholds(s->rkey, (uint32_t)M, tab, ctab, T, cf, &s->sort);
+    }
+}
+
+/* Per-thread scratch of fm_merge in one arena (free ar->mem after use): the block arrays,
+ * and the row arrays of the fused rank stage when M > 0. -1 when out of memory. */
+static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
+{
+    const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
+    const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
+    const size_t m = (size_t)M, hist = 3 * FM_RANK_BINS * sizeof(uint32_t);
+    size_t bytes = rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
+                   rounded(FM_BLOCK * sizeof(int32_t)) +
+                   rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
+                   rounded(drow * (size_t)n) + rounded(rrow);
+    if (M > 0)
+        bytes += rounded(m * (size_t)n * sizeof(int64_t)) + rounded(m * (size_t)n * sizeof(double)) +
+                 rounded(m * sizeof(float)) + rounded(m * sizeof(uint32_t)) +
+                 2 * rounded(m * sizeof(uint64_t)) + rounded(hist);
+    if (arena_init(ar, bytes) != 0) return -1;
+    s->b = arena_take(ar, row);
+    s->x = arena_take(ar, row * (size_t)n);
+    s->gam = arena_take(ar, row);
+    s->gamt = arena_take(ar, row);
+    s->ap = arena_take(ar, FM_BLOCK * sizeof(int32_t));
+    s->g = arena_take(ar, drow);
+    s->gp = arena_take(ar, drow);
+    s->d = arena_take(ar, drow);
+    s->ws = arena_take(ar, drow);
+    s->theta = arena_take(ar, drow);
+    s->km = arena_take(ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
+    s->cf = arena_take(ar, drow * (size_t)n);
+    s->rb = arena_take(ar, rrow);
+    memset(s->b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
+    s->r0 = 0;
+    s->rT = NULL;
+    s->rcf = NULL;
+    s->rowb = NULL;
+    s->rkey = NULL;
+    s->sort.a = s->sort.b = NULL;
+    s->sort.hist = NULL;
+    if (M > 0) {
+        s->rT = arena_take(ar, m * (size_t)n * sizeof(int64_t));
+        s->rcf = arena_take(ar, m * (size_t)n * sizeof(double));
+        s->rowb = arena_take(ar, m * sizeof(float));
+        s->rkey = arena_take(ar, m * sizeof(uint32_t));
+        s->sort.a = arena_take(ar, m * sizeof(uint64_t));
+        s->sort.b = arena_take(ar, m * sizeof(uint64_t));
+        s->sort.hist = arena_take(ar, hist);
+    }
+    return 0;
+}
+
+/* Rows of M entries handed out per work chunk: about FM_MERGE_CHUNK_BLOCKS blocks' worth */
+static int64_t rows_per_chunk(int64_t M)
+{
+    const int64_t per = FM_MERGE_CHUNK_BLOCKS * FM_BLOCK / M;
+    return per > 0 ? per : 1;
 }
 
 int fm_merge(const fm_merge_args *a)
 {
     const int n = a->n;
+    const int64_t M = a->rank_keep ? a->rank_M : 0;   /* > 0: the fused rank stage, by rows */
     int has_slack = 0;
+    rank_tables tb = {NULL, {0}};
 
     memset(a->counts, 0, (size_t)n * FM_NCOUNTERS * sizeof(int64_t));
     if (a->N == 0) return 0;
     for (int i = 0; i < n; i++) has_slack |= a->u[i] == a->u[i];   /* NaN: protects none */
+    if (M > 0 && rank_tables_init(&tb, a) != 0) return -1;
 
-    work w = work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
+    /* work units: blocks of FM_BLOCK, or rows of M with the rank stage */
+    work w = M > 0 ? (work){a->N / M, rows_per_chunk(M), 0}
+                   : work_for(a->N, FM_MERGE_CHUNK_BLOCKS);
     const int nt = fm_pick_threads(a->threads, w.nblk);
     int failed = 0;
     (void)nt;
@@ -897,34 +997,23 @@ int fm_merge(const fm_merge_args *a)
 #endif
     {
         int64_t cnt[FM_MAX_MODELS * FM_NCOUNTERS];
-        const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
+        merge_scratch s;
         arena ar;
         memset(cnt, 0, sizeof cnt);
-        const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
-        if (arena_init(&ar, rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
-                                rounded(FM_BLOCK * sizeof(int32_t)) +
-                                rounded(FM_BLOCK * sizeof(int32_t) * (size_t)n) +
-                                rounded(drow * (size_t)n) + rounded(rrow) * 2) != 0) {
+        if (merge_scratch_init(&s, &ar, n, M) != 0) {
             failed = 1;
         } else {
-            merge_scratch s;
-            s.b = arena_take(&ar, row);
-            s.x = arena_take(&ar, row * (size_t)n);
-            s.gam = arena_take(&ar, row);
-            s.gamt = arena_take(&ar, row);
-            s.ap = arena_take(&ar, FM_BLOCK * sizeof(int32_t));
-            s.g = arena_take(&ar, drow);
-            s.gp = arena_take(&ar, drow);
-            s.d = arena_take(&ar, drow);
-            s.ws = arena_take(&ar, drow);
-            s.theta = arena_take(&ar, drow);
-            s.km = arena_take(&ar, FM_BLOCK * sizeof(int32_t) * (size_t)n);
-            s.cf = arena_take(&ar, drow * (size_t)n);
-            s.rb = arena_take(&ar, rrow);
-            s.rw = arena_take(&ar, rrow);
-            memset(s.b, 0, row);   /* without a base it stays 0 (combine reads it, discards it) */
-            for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
-                merge_range(a, &s, b0, b1, cnt, has_slack);
+            for (int64_t u0, u1; take_chunk(&w, &u0, &u1);) {
+                if (M == 0) {
+                    merge_span(a, &s, u0 * FM_BLOCK, u1 * FM_BLOCK < a->N ? u1 * FM_BLOCK : a->N,
+                               cnt, has_slack);
+                    continue;
+                }
+                for (int64_t r = u0; r < u1; r++) {
+                    rank_row(a, &tb, &s, r * M);
+                    merge_span(a, &s, r * M, (r + 1) * M, cnt, has_slack);
+                }
+            }
             free(ar.mem);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_counts)
@@ -932,6 +1021,7 @@ int fm_merge(const fm_merge_args *a)
             for (int k = 0; k < n * FM_NCOUNTERS; k++) a->counts[k] += cnt[k];
         }
     }
+    free(tb.cf);
     return failed ? -1 : 0;
 }
 

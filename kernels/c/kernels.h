@@ -108,8 +108,14 @@ typedef struct {
     uint32_t key[2];                      /* drop: Philox key (k0, k1) */
     const int64_t *keep;                  /* ranked drop (DELLA, spec 8d): [n][N] per-entry
                                              T_i(g) in [0, 2^32] instead of dthr; NULL: DARE */
-    int keep_rescale;                     /* keep: c_i(g) = (w_i·2^32) / T_i(g) (0 when T = 0),
-                                             else w_i */
+    const int64_t *rank_keep;             /* DELLA with the rank stage fused (spec 8d): [n][M]
+                                             T_i(ρ) per rank ρ of a row, the N entries being
+                                             N / M rows of M; kept_i(g) = r_i(g) < T_i(ρ_i(g))
+                                             with ρ_i(g) g's rank in its row by ascending
+                                             bits(|τ_i|), ties by index. NULL: none */
+    int64_t rank_M;                       /* rank_keep: the row length M >= 1, N % M == 0 */
+    int keep_rescale;                     /* keep / rank_keep: c_i(g) = (w_i·2^32) / T_i(g)
+                                             (0 when T = 0), else w_i */
     int64_t offset;                       /* drop: global index g of entry 0 (chunking) */
     int64_t *counts;                      /* out: [n][FM_NCOUNTERS], overwritten */
     int threads;
@@ -120,8 +126,6 @@ int fm_histogram(const fm_hist_args *a);
 int fm_merge(const fm_merge_args *a);
 int fm_bracket(const fm_bracket_args *a);
 
-/* Philox4x32-10 (Random123's philox4x32_R(10, ctr, key)) of one counter, in place. */
-void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1);
 /* dst[j] = r_model(offset + j), DARE's random words (spec 8a), by the merge's own block
  * generator; for the tests. */
 void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,

@@ -15,6 +15,7 @@
 
 #include "gram.h"
 #include "kernels.h"
+#include "philox.h"
 
 /* ------------------------------------------------------------------------------------ */
 /* buffer bookkeeping: every view taken is released on every exit path                   */
@@ -499,7 +500,7 @@ static int take_drop(PyObject *obj, int n, uint32_t *thr, uint32_t *all)
 PyDoc_STRVAR(merge_doc,
 "merge(base, models, out, n, N, base_dtype, models_dtype, out_dtype, on_base, elect,\n"
 "      normalize, weights, t, u, scale, counts, *, threads=0, drop=None, key=0, offset=0,\n"
-"      vote_weights=None, h=None, keep=None, keep_rescale=False)\n"
+"      vote_weights=None, h=None, keep=None, keep_rescale=False, rank_keep=None, rank_len=0)\n"
 "--\n\n"
 "The fused pass of fastmerge.kernel_api (docs/spec.md 4-7, 9) writing out (the fp64\n"
 "result rounded once, to nearest even) and counts (writable n*7 int64, overwritten,\n"
@@ -518,29 +519,34 @@ PyDoc_STRVAR(merge_doc,
 "kept_i = t_i <= |x_i| < h_i (+inf: no upper bound).\n"
 "keep (DELLA, docs/spec.md 8d): an int64 buffer [n, N] of per-entry T_i(g) in [0, 2**32]\n"
 "in place of drop: kept_i = r_i(offset + j) < T_i(j); keep_rescale: c_i(j) =\n"
-"(w_i * 2**32) / T_i(j) (0 when T = 0), else w_i.");
+"(w_i * 2**32) / T_i(j) (0 when T = 0), else w_i.\n"
+"rank_keep (DELLA with its rank stage fused, docs/spec.md 8d; needs on_base): an int64\n"
+"buffer [n, rank_len] of T_i(rho) per rank rho in [0, 2**32], in place of keep: the N\n"
+"entries are rows of rank_len (N % rank_len == 0, rank_len < 2**31) and T_i(j) =\n"
+"rank_keep[i, rank of j in its row by ascending bits(|tau_i|), ties by index].");
 
 static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "out", "n", "N", "base_dtype", "models_dtype",
                              "out_dtype", "on_base", "elect", "normalize", "weights", "t", "u",
                              "scale", "counts", "threads", "drop", "key", "offset",
-                             "vote_weights", "h", "keep", "keep_rescale", NULL};
+                             "vote_weights", "h", "keep", "keep_rescale", "rank_keep",
+                             "rank_len", NULL};
     PyObject *base_o, *models_o, *out_o, *w_o, *t_o, *u_o, *counts_o;
     PyObject *drop_o = Py_None, *key_o = Py_None, *cw_o = Py_None, *h_o = Py_None;
-    PyObject *keep_o = Py_None;
+    PyObject *keep_o = Py_None, *rank_o = Py_None;
     int n, bdt, mdt, odt, on_base, elect, normalize, threads = 0, keep_rescale = 0;
-    long long N, offset = 0;
+    long long N, offset = 0, rank_len = 0;
     double scale;
     bufset bs = {.count = 0};
     fm_merge_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOOOp", kwlist, &base_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOiLiiipipOOOdO|$iOOLOOOpOL", kwlist, &base_o,
                                      &models_o, &out_o, &n, &N, &bdt, &mdt, &odt, &on_base,
                                      &elect, &normalize, &w_o, &t_o, &u_o, &scale, &counts_o,
                                      &threads, &drop_o, &key_o, &offset, &cw_o, &h_o, &keep_o,
-                                     &keep_rescale))
+                                     &keep_rescale, &rank_o, &rank_len))
         return NULL;
     memset(&a, 0, sizeof a);
     if (check_sizes(n, N) || check_dtype(mdt, "models_dtype") || check_dtype(odt, "out_dtype"))
@@ -550,11 +556,19 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
                      "got %d", elect);
         return NULL;
     }
-    if (keep_o != Py_None && drop_o != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "keep (per-entry thresholds) replaces drop: give one");
+    if ((keep_o != Py_None) + (rank_o != Py_None) + (drop_o != Py_None) > 1) {
+        PyErr_SetString(PyExc_ValueError, "keep (per-entry thresholds), rank_keep (per-rank "
+                        "thresholds) and drop replace one another: give one");
+        return NULL;
+    }
+    if (rank_o != Py_None && (!on_base || rank_len < 1 || rank_len > INT32_MAX ||
+                              N % rank_len != 0)) {
+        PyErr_Format(PyExc_ValueError, "rank_keep needs on_base and rows of rank_len in "
+                     "[1, 2**31) that divide N, got rank_len %lld for N %lld", rank_len, N);
         return NULL;
     }
     if (keep_o != Py_None) drop_o = keep_o;     /* a drop either way (checks below) */
+    if (rank_o != Py_None) drop_o = rank_o;
     if (elect != FM_ELECT_NONE && t_o == Py_None && drop_o == Py_None) {
         PyErr_SetString(PyExc_ValueError, "a sign election needs trim thresholds t (0: keep all) "
                         "or a drop");
@@ -594,7 +608,8 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     if (cw_o == Py_None) memcpy(a.cw, a.w, sizeof a.cw);
     else if (take_doubles(cw_o, "vote_weights", n, a.cw, NULL, 1)) return NULL;
-    if (keep_o == Py_None && drop_o != Py_None && take_drop(drop_o, n, a.dthr, a.dall))
+    if (keep_o == Py_None && rank_o == Py_None && drop_o != Py_None &&
+        take_drop(drop_o, n, a.dthr, a.dall))
         return NULL;
     a.keep_rescale = keep_rescale;
     if (take_key(key_o, a.key)) return NULL;
@@ -630,6 +645,20 @@ static PyObject *py_merge(PyObject *self, PyObject *args, PyObject *kw)
             }
         a.keep = T;
     }
+    if (rank_o != Py_None) {
+        Py_buffer *rv = take_buffer(&bs, rank_o, "rank_keep", (long long)n * rank_len,
+                                    sizeof(int64_t), 0);
+        if (!rv || check_int(rv, "rank_keep", 8)) goto fail;
+        const int64_t *T = rv->buf;
+        for (int64_t k = 0; k < (int64_t)n * rank_len; k++)
+            if (T[k] < 0 || T[k] > ((int64_t)1 << 32)) {
+                PyErr_Format(PyExc_ValueError, "rank_keep[%lld]: must be in [0, 2**32], got %lld",
+                             (long long)k, (long long)T[k]);
+                goto fail;
+            }
+        a.rank_keep = T;
+        a.rank_M = rank_len;
+    }
     Py_buffer *ov = take_buffer(&bs, out_o, "out", N, fm_dtype_size(odt), 1);
     if (!ov) goto fail;
     a.out = ov->buf;
@@ -661,6 +690,26 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
     uint32_t ctr[4] = {c[0], c[1], c[2], c[3]};
     fm_philox4x32_10(ctr, k[0], k[1]);
     return Py_BuildValue("(IIII)", ctr[0], ctr[1], ctr[2], ctr[3]);
+}
+
+PyDoc_STRVAR(use_philox_doc,
+"use_philox(name=None) -> str\n--\n\n"
+"The Philox variant DARE's random words come from: 'avx512', 'avx2' or 'scalar' (the\n"
+"best the CPU has, at import). With a name, switch to it first (ValueError when the CPU\n"
+"lacks it); for tests, which check that every variant gives the same words. Not safe\n"
+"while a merge runs.");
+
+static PyObject *py_use_philox(PyObject *self, PyObject *args)
+{
+    const char *name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    if (name && fm_philox_use(name) != 0) {
+        PyErr_Format(PyExc_ValueError, "Philox variant %.20s: unknown, or not supported by "
+                     "this CPU / build", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(fm_philox_variant());
 }
 
 PyDoc_STRVAR(dare_words_doc,
@@ -933,6 +982,7 @@ static PyMethodDef methods[] = {
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
     {"dare_words", py_dare_words, METH_VARARGS, dare_words_doc},
+    {"use_philox", py_use_philox, METH_VARARGS, use_philox_doc},
     {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
     {"combine", (PyCFunction)(void (*)(void))py_combine, METH_VARARGS | METH_KEYWORDS,
      combine_doc},
@@ -954,6 +1004,7 @@ PyMODINIT_FUNC PyInit__cmerge(void)
 {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
+    fm_philox_init();
     PyObject *bits = Py_BuildValue("(iii)", FM_DIGIT_BITS[0], FM_DIGIT_BITS[1], FM_DIGIT_BITS[2]);
     PyObject *shift = Py_BuildValue("(iii)", FM_SHIFT[0], FM_SHIFT[1], FM_SHIFT[2]);
     const int bad = !bits || !shift || PyModule_AddIntConstant(m, "F32", FM_F32) ||
