@@ -9,10 +9,11 @@ Per method, the work its tensor takes once the inputs are read:
 * ``pass``: what runs over the entries after any selection: the fused merge pass (TIES
   family, DARE, breadcrumbs; thresholds found beforehand; DELLA: with its rank stage,
   which the C pass runs itself, KernelConfig.rank_keep, plus the per-rank table on the
-  host), or, for SLERP / NuSLERP / model stock, the statistics pass + the host
-  coefficients + the combine pass;
-* ``select``: the exact thresholds the trim needs (bracketing pass, as the pipeline does
-  for a tensor in memory), for the methods that trim by magnitude;
+  host), or, for SLERP / NuSLERP / model stock, the combine pass;
+* ``select``: what must run over the entries before it: the exact thresholds the trim
+  needs (bracketing pass, as the pipeline does for a tensor in memory), for the methods
+  that trim by magnitude; the statistics pass and the host coefficients for SLERP /
+  NuSLERP / model stock (one read of the inputs each, as the selection of TIES);
 * ``reads``: how many times the method's passes read the inputs (threshold selection
   included).
 
@@ -70,11 +71,16 @@ def prepare(method: str, base, models, shape):
             vecs, b, on_base = models, base, True
         knobs = TensorKnobs((1.0, 2.0), (1.0,) * n, (0.0,) * n, 1.0, t=0.4)
 
-        def run():
+        coef = {}
+
+        def stats():       # the statistics pass and the host coefficients: "select"
             G = geometry.segment_sums(C.gram(b, vecs, on_base, shape_rows).numpy(), 1)
-            c, _, _ = geometry.coefficients(spec.geometry, G, knobs, n)
-            C.combine(b, vecs, out, torch.from_numpy(c), shape_rows, False, on_base)
-        return (lambda: None), run, 2
+            coef["c"] = torch.from_numpy(geometry.coefficients(spec.geometry, G, knobs, n)[0])
+
+        def run():         # the combine pass: the method's fused pass
+            C.combine(b, vecs, out, coef["c"], shape_rows, False, on_base)
+        stats()
+        return stats, run, 2
     state = {}
     if spec.thresholds:
         targets = (select.Targets.breadcrumbs(DENSITY, GAMMA, base.numel()) if spec.upper
