@@ -337,30 +337,30 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
                 stats = engine.run()
             else:
                 stats = _run_ranks(group, engine, sink, work)
-            report = None
-            if group is None or group.leader:
+            def make_report() -> dict:
                 report = build_report(params, module.NAME, s.base_ckpt, s.model_ckpts, stats,
                                       engine.global_thresholds)
                 if s.aligned is not None:
                     from .embeddings import vocabulary_report
                     report["vocabulary"] = vocabulary_report(s.aligned, s.rows,
                                                              report["models"])
-            if output is None:
-                return MergeResult(None, report, sink.state_dict)
-            if group is None:
-                copy = _config_files(s.source, params.dtype, sink.partial, s.config_doc,
-                                     s.aligned)
-                path = sink.finish(report, copy)
-                return MergeResult(path, report, None, sink.resumed, len(sink.names))
+                return report
 
-            def finish():
-                if not group.leader:
+            def finish() -> dict | None:
+                """Rank 0 (or the one process): report, index and files, then the rename."""
+                if group is not None and not group.leader:
                     return None
+                report = make_report()
                 copy = _config_files(s.source, params.dtype, sink.partial, s.config_doc,
                                      s.aligned)
-                return sink.finish(report, copy)
-            path = group.agree(finish, f"finishing {output}")
-            report = group.broadcast(report)
+                sink.finish(report, copy)
+                return report
+            if output is None:
+                return MergeResult(None, make_report(), sink.state_dict)
+            if group is None:
+                report = finish()
+                return MergeResult(sink.output, report, None, sink.resumed, len(sink.names))
+            report = group.broadcast(group.agree(finish, f"finishing {output}"))
             return MergeResult(output, report, None, sink.resumed, len(sink.names),
                                ranks=engine.work)
         except (OSError, KeyboardInterrupt) as exc:
