@@ -191,6 +191,32 @@ def assert_same(a, b, what):
     assert torch.equal(ca, cb), f"{what}: counters differ\n{ca}\n{cb}"
 
 
+def assert_same_over_threads(base, models, cfg, out_dtype, want) -> None:
+    """The C backend's pass on 1, 2 and 3 threads gives ``want`` bit for bit."""
+    from fastmerge.backends import c_backend as C
+    try:
+        for threads in (1, 2, 3):
+            C.set_num_threads(threads)
+            assert_same(run(C.merge, base, models, cfg, out_dtype), want, f"{threads} threads")
+    finally:
+        C.set_num_threads(0)
+
+
+def merged_three_ways(monkeypatch, base, models, kw) -> dict:
+    """``fastmerge.merge(base, models, **kw)`` on the torch and C backends with tensors
+    held in memory, and on C streamed in chunks of 64 entries: {"torch", "c", "streamed"}."""
+    import fastmerge
+    from fastmerge import pipeline
+    from fastmerge.backends import c_backend, torch_backend
+    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
+        for mod in (torch_backend, c_backend):
+            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
+        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    return got
+
+
 def interrupt_at_shard(monkeypatch, k: int) -> None:
     """Ctrl-C in the merge's main thread when shard ``k`` is about to start: shards
     0..k-1 are complete (as a real KeyboardInterrupt between two tensors)."""

@@ -18,7 +18,7 @@ from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import DROPPED_BY_SIGN, KEPT, PROTECTED, SELECTED, KernelConfig
 from fastmerge.params import make_params
-from tests.checks import assert_same, make_inputs, run
+from tests.checks import merged_three_ways, assert_same, make_inputs, run
 from tests.test_exactness import triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -427,18 +427,11 @@ def test_slack_by_hand(merge):
 def test_slack_merge_api(scope, monkeypatch):
     """fastmerge.merge() with slack: the reference's bytes on torch and C, whole and
     streamed; the report lists t, u and h."""
-    from fastmerge import pipeline
-    from fastmerge.backends import torch_backend
     from fastmerge.testing import PRESETS, state_dicts
     base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
     kw = dict(method="breadcrumbs_ties", density=[0.3, 0.5], gamma=[0.05, 0.01],
               slack=[0.1, 0.02], weights=[1.0, 0.7], scope=scope, progress=False)
-    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
-    with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
-        for mod in (torch_backend, C):
-            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
-        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    got = merged_three_ways(monkeypatch, base, models, kw)
     params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
     names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
     thresholds = None

@@ -31,7 +31,7 @@ from fastmerge import methods, philox
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, KEPT, SELECTED, KernelConfig)
-from tests.checks import compile_for_sm90, assert_same, make_inputs, run
+from tests.checks import assert_same_over_threads, merged_three_ways, compile_for_sm90, assert_same, make_inputs, run
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -328,12 +328,7 @@ def test_chunking_and_threads_c_reference(method):
     big_base, big_models = make_inputs(2, 70_001, F16, seed=8)      # several C work chunks
     cfg2 = cfg_for(method, 2, offset=3)
     want = run(R.merge, big_base, big_models, cfg2, F16)
-    try:
-        for threads in (1, 2, 3):
-            C.set_num_threads(threads)
-            assert_same(run(C.merge, big_base, big_models, cfg2, F16), want, f"{threads} threads")
-    finally:
-        C.set_num_threads(0)
+    assert_same_over_threads(big_base, big_models, cfg2, F16, want)
 
 
 @TRITON
@@ -587,8 +582,8 @@ def test_yaml_dare_with_rescale_and_cli_seed(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--random-seed", "7",
                      "--no-progress"]) == 0
-    api = fastmerge.merge(fam["base"], fam["models"], method="dare_ties", density=0.4,
-                          rescale=False, seed=7, output=tmp_path / "api", progress=False)
+    fastmerge.merge(fam["base"], fam["models"], method="dare_ties", density=0.4,
+                    rescale=False, seed=7, output=tmp_path / "api", progress=False)
     for f in sorted((tmp_path / "api").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes(), f.name
     with pytest.raises(fastmerge.ParameterError, match="rescale is only used by the DARE"):
@@ -704,12 +699,7 @@ def test_slack_chunking_and_threads_c():
     big_base, big_models = make_inputs(2, 70_001, F16, seed=18)
     cfg2 = slack_cfg(big_base, big_models, 2, offset=3)
     want = run(R.merge, big_base, big_models, cfg2, F16)
-    try:
-        for threads in (1, 2, 3):
-            C.set_num_threads(threads)
-            assert_same(run(C.merge, big_base, big_models, cfg2, F16), want, f"{threads} threads")
-    finally:
-        C.set_num_threads(0)
+    assert_same_over_threads(big_base, big_models, cfg2, F16, want)
 
 
 @pytest.mark.parametrize("merge", ALL_MERGES)
@@ -762,19 +752,12 @@ def test_slack_params_and_yaml(tmp_path):
 def test_slack_merge_api(scope, monkeypatch):
     """fastmerge.merge() with slack on the torch and C backends, whole and streamed in
     chunks: the reference's bytes, u_i in the report, the protected counters."""
-    from fastmerge import pipeline
-    from fastmerge.backends import torch_backend
     from fastmerge.params import make_params
     from fastmerge.testing import PRESETS, state_dicts
     base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
     kw = dict(method="dare_ties", density=[0.5, 0.3], slack=[0.1, 0.02], weights=[1.0, -0.7],
               seed=3, scope=scope, progress=False)
-    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
-    with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
-        for mod in (torch_backend, C):
-            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
-        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    got = merged_three_ways(monkeypatch, base, models, kw)
     params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
     names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
     thresholds = None

@@ -24,7 +24,7 @@ from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
                                   PROTECTED, SELECTED, TIES_IMPORTANT_DROPPED)
 from fastmerge.params import make_params
-from tests.checks import assert_same, interrupt_at_shard, make_inputs, run
+from tests.checks import assert_same_over_threads, merged_three_ways, assert_same, interrupt_at_shard, make_inputs, run
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -308,12 +308,7 @@ def test_chunking_and_threads_c_reference(method):
     big_base, big_models = make_inputs(2, 70_000, F16, seed=8)      # several C work chunks
     cfg2 = cfg_for(method, big_base, big_models, 2, (70, 1000), offset=3)
     want = run(R.merge, big_base, big_models, cfg2, F16)
-    try:
-        for threads in (1, 2, 3):
-            C.set_num_threads(threads)
-            assert_same(run(C.merge, big_base, big_models, cfg2, F16), want, f"{threads} threads")
-    finally:
-        C.set_num_threads(0)
+    assert_same_over_threads(big_base, big_models, cfg2, F16, want)
 
 
 @TRITON
@@ -440,12 +435,7 @@ def test_c_fused_rank_stage_chunks_and_threads(method):
                               piece, per_rank.at(start))
             out[start:start + step] = piece
         assert_same((out, counts), want, f"chunks of {rows} rows")
-    try:
-        for threads in (1, 2, 3):
-            C.set_num_threads(threads)
-            assert_same(run(C.merge, base, models, per_rank, BF16), want, f"{threads} threads")
-    finally:
-        C.set_num_threads(0)
+    assert_same_over_threads(base, models, per_rank, BF16, want)
 
 
 def test_pipeline_ranks_in_the_c_pass(monkeypatch):
@@ -540,20 +530,13 @@ def _bits(sd):
 
 @pytest.mark.parametrize("method", DELLA)
 def test_merge_api_whole_streamed_and_reference(method, monkeypatch):
-    from fastmerge import pipeline
-    from fastmerge.backends import torch_backend
     from fastmerge.testing import PRESETS, state_dicts
     base, models = state_dicts(config=PRESETS["tiny"], n_models=2)
     kw = dict(method=method, density=[0.5, 0.3], epsilon=[0.2, 0.1], weights=[1.0, -0.7],
               seed=3, progress=False)
     if method == "della":
         kw["slack"] = [0.05, 0.1]
-    got = {be: fastmerge.merge(base, models, backend=be, **kw) for be in ("torch", "c")}
-    with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "DEFAULT_RESIDENT_BYTES", 0)
-        for mod in (torch_backend, C):
-            mp.setattr(mod, "CHUNK_ELEMS", 64, raising=False)
-        got["streamed"] = fastmerge.merge(base, models, backend="c", **kw)
+    got = merged_three_ways(monkeypatch, base, models, kw)
     params = make_params(n_models=2, **{k: v for k, v in kw.items() if k != "progress"})
     names = [n for n, b in base.items() if b.is_floating_point() and b.dim() > 0]
     total = torch.zeros(2, len(COUNTERS), dtype=torch.int64)
