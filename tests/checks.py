@@ -6,6 +6,8 @@ once), with no other allowance — also where θ_b + λ·m cancels to (near) zer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
@@ -189,6 +191,37 @@ def assert_same(a, b, what):
     assert torch.equal(oa.view(-1).view(torch.uint8), ob.view(-1).view(torch.uint8)), \
         f"{what}: outputs differ in {int((oa.double() != ob.double()).sum())} entries"
     assert torch.equal(ca, cb), f"{what}: counters differ\n{ca}\n{cb}"
+
+
+def chunked(merge, base, models, cfg, out_dtype, step):
+    """(out, counters) of [0, N) merged in chunks of ``step`` entries, each with its offset
+    in the tensor (and its slice of DELLA's per-entry thresholds ``cfg.keep``)."""
+    import dataclasses
+
+    from fastmerge.kernel_api import COUNTERS
+    N = models.shape[1]
+    out = torch.full((N,), 7.0, dtype=out_dtype)
+    counts = torch.zeros(models.shape[0], len(COUNTERS), dtype=torch.int64)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        piece = torch.empty(stop - start, dtype=out_dtype)
+        c = cfg.at(cfg.offset + start)
+        if cfg.keep is not None:
+            c = dataclasses.replace(c, keep=cfg.keep[:, start:stop].contiguous())
+        counts += merge(base[start:stop].contiguous(), models[:, start:stop].contiguous(),
+                        piece, c).cpu()
+        out[start:stop] = piece
+    return out, counts
+
+
+def state_dict_of(x: torch.Tensor, shapes: dict) -> dict:
+    """The flat ``x`` cut into tensors of ``shapes`` (name -> shape), in order."""
+    out, pos = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = x[pos:pos + n].reshape(shape).clone()
+        pos += n
+    return out
 
 
 def assert_same_over_threads(base, models, cfg, out_dtype, want) -> None:

@@ -31,7 +31,7 @@ from fastmerge import methods, philox
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, KEPT, SELECTED, KernelConfig)
-from tests.checks import assert_same_over_threads, merged_three_ways, compile_for_sm90, assert_same, make_inputs, run
+from tests.checks import chunked, assert_same_over_threads, merged_three_ways, compile_for_sm90, assert_same, make_inputs, run
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -302,18 +302,6 @@ def test_rescale_and_normalize_matter():
 # ---------------------------------------------------------------------------------------
 # 5. chunking, threads, block sizes
 
-def chunked(merge, base, models, cfg, out_dtype, step):
-    """Merge [0, N) in chunks of ``step`` entries, each with its global offset."""
-    N = models.shape[1]
-    out = torch.full((N,), 7.0, dtype=out_dtype)
-    counts = torch.zeros(models.shape[0], len(COUNTERS), dtype=torch.int64)
-    for start in range(0, N, step):
-        stop = min(N, start + step)
-        piece = torch.empty(stop - start, dtype=out_dtype)
-        counts += merge(base[start:stop].contiguous(), models[:, start:stop].contiguous(), piece,
-                        cfg.at(cfg.offset + start)).cpu()
-        out[start:stop] = piece
-    return out, counts
 
 
 @pytest.mark.parametrize("method", DARE)

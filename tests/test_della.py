@@ -24,7 +24,7 @@ from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
                                   PROTECTED, SELECTED, TIES_IMPORTANT_DROPPED)
 from fastmerge.params import make_params
-from tests.checks import assert_same_over_threads, merged_three_ways, assert_same, interrupt_at_shard, make_inputs, run
+from tests.checks import state_dict_of, chunked, assert_same_over_threads, merged_three_ways, assert_same, interrupt_at_shard, make_inputs, run
 from tests.test_exactness import _triton_module, triton_merge
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -280,20 +280,6 @@ def test_epsilon_zero_is_dare():
 # ---------------------------------------------------------------------------------------
 # 4. chunkings, threads, blocks
 
-def chunked(merge, base, models, cfg, out_dtype, step):
-    """Merge [0, N) in chunks of ``step`` entries, each with its offset and keep slice."""
-    N = models.shape[1]
-    out = torch.full((N,), 7.0, dtype=out_dtype)
-    counts = torch.zeros(models.shape[0], len(COUNTERS), dtype=torch.int64)
-    for start in range(0, N, step):
-        stop = min(N, start + step)
-        piece = torch.empty(stop - start, dtype=out_dtype)
-        c = dataclasses.replace(cfg, offset=cfg.offset + start,
-                                keep=cfg.keep[:, start:stop].contiguous())
-        counts += merge(base[start:stop].contiguous(), models[:, start:stop].contiguous(),
-                        piece, c).cpu()
-        out[start:stop] = piece
-    return out, counts
 
 
 @pytest.mark.parametrize("method", DELLA)
@@ -448,11 +434,7 @@ def test_pipeline_ranks_in_the_c_pass(monkeypatch):
     base, models = make_inputs(2, total, F16, seed=5)
 
     def sd(x):
-        out, pos = {}, 0
-        for name, shape in shapes.items():
-            out[name] = x[pos:pos + math.prod(shape)].reshape(shape).clone()
-            pos += math.prod(shape)
-        return out
+        return state_dict_of(x, shapes)
     ranked = []
     real = della.keep_thresholds
 
@@ -621,11 +603,7 @@ def test_merge_on_every_backend(backend, kw):
     base, models = make_inputs(2, total, BF16, seed=12)
 
     def sd(x):
-        out, pos = {}, 0
-        for name, shape in SMALL.items():
-            out[name] = x[pos:pos + math.prod(shape)].reshape(shape).clone()
-            pos += math.prod(shape)
-        return out
+        return state_dict_of(x, SMALL)
     args = (sd(base), [sd(m) for m in models])
     kw = dict(kw, weights=[1.0, -0.6], seed=7, progress=False)
     want = fastmerge.merge(*args, backend="torch", **kw)
