@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import methods, philox, select
+from . import della, methods, philox, select
 from .errors import InputError
 from .kernel_api import COUNTERS, NONFINITE
 from .plan import kernel_dtype
@@ -178,7 +178,11 @@ class _Gatherer:
         self.engine, self.task, self.rows = engine, task, task.rows
         self.inputs = engine.inputs.all
         self.pool = engine.reader.pool
-        self.max_rows = max(1, engine.chunk_elems // max(1, self.rows.width))
+        from .pipeline import RANK_CHUNK_ELEMS
+        budget = engine.chunk_elems
+        if engine.params.spec.ranked and not engine.backend.CAPABILITIES.ranks:
+            budget = min(budget, RANK_CHUNK_ELEMS)    # DELLA's torch rank stage (pipeline)
+        self.max_rows = max(1, budget // max(1, self.rows.width))
 
     def chunks(self, mask: int):
         """(first, stop) chunks of the runs of ``mask``, in output order."""
@@ -296,17 +300,6 @@ class _GeometryGroup:
             engine._raise_nonfinite_vectors(task, full, self.geo.slerp, self.geo.on_base)
 
 
-def _ranked_config(p, tk, group, base, models, rows: int, width: int):
-    """DELLA's kernel config for a chunk of ``rows`` whole rows of a group: its per-entry
-    keep thresholds from the ranks within each row (della.keep_thresholds), the group's
-    models' knobs and slack threshold."""
-    from . import della
-    weights, epsilon, found, drop = group
-    keep = della.keep_thresholds(base, models, (rows, width), drop["density"], epsilon)
-    return p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect, None, found.get("u"),
-                                keep=keep, rescale=drop["rescale"], key=drop["key"])
-
-
 def merge_rows(engine, task) -> None:
     """Merge the vocabulary tensor ``task`` row by row (module docstring) into the sink."""
     from .pipeline import TensorStats
@@ -315,7 +308,7 @@ def merge_rows(engine, task) -> None:
     w = r.width
     masks = list(dict.fromkeys(m for _, _, m in r.runs))
     linear = methods.get("linear")
-    cfgs, thr, ranked, geo = {}, {}, {}, {}
+    cfgs, thr, geo = {}, {}, {}
     held = None     # (mask, {run start: group offset}, device pair, host pair)
     own = set()     # masks merged by the method (the others: a mean or a copy)
     for mask in masks:
@@ -356,8 +349,12 @@ def merge_rows(engine, task) -> None:
             if p.spec.drop:
                 drop = dict(density=[tk.density[i] for i in members], rescale=p.rescale,
                             key=philox.tensor_key(p.seed, task.name))
-            if p.spec.ranked:       # DELLA: the rank stage per chunk of whole rows (§8d)
-                ranked[mask] = (weights, [tk.epsilon[i] for i in members], found, drop)
+            if p.spec.ranked:       # DELLA: ranks within each row of `width` (§8d)
+                table = della.rank_table(w, drop.pop("density"),
+                                         [tk.epsilon[i] for i in members])
+                cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect,
+                                                  None, found.get("u"), rank_keep=table,
+                                                  **drop)
             else:
                 cfgs[mask] = p.spec.kernel_config(weights, tk.scale, p.normalize, p.elect,
                                                   found.get("t"), found.get("u"),
@@ -392,8 +389,6 @@ def merge_rows(engine, task) -> None:
                 (base, models), host = g.read(mask, first, stop)
             out = engine._out(task, (stop - first) * w)
             cfg = cfgs.get(mask)
-            if mask in ranked:
-                cfg = _ranked_config(p, tk, ranked[mask], base, models, stop - first, w)
             if mask in geo:
                 geo[mask].combine(engine, task, base, models, out, a, first, stop)
             elif cfg is not None:
