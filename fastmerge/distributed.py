@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import FastmergeError, OutputError, ParameterError
+from .errors import OutputError, ParameterError
 
 # A rank that finishes early waits for the others at the end of the merge: the group's
 # timeout must outlast the imbalance (one shard at most) and any slow file system.
@@ -99,16 +99,14 @@ class Group:
         result, error = None, None
         try:
             result = fn()
-        except FastmergeError as exc:
+        except Exception as exc:       # any failure: told to the others, who must not hang
             error = exc
-        except Exception as exc:       # an unexpected failure must not hang the others
-            error = exc
-        told = self.gather(None if error is None else (type(error).__name__, str(error)))
+        told = self.gather(None if error is None else str(error))
         if error is not None:
             raise error
         failed = [(r, m) for r, m in enumerate(told) if m is not None]
         if failed:
-            r, (kind, message) = failed[0]
+            r, message = failed[0]
             raise RankFailed(f"{what} failed on {self.label(r)}: {message}")
         return result
 
@@ -209,7 +207,7 @@ def rank_device(device, group: Group | None):
 
 @dataclass
 class Work:
-    """What one rank did: shards and bytes written, input bytes read, seconds."""
+    """What one rank did: shards and bytes written, seconds from its start of work."""
 
     rank: int
     host: str

@@ -206,8 +206,8 @@ class CheckpointWriter:
         self.recorded: dict[str, dict] = {}  # tensor name -> report entry, completed shards
         self.resumed = 0  # shards kept from an interrupted run (resume=True)
         self.group = group
-        self.leader = group is None or group.leader
-        self.journal = PROGRESS_NAME if self.leader else f"progress.{group.rank}.json"
+        self.journal = PROGRESS_NAME if group is None or group.leader else \
+            f"progress.{group.rank}.json"
         self.owned: set[int] | None = None   # shard indices this rank writes (None: all)
         self._writer: SafetensorsWriter | None = None
         self._current = -1
