@@ -23,6 +23,8 @@ ratio of each method's ``pass`` to TIES's are reported, as JSON and a Markdown t
 ``--other PATH``: another build of ``fastmerge._cmerge`` (e.g. the commit before a kernel
 change, built in a worktree); every method it can run (not DELLA's rank_keep, new here)
 is then also timed on it, as ``method@other``, in the same alternation (an A/B in one run).
+``--methods ...,nuslerp_columns@reference``: that method with the reference's statistics
+pass (fastmerge.geometry.gram, torch) in place of the C one.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from fastmerge.backends import c_backend as C  # noqa: E402
 from fastmerge.params import TensorKnobs  # noqa: E402
 
 METHODS = ["ties", "ties_sv", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
-           "breadcrumbs_ties", "slerp", "nuslerp", "model_stock"]
+           "breadcrumbs_ties", "slerp", "nuslerp", "nuslerp_columns", "model_stock"]
 DENSITY, SLACK, GAMMA = (0.2, 0.2), (0.0, 0.05), (0.01, 0.01)
 
 
@@ -58,13 +60,16 @@ def inputs(shape, seed=0):
     return base, models
 
 
-def prepare(method: str, base, models, shape):
-    """(select() -> None, run() -> None, reads) for one method on these inputs."""
-    spec = methods.get(method)
+def prepare(method: str, base, models, shape, gram=C.gram):
+    """(select() -> None, run() -> None, reads) for one method on these inputs
+    ("nuslerp_columns": NuSLERP with nuslerp_row_wise, one vector per column; ``gram``:
+    the statistics pass to time, fastmerge.geometry.gram for "METHOD@reference")."""
+    columns = method == "nuslerp_columns"
+    spec = methods.get("nuslerp" if columns else method)
     out = torch.empty_like(base)
     n = models.shape[0]
     if spec.geometry:
-        shape_rows = base.numel()                      # whole tensor: one vector
+        shape_rows = shape[1] if columns else base.numel()   # else the whole tensor: one vector
         if spec.geometry == "slerp":
             vecs, b, on_base = torch.stack([base, models[0]]), None, False
         else:
@@ -74,11 +79,14 @@ def prepare(method: str, base, models, shape):
         coef = {}
 
         def stats():       # the statistics pass and the host coefficients: "select"
-            G = geometry.segment_sums(C.gram(b, vecs, on_base, shape_rows).numpy(), 1)
+            if columns:
+                G = geometry.column_sums(gram(b, vecs, on_base, shape_rows, True).numpy())
+            else:
+                G = geometry.segment_sums(gram(b, vecs, on_base, shape_rows).numpy(), 1)
             coef["c"] = torch.from_numpy(geometry.coefficients(spec.geometry, G, knobs, n)[0])
 
         def run():         # the combine pass: the method's fused pass
-            C.combine(b, vecs, out, coef["c"], shape_rows, False, on_base)
+            C.combine(b, vecs, out, coef["c"], shape_rows, columns, on_base)
         stats()
         return stats, run, 2
     state = {}
@@ -141,14 +149,15 @@ def main(argv=None) -> int:
     names = args.methods.split(",")
     other = load_ext(args.other) if args.other else None
     if other is not None:
-        names += [f"{m}@other" for m in names if not methods.get(m).ranked]
+        names += [f"{m}@other" for m in names if not methods.get(m.split("_columns")[0]).ranked]
     rows = []
     for shape_s in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_s.split("x"))
         base, models = inputs(shape)
         prepared = {}
         for m in names:
-            sel, run, reads = prepare(m.split("@")[0], base, models, shape)
+            sel, run, reads = prepare(m.split("@")[0], base, models, shape,
+                                      geometry.gram if m.endswith("@reference") else C.gram)
             if m.endswith("@other"):
                 sel, run = on_build(other, sel), on_build(other, run)
             prepared[m] = (sel, run, reads)

@@ -115,35 +115,49 @@ def tree_sum(p: torch.Tensor) -> torch.Tensor:
     return p[..., 0]
 
 
-def gram(base: torch.Tensor | None, models, on_base: bool, seg: int) -> torch.Tensor:
+def gram(base: torch.Tensor | None, models, on_base: bool, seg: int,
+         columns: bool = False) -> torch.Tensor:
     """The statistics pass (kernel_api's contract), by definition: fp64 [Q, K].
 
     v_k = τ_k (``on_base``) or f32(θ_k). The chunk's N entries are pieces of ``seg``
     entries (the last may be shorter), each cut into GRAM_BLOCK blocks from its start;
     row q holds, for block q and every pair (k, l) of ``pairs(n)``, the pairwise-tree sum
-    of the exact fp64 products v_k·v_l over the block (padded with +0.0)."""
-    m = model_matrix(models)
-    x = (task_vectors(base, m) if on_base else m.float()).double()
-    xb = _blocked(x, seg)
-    if xb.shape[1] == 0:
-        return torch.zeros(0, len(pairs(m.shape[0])), dtype=torch.float64)
-    return torch.stack([tree_sum(xb[k] * xb[l]) for k, l in pairs(m.shape[0])], 1).cpu()
+    of the exact fp64 products v_k·v_l over the block (padded with +0.0).
 
-
-def gram_columns(base: torch.Tensor | None, models, on_base: bool, cols: int) -> torch.Tensor:
-    """The statistics pass for column vectors: fp64 [Q, cols, K]. The chunk holds whole
-    rows of ``cols`` entries; its rows are cut into blocks of GRAM_BLOCK rows, and block q
-    of column c sums v_k·v_l down the block by the pairwise tree (no backend fuses this:
-    the pipeline runs it here, on the chunk, for every backend)."""
+    ``columns``: the chunk is N / seg whole rows of ``seg`` entries; its rows are cut into
+    blocks of GRAM_BLOCK rows from the first, and [q, c] (fp64 [Q, seg, K]) holds the same
+    tree sum down block q of column c."""
     m = model_matrix(models)
     x = (task_vectors(base, m) if on_base else m.float()).double()
     n, N = x.shape
+    if columns:
+        rows = N // seg
+        if rows == 0:
+            return torch.zeros(0, seg, len(pairs(n)), dtype=torch.float64)
+        x = x.reshape(n, rows, seg).transpose(1, 2)               # [n, cols, rows]
+        x = torch.nn.functional.pad(x, (0, blocks_per(rows) * GRAM_BLOCK - rows))
+        x = x.reshape(n, seg, -1, GRAM_BLOCK)                     # [n, cols, Q, B]
+        return torch.stack([tree_sum(x[k] * x[l]) for k, l in pairs(n)], -1).transpose(0, 1).cpu()
+    xb = _blocked(x, seg)
+    if xb.shape[1] == 0:
+        return torch.zeros(0, len(pairs(n)), dtype=torch.float64)
+    return torch.stack([tree_sum(xb[k] * xb[l]) for k, l in pairs(n)], 1).cpu()
+
+
+def columns_as_pieces(gram_pieces, base, models, on_base: bool, cols: int) -> torch.Tensor:
+    """The ``columns`` statistics from a backend's piece statistics: the chunk transposed
+    (a copy, on its device) so that each column is one piece of ``rows`` entries; its
+    blocks are the column blocks, so the sums are the same values. [cols·Q, K] →
+    [Q, cols, K]."""
+    m = model_matrix(models)
+    n, N = m.shape
     rows = N // cols
-    B = GRAM_BLOCK
-    x = x.reshape(n, rows, cols).transpose(1, 2)                  # [n, cols, rows]
-    x = torch.nn.functional.pad(x, (0, blocks_per(rows) * B - rows)) if rows else x
-    x = x.reshape(n, cols, -1, B)                                 # [n, cols, Q, B]
-    return torch.stack([tree_sum(x[k] * x[l]) for k, l in pairs(n)], -1).transpose(0, 1).cpu()
+    if rows == 0:
+        return torch.zeros(0, cols, len(pairs(n)), dtype=torch.float64, device=m.device)
+    mt = m.reshape(n, rows, cols).transpose(1, 2).contiguous().reshape(n, N)
+    bt = base.reshape(rows, cols).t().contiguous().reshape(N) if on_base else None
+    g = gram_pieces(bt, mt, on_base, max(rows, 1))
+    return g.reshape(cols, blocks_per(rows), -1).transpose(0, 1)
 
 
 def segment_sums(partials: np.ndarray, nseg: int) -> np.ndarray:
@@ -250,7 +264,7 @@ def model_stock_coefficients(G: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
 
 
 def column_sums(partials: np.ndarray) -> np.ndarray:
-    """G per column, [C, K], from ``gram_columns``' block sums [Q, C, K] (Q blocks of rows,
+    """G per column, [C, K], from the ``columns`` block sums [Q, C, K] (Q blocks of rows,
     in order), added block by block from +0.0."""
     q, c, k = partials.shape
     p = np.concatenate([np.zeros((1, c, k)), partials], axis=0)

@@ -26,13 +26,16 @@ A backend provides two functions over flat, contiguous 1-D data (and may add a t
     entries are entries ``cfg.offset .. cfg.offset + N − 1`` of the tensor: the drop
     depends on that global index only, so any chunking gives the same result.
 
-``gram(base, models, on_base, seg) -> fp64 [Q, K]`` (docs/spec.md §8c)
+``gram(base, models, on_base, seg, columns=False) -> fp64 [Q, K]`` (docs/spec.md §8c)
     The statistics pass of SLERP / NuSLERP / model stock. v_k = τ_k (``on_base``) or
     f32(θ_k). The N entries are pieces of ``seg`` entries (the last may be shorter), each
     cut into GRAM_BLOCK blocks from its start (Q blocks in all); row q holds, for block q
     and each pair k ≤ l in the order (0,0), (0,1), .., (0,n−1), (1,1), .. (K = n(n+1)/2),
     the sum of the exact fp64 products v_k·v_l over the block by a pairwise tree (the
     block padded with +0.0 to GRAM_BLOCK entries; level by level, p[2m] + p[2m+1]).
+    ``columns`` (NuSLERP's column vectors): the N entries are N / seg whole rows of ``seg``
+    entries, the rows cut into blocks of GRAM_BLOCK rows; fp64 [Q, seg, K], [q, c] the
+    same tree sum down block q of column c.
 
 ``combine(base, models, out, coef, seg, columns, on_base) -> int64 [n]``
     The elementwise pass of those methods: θ_j = [f32(θ_b) +] Σ_k coef[s, k]·v_k[j] in

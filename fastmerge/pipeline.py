@@ -537,7 +537,8 @@ class Geometry:
         for count, b, m in chunks:
             b, m = self._inputs(b, m)
             if self.columns:
-                parts.append(geometry.gram_columns(b, m, self.on_base, self.seg).numpy())
+                parts.append(self.backend.gram(b, m, self.on_base, self.seg,
+                                               columns=True).cpu().numpy())
             else:
                 parts.append(self.backend.gram(b, m, self.on_base,
                                                min(self.seg, count)).cpu().numpy())

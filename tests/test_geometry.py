@@ -35,7 +35,9 @@ def _triton():
     return triton_gram
 
 
-def triton_gram(base, models, on_base, seg):
+def triton_gram(base, models, on_base, seg, columns=False):
+    if columns:      # the Triton backend's route: its pieces kernel on a transposed copy
+        return G.columns_as_pieces(_triton().gram, base, models, on_base, seg)
     return _triton().gram(base, models, on_base, seg)
 
 
@@ -85,6 +87,16 @@ def test_reference_gram_is_the_spec_tree(N, seg):
     assert np.array_equal(got, gram_by_loop(x, seg))
 
 
+@pytest.mark.parametrize("rows,cols", [(1030, 3), (7, 5), (2048, 1)])
+def test_reference_column_gram_is_the_spec_tree(rows, cols):
+    """Columns: block q of column c is the pieces tree over rows q·1024 … of that column."""
+    base, models = make_inputs(2, rows * cols, F32, seed=rows + cols)
+    x = (models.float() - base.float()).numpy().reshape(2, rows, cols)
+    got = G.gram(base, models, True, cols, columns=True).numpy()
+    for c in range(cols):
+        assert np.array_equal(got[:, c], gram_by_loop(np.ascontiguousarray(x[:, :, c]), rows))
+
+
 def test_tree_differs_from_a_sequential_sum():
     """The order is part of the definition: on data where it matters, a sequential fp64
     sum gives another value (so the tests above can tell the tree from other orders)."""
@@ -111,6 +123,7 @@ def test_segment_sums_add_blocks_in_order():
 CASES = [  # (n, N, seg, on_base)
     (2, 5000, 5000, False), (3, 3 * 1500 + 11, 1500, True), (2, 7, 3, True),
     (1, 2049, 2049, True), (4, 3 * 1030, 1030, False), (2, 2 * 1024, 1024, True),
+    (2, 700, 1030, True),     # fewer entries than one segment (columns: 700 of 1030)
 ]
 
 
@@ -133,6 +146,39 @@ def test_gram_zeros_grid_and_many_models(gram):
         b = base if on_base else None
         assert torch.equal(gram(b, models, on_base, 700).cpu(), G.gram(b, models, on_base, 700))
     assert not G.gram(base, models, True, 2100)[:, G.pairs(8).index((3, 3))].any()
+
+
+COLUMN_CASES = [  # (n, rows, cols, on_base): rows past one block, tiles of odd widths
+    (2, 2500, 37, True), (3, 1024, 129, False), (1, 3000, 8, True), (2, 5, 7, True),
+    (4, 1100, 30, False), (2, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("gram", GRAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
+@pytest.mark.parametrize("n,rows,cols,on_base", COLUMN_CASES)
+def test_column_gram_bit_identical(gram, dtype, n, rows, cols, on_base):
+    base, models = make_inputs(n, rows * cols, dtype, seed=rows * cols + n)
+    models[0, ::5] = base[::5]                          # exact zeros of τ
+    models[-1, 1::7] = -0.0                             # signed zeros of θ
+    b = base if on_base else None
+    want = G.gram(b, models, on_base, cols, columns=True)
+    got = gram(b, models, on_base, cols, columns=True).cpu()
+    assert got.shape == (G.blocks_per(rows), cols, n * (n + 1) // 2)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_c_column_gram_many_models_and_threads():
+    base, models = make_inputs(12, 1500 * 40, BF16, seed=9, kind="grid")   # 78 pairs: 24-wide tiles
+    want = G.gram(base, models, True, 40, columns=True)
+    for threads in (1, 2, 3):
+        C.set_num_threads(threads)
+        try:
+            assert torch.equal(C.gram(base, models, True, 40, columns=True), want)
+        finally:
+            C.set_num_threads(0)
+    with pytest.raises(ValueError, match="divide"):
+        C.gram(base, models, True, 41, columns=True)
 
 
 def test_c_gram_any_thread_count():

@@ -164,15 +164,21 @@ def merge(base: torch.Tensor | None, models, out: torch.Tensor, cfg: KernelConfi
     return counts
 
 
-def gram(base: torch.Tensor | None, models, on_base: bool, seg: int) -> torch.Tensor:
-    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K]."""
-    from ..geometry import gram_blocks, pairs
+def gram(base: torch.Tensor | None, models, on_base: bool, seg: int,
+         columns: bool = False) -> torch.Tensor:
+    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K], or
+    [Q, seg, K] for ``columns`` (gram.c walks each tile of columns down the rows)."""
+    from ..geometry import blocks_per, gram_blocks, pairs
     mbuf, n, N, mcode = _models(models)
     if on_base and (base is None or base.numel() != N):
         raise ValueError(f"base: needs {N} entries (on_base)")
-    out = torch.empty(gram_blocks(N, seg), len(pairs(n)), dtype=torch.float64)
+    if seg < 1 or (columns and N % seg):
+        raise ValueError(f"seg must be >= 1{' and divide N' if columns else ''}, got {seg} (N = {N})")
+    shape = (blocks_per(N // seg), seg) if columns else (gram_blocks(N, seg),)
+    out = torch.empty(*shape, len(pairs(n)), dtype=torch.float64)
     bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if on_base else (None, 0)
-    _module().gram(bbuf, mbuf, n, N, bcode, mcode, bool(on_base), int(seg), out.numpy())
+    _module().gram(bbuf, mbuf, n, N, bcode, mcode, bool(on_base), int(seg), out.numpy(),
+                   columns=bool(columns))
     return out
 
 

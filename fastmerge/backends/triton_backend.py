@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import della
+from .. import della, geometry
 from ..kernel_api import Capabilities
 from ..reference import model_matrix
 from . import triton_interpreted
@@ -53,9 +53,12 @@ def merge(base, models: torch.Tensor, out: torch.Tensor, cfg) -> torch.Tensor:
     return _kernels().merge(base, models, out, della.expand(cfg, base, models))
 
 
-def gram(base, models, on_base: bool, seg: int) -> torch.Tensor:
-    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K]."""
+def gram(base, models, on_base: bool, seg: int, columns: bool = False) -> torch.Tensor:
+    """The statistics pass of kernel_api's contract (docs/spec.md §8c): fp64 [Q, K]
+    ([Q, seg, K] for ``columns``: the pieces kernel on a transposed copy of the chunk)."""
     from ..kernels import triton_gram  # noqa: PLC0415
+    if columns:
+        return geometry.columns_as_pieces(triton_gram.gram, base, models, on_base, seg)
     return triton_gram.gram(base, model_matrix(models), on_base, seg)
 
 

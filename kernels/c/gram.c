@@ -9,6 +9,15 @@
  * product is exact (fp32 × fp32 fits fp64) and the tree is fixed, so each block's sum is
  * one fp64 value whatever the thread count; the host adds blocks in order.
  *
+ * Column statistics (`columns`): the chunk is N / seg rows of seg columns, its rows cut
+ * into blocks of FM_GRAM_BLOCK rows from the first (zero rows past the last), and
+ *     out[q][c][kl] = the same pairwise tree down block q of column c.
+ * A thread takes a tile of ct columns of one block and walks it row pair by row pair:
+ * the level-1 values p[m] (the two products of rows 2m, 2m + 1 added) climb a binary
+ * counter, stack[h] holding the left operand still waiting at level h + 1, so each
+ * addition is the tree's own, left + right, and the tile needs 10 levels of partials
+ * instead of the whole block.
+ *
  * Combine pass: θ_j = [f32(θ_b) +] Σ_k c[s(j)][k] · v_k[j], fp64 from +0.0 in model
  * order, rounded once (RNE) to the output dtype; s(j) = j / seg, or j mod seg for column
  * segments. No FMA contraction (-ffp-contract=off), as in kernels.c.
@@ -32,6 +41,12 @@ static int64_t blocks_of(int64_t len) { return (len + GB - 1) / GB; }
 int64_t fm_gram_blocks(int64_t N, int64_t seg)
 {
     return (N / seg) * blocks_of(seg) + blocks_of(N % seg);
+}
+
+int64_t fm_gram_items(int64_t N, int64_t seg, int columns, int n)
+{
+    const int64_t K = (int64_t)n * (n + 1) / 2;
+    return columns ? blocks_of(N / seg) * seg * K : fm_gram_blocks(N, seg) * K;
 }
 
 /* v_k[0..len) of the entries at off, in fp32 (b: f32(θ_b) when on_base) */
@@ -82,14 +97,111 @@ FM_CLONES static void gram_range(const fm_gram_args *a, int64_t blk0, int64_t bl
     }
 }
 
+#define LEVELS 10              /* log2(GB): the tree's levels above the products */
+
+/* Columns per tile: up to 128, fewer with many pairs (the partials stay ~200 KB) */
+static int tile_width(int K)
+{
+    const int ct = 2048 / K / 8 * 8;
+    return ct < 8 ? 8 : ct > 128 ? 128 : ct;
+}
+
+/* x[k][0..ct) = v_k at row r, columns c0 .. c0 + w of the chunk (zero past w, and the
+ * whole row zero when r is past the last row) */
+FM_INLINE void load_row(float *x, float *b, const fm_gram_args *a, int64_t rows, int64_t r,
+                        int64_t c0, int w, int ct)
+{
+    const int n = a->n;
+    if (r >= rows) {
+        memset(x, 0, sizeof(float) * (size_t)n * (size_t)ct);
+        return;
+    }
+    load_vectors(x, b, n, a->on_base, a->base, a->base_dt, a->models, a->models_dt,
+                 r * a->seg + c0, w, (size_t)ct);
+    if (w < ct)
+        for (int k = 0; k < n; k++)
+            memset(x + (size_t)k * ct + w, 0, sizeof(float) * (size_t)(ct - w));
+}
+
+/* Column statistics of work units [u0, u1): unit u = (block q, tile of ct columns). x:
+ * [2][n + 1][ct] fp32; p: [K][ct] and stack: [LEVELS][K][ct] fp64. */
+FM_CLONES static void gram_columns_range(const fm_gram_args *a, int64_t u0, int64_t u1,
+                                         float *x, double *p, double *stack)
+{
+    const int n = a->n, K = n * (n + 1) / 2, ct = tile_width(K), kc = K * ct;
+    const int64_t cols = a->seg, rows = a->N / cols, tiles = (cols + ct - 1) / ct;
+    float *x0 = x, *x1 = x + (size_t)(n + 1) * ct;
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t q = u / tiles, c0 = (u % tiles) * ct;
+        const int w = (int)(cols - c0 < ct ? cols - c0 : ct);
+        for (int m = 0; m < GB / 2; m++) {
+            const int64_t r = q * GB + 2 * (int64_t)m;
+            load_row(x0, x0 + (size_t)n * ct, a, rows, r, c0, w, ct);
+            load_row(x1, x1 + (size_t)n * ct, a, rows, r + 1, c0, w, ct);
+            int kl = 0;
+            for (int k = 0; k < n; k++)
+                for (int l = k; l < n; l++, kl++) {
+                    const float *restrict ak = x0 + (size_t)k * ct, *restrict al = x0 + (size_t)l * ct;
+                    const float *restrict bk = x1 + (size_t)k * ct, *restrict bl = x1 + (size_t)l * ct;
+                    double *restrict pk = p + (size_t)kl * ct;
+                    for (int c = 0; c < ct; c++)
+                        pk[c] = (double)ak[c] * (double)al[c] + (double)bk[c] * (double)bl[c];
+                }
+            int h = 0;                              /* carry p up while m has 1 bits */
+            for (int idx = m; idx & 1; idx >>= 1, h++) {
+                const double *restrict left = stack + (size_t)h * kc;
+                for (int e = 0; e < kc; e++) p[e] = left[e] + p[e];
+            }
+            memcpy(stack + (size_t)h * kc, p, sizeof(double) * (size_t)kc);
+        }
+        const double *top = stack + (size_t)(LEVELS - 1) * kc;   /* m = GB/2 − 1 ends here */
+        for (int c = 0; c < w; c++)
+            for (int kl = 0; kl < K; kl++)
+                a->out[((size_t)q * (size_t)cols + (size_t)(c0 + c)) * (size_t)K + (size_t)kl] =
+                    top[(size_t)kl * ct + (size_t)c];
+    }
+}
+
+_Static_assert(GB == 1 << LEVELS, "LEVELS is log2(FM_GRAM_BLOCK)");
+
 #ifdef _OPENMP
 #define FM_TID omp_get_thread_num()
 #else
 #define FM_TID 0
 #endif
 
+static int gram_columns(const fm_gram_args *a)
+{
+    const int n = a->n, K = n * (n + 1) / 2, ct = tile_width(K);
+    const int64_t units = blocks_of(a->N / a->seg) * ((a->seg + ct - 1) / ct);
+    if (units == 0) return 0;
+    const int nt = fm_pick_threads(a->threads, units);
+    work w = {units, 1, 0};
+    const size_t xs = 2 * (size_t)(n + 1) * ct, ds = (size_t)(LEVELS + 1) * K * ct;
+    float *xall = malloc(sizeof(float) * xs * (size_t)nt);
+    double *dall = malloc(sizeof(double) * ds * (size_t)nt);
+    if (!xall || !dall) {
+        free(xall);
+        free(dall);
+        return -1;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        const int tid = FM_TID;
+        double *d = dall + ds * (size_t)tid;
+        for (int64_t u0, u1; take_chunk(&w, &u0, &u1);)
+            gram_columns_range(a, u0, u1, xall + xs * (size_t)tid, d, d + (size_t)K * ct);
+    }
+    free(xall);
+    free(dall);
+    return 0;
+}
+
 int fm_gram(const fm_gram_args *a)
 {
+    if (a->columns) return gram_columns(a);
     const int n = a->n;
     const int64_t Q = fm_gram_blocks(a->N, a->seg);
     if (Q == 0) return 0;
@@ -117,10 +229,14 @@ int fm_gram(const fm_gram_args *a)
     return 0;
 }
 
-FM_CLONES static void combine_range(const fm_combine_args *a, int64_t blk0, int64_t blk1,
-                                    float *x, float *b, double *theta, int64_t *cnt)
+/* colc: columns: the coefficients by vector, colc[k][s] = coef[s][k] for s < S = min(seg, N)
+ * (contiguous runs) */
+FM_CLONES static void combine_range(const fm_combine_args *a, const double *colc, int64_t blk0,
+                                    int64_t blk1, float *x, float *b, double *theta,
+                                    int64_t *cnt)
 {
     const int n = a->n;
+    const int64_t S = a->seg < a->N ? a->seg : a->N;
     for (int64_t blk = blk0; blk < blk1; blk++) {
         const int64_t off = blk * CB;
         const int len = (int)(a->N - off < CB ? a->N - off : CB);
@@ -133,14 +249,16 @@ FM_CLONES static void combine_range(const fm_combine_args *a, int64_t blk0, int6
             cnt[k] += c;
         }
         for (int j = 0; j < len; j++) theta[j] = 0.0;
-        if (a->columns) {                 /* s(j) = (off + j) mod seg */
-            for (int k = 0; k < n; k++) {
-                const float *xk = x + (size_t)k * CB;
-                int64_t s = off % a->seg;
-                for (int j = 0; j < len; j++) {
-                    theta[j] += a->coef[s * n + k] * (double)xk[j];
-                    if (++s == a->seg) s = 0;
+        if (a->columns) {                 /* s(j) = (off + j) mod seg: runs of consecutive s */
+            for (int j0 = 0; j0 < len;) {
+                const int64_t s0 = (off + j0) % a->seg;
+                const int j1 = a->seg - s0 < len - j0 ? j0 + (int)(a->seg - s0) : len;
+                for (int k = 0; k < n; k++) {
+                    const float *restrict xk = x + (size_t)k * CB;
+                    const double *restrict ck = colc + (size_t)k * (size_t)S + s0 - j0;
+                    for (int j = j0; j < j1; j++) theta[j] += ck[j] * (double)xk[j];
                 }
+                j0 = j1;
             }
         } else {                          /* runs of one segment: c constant */
             for (int j0 = 0; j0 < len;) {
@@ -172,11 +290,17 @@ int fm_combine(const fm_combine_args *a)
     const size_t xs = CB * ((size_t)n + 1);   /* per-thread scratch */
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *tall = malloc(sizeof(double) * CB * (size_t)nt);
-    if (!xall || !tall) {
+    const int64_t S = a->seg < a->N ? a->seg : a->N;   /* columns: the segments touched */
+    double *colc = a->columns ? malloc(sizeof(double) * (size_t)n * (size_t)S) : NULL;
+    if (!xall || !tall || (a->columns && !colc)) {
         free(xall);
         free(tall);
+        free(colc);
         return -1;
     }
+    if (a->columns)
+        for (int64_t s = 0; s < S; s++)
+            for (int k = 0; k < n; k++) colc[(size_t)k * (size_t)S + s] = a->coef[s * n + k];
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
@@ -186,7 +310,7 @@ int fm_combine(const fm_combine_args *a)
         float *x = xall + xs * (size_t)tid, *b = x + (size_t)n * CB;
         if (!a->on_base) memset(b, 0, sizeof(float) * CB);
         for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
-            combine_range(a, b0, b1, x, b, tall + (size_t)CB * tid, cnt);
+            combine_range(a, colc, b0, b1, x, b, tall + (size_t)CB * tid, cnt);
 #ifdef _OPENMP
 #pragma omp critical(fastmerge_combine_counts)
 #endif
@@ -194,5 +318,6 @@ int fm_combine(const fm_combine_args *a)
     }
     free(xall);
     free(tall);
+    free(colc);
     return 0;
 }

@@ -17,8 +17,10 @@ typedef struct {
     int base_dt, models_dt;
     const void *base;                     /* NULL only when !on_base */
     const void *models[FM_MAX_MODELS];
-    int64_t seg;                          /* entries per piece (>= 1) */
-    double *out;                          /* out: [Q][n(n+1)/2], Q = fm_gram_blocks(N, seg) */
+    int64_t seg;                          /* entries per piece (>= 1); columns: per row */
+    int columns;                          /* N / seg rows of seg columns (N % seg == 0) */
+    double *out;                          /* out: [Q][n(n+1)/2], Q = fm_gram_blocks(N, seg);
+                                             columns: [Q][seg][n(n+1)/2], Q = row blocks */
     int threads;
 } fm_gram_args;
 
@@ -38,6 +40,8 @@ typedef struct {
 } fm_combine_args;
 
 int64_t fm_gram_blocks(int64_t N, int64_t seg);
+/* Items of fm_gram_args.out: Q·[seg·]n(n+1)/2 */
+int64_t fm_gram_items(int64_t N, int64_t seg, int columns, int n);
 /* 0 on success, -1 when per-thread scratch could not be allocated. */
 int fm_gram(const fm_gram_args *a);
 int fm_combine(const fm_combine_args *a);

@@ -839,36 +839,43 @@ static int take_vectors(bufset *bs, PyObject *base_o, PyObject *models_o, int n,
 }
 
 PyDoc_STRVAR(gram_doc,
-"gram(base, models, n, N, base_dtype, models_dtype, on_base, seg, out, *, threads=0)\n"
+"gram(base, models, n, N, base_dtype, models_dtype, on_base, seg, out, *, columns=False,\n"
+"     threads=0)\n"
 "--\n\n"
 "Statistics pass of docs/spec.md 8c: the N entries are pieces of seg entries, each cut\n"
 "into GRAM_BLOCK blocks from its start; out (writable fp64, gram_blocks(N, seg) * n(n+1)/2\n"
 "items, overwritten) gets, per block and pair k <= l, the pairwise-tree sum of v_k*v_l\n"
-"(v_k = f32(models[k]) - f32(base) with on_base, else f32(models[k]); base None then).");
+"(v_k = f32(models[k]) - f32(base) with on_base, else f32(models[k]); base None then).\n"
+"columns: the N entries are N / seg rows of seg columns (seg must divide N), each column\n"
+"cut into blocks of GRAM_BLOCK rows; out holds [row blocks][seg][n(n+1)/2] items.");
 
 static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base", "models", "n", "N", "base_dtype", "models_dtype",
-                             "on_base", "seg", "out", "threads", NULL};
+                             "on_base", "seg", "out", "columns", "threads", NULL};
     PyObject *base_o, *models_o, *out_o;
-    int n, bdt, mdt, on_base, threads = 0;
+    int n, bdt, mdt, on_base, columns = 0, threads = 0;
     long long N, seg;
     bufset bs = {.count = 0};
     fm_gram_args a;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiipLO|$i", kwlist, &base_o, &models_o, &n,
-                                     &N, &bdt, &mdt, &on_base, &seg, &out_o, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOiLiipLO|$pi", kwlist, &base_o, &models_o, &n,
+                                     &N, &bdt, &mdt, &on_base, &seg, &out_o, &columns, &threads))
         return NULL;
     memset(&a, 0, sizeof a);
     if (seg < 1) {
         PyErr_Format(PyExc_ValueError, "seg must be >= 1, got %lld", seg);
         return NULL;
     }
+    if (columns && N % seg != 0) {
+        PyErr_Format(PyExc_ValueError, "columns: seg (%lld) must divide N (%lld)", seg, N);
+        return NULL;
+    }
     if ((a.threads = resolve_threads(threads)) < 0) return NULL;
     if (take_vectors(&bs, base_o, models_o, n, N, on_base, bdt, mdt, &a.base, a.models))
         goto fail;
-    Py_buffer *ov = take_f64(&bs, out_o, "out", fm_gram_blocks(N, seg) * (long long)(n * (n + 1) / 2), 1);
+    Py_buffer *ov = take_f64(&bs, out_o, "out", fm_gram_items(N, seg, columns, n), 1);
     if (!ov) goto fail;
     for (int k = 0; k < bs.count - 1; k++)
         if (overlaps(ov->buf, (size_t)ov->len, bs.views[k].buf, (size_t)bs.views[k].len)) {
@@ -881,6 +888,7 @@ static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kw)
     a.base_dt = bdt;
     a.models_dt = mdt;
     a.seg = seg;
+    a.columns = columns;
     a.out = ov->buf;
 
     int rc;
