@@ -95,7 +95,10 @@ def median(xs):
 def config_yaml(method, base, models, slack) -> str:
     """The YAML both tools run: TIES family at DENSITY (TIES-SV with ``slack``), DARE at
     DENSITY, breadcrumbs at DENSITY (gamma 0.01), SLERP t 0.5 from the base to the CT
-    model, NuSLERP of CT and SFT's task vectors (weights 1/1), model stock of both."""
+    model, NuSLERP of CT and SFT's task vectors (weights 1/1; ``nuslerp_columns``: the same
+    with ``nuslerp_row_wise``, one vector per column), model stock of both."""
+    columns = method == "nuslerp_columns"
+    method = "nuslerp" if columns else method
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
     if method == "slerp":
         lines += [f"  - model: {base}", f"  - model: {models[0]}", "parameters: {t: 0.5}"]
@@ -103,6 +106,8 @@ def config_yaml(method, base, models, slack) -> str:
         lines += [f"  - model: {m}" for m in models]
     elif method == "nuslerp":
         lines += [f"  - model: {m}\n    parameters: {{weight: 1.0}}" for m in models]
+        if columns:
+            lines.append("parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}")
     else:
         for m in models:
             params = f"{{weight: 1.0, density: {DENSITY}" + (f", slack: {slack}}}" if slack

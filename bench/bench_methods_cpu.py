@@ -21,8 +21,8 @@ Methods alternate in every repeat (machine noise hits all alike); the medians an
 ratio of each method's ``pass`` to TIES's are reported, as JSON and a Markdown table.
 
 ``--other PATH``: another build of ``fastmerge._cmerge`` (e.g. the commit before a kernel
-change, built in a worktree); every method it can run (not DELLA's rank_keep, new here)
-is then also timed on it, as ``method@other``, in the same alternation (an A/B in one run).
+change, built in a worktree); every method it can run (not DELLA's rank_keep, new here;
+``nuslerp_columns`` with the reference's statistics pass) is then also timed on it, as ``method@other``, in the same alternation (an A/B in one run).
 ``--methods ...,nuslerp_columns@reference``: that method with the reference's statistics
 pass (fastmerge.geometry.gram, torch) in place of the C one.
 """
@@ -149,15 +149,17 @@ def main(argv=None) -> int:
     names = args.methods.split(",")
     other = load_ext(args.other) if args.other else None
     if other is not None:
-        names += [f"{m}@other" for m in names if not methods.get(m.split("_columns")[0]).ranked]
+        names += [f"{m}@other" for m in names                # not DELLA's rank stage
+                  if "@" not in m and not methods.get(m.replace("_columns", "")).ranked]
     rows = []
     for shape_s in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_s.split("x"))
         base, models = inputs(shape)
         prepared = {}
         for m in names:
+            reference = m.endswith("@reference") or m == "nuslerp_columns@other"
             sel, run, reads = prepare(m.split("@")[0], base, models, shape,
-                                      geometry.gram if m.endswith("@reference") else C.gram)
+                                      geometry.gram if reference else C.gram)
             if m.endswith("@other"):
                 sel, run = on_build(other, sel), on_build(other, run)
             prepared[m] = (sel, run, reads)

@@ -178,7 +178,7 @@ def gram(base: torch.Tensor | None, models, on_base: bool, seg: int,
     out = torch.empty(*shape, len(pairs(n)), dtype=torch.float64)
     bbuf, bcode = (_buffer(base, "base"), _code(base, "base")) if on_base else (None, 0)
     _module().gram(bbuf, mbuf, n, N, bcode, mcode, bool(on_base), int(seg), out.numpy(),
-                   columns=bool(columns))
+                   **({"columns": True} if columns else {}))
     return out
 
 
