@@ -408,7 +408,9 @@ def _run_ranks(group, engine, sink, work) -> list:
     gathered. On success rank 0 holds every shard and the report entries of every tensor
     (returned in task order; [] elsewhere) and ``engine.work`` lists each rank's work.
     A failure on any rank raises on every rank (RankFailed elsewhere) after this rank's
-    completed shards are journaled: rerun with resume."""
+    completed shards are journaled: rerun with resume. The failed rank marks its failure
+    in the shared folder at once, so the others stop before their next tensor
+    (PeerStopped) rather than after all their shards."""
     from .pipeline import TensorStats
     error = None
     try:
@@ -416,25 +418,31 @@ def _run_ranks(group, engine, sink, work) -> list:
         part = sink.close_part()
     except Exception as exc:          # reported to the other ranks, then raised
         error, part = exc, None
+        if not isinstance(exc, _dist.PeerStopped):
+            sink.mark_failed(f"{exc}")
+    stopped = isinstance(error, _dist.PeerStopped)
     work.seconds = time.perf_counter() - work.started
     mine = [i for i in sink.owned or ()]
     work.shards = len(mine)
     work.bytes_written = sum(sink.size.get(sink.names[i], 0) for i in mine)
     try:
         told = group.gather({"error": None if error is None else f"{error}",
-                             "part": part, "work": work.as_dict()})
+                             "stopped": stopped, "part": part, "work": work.as_dict()})
     except _dist.RankFailed as exc:       # a rank died: say where the shards wait
         raise _dist.RankFailed(f"{exc}; completed shards are kept in {sink.partial} — "
                                "rerun with resume=True (CLI: --resume) to continue") from exc
     engine.work = [t["work"] for t in told]
-    if error is not None:
+    failed = [(r, t["error"]) for r, t in enumerate(told)
+              if t["error"] is not None and not t["stopped"]]
+    if error is not None and (not stopped or not failed):
         raise error
-    failed = [(r, t["error"]) for r, t in enumerate(told) if t["error"] is not None]
     if failed:
         r, message = failed[0]
+        early = " (this rank stopped early)" if stopped else ""
         raise _dist.RankFailed(f"merge into {sink.output} failed on {group.label(r)}: "
-                               f"{message}; completed shards are kept in {sink.partial} — "
-                               "rerun with resume=True (CLI: --resume) to continue")
+                               f"{message}{early}; completed shards are kept in "
+                               f"{sink.partial} — rerun with resume=True (CLI: --resume) "
+                               "to continue")
     if not group.leader:
         return []
     for t in told:

@@ -34,6 +34,40 @@ class RankFailed(OutputError):
     """Another rank of this job failed (or stopped): the merge did not complete."""
 
 
+class PeerStopped(RankFailed):
+    """This rank stopped before its next tensor because another rank had failed."""
+
+
+FAILED_PREFIX = ".failed.r"          # + rank: a failed rank's mark in the shared folder
+
+
+def mark_failed(folder, rank: int, message: str) -> None:
+    """Leave ``folder/.failed.r<rank>`` holding ``message``, so that the other ranks stop
+    before their next tensor instead of at the end (best effort: the final gather tells
+    them in any case)."""
+    try:
+        (folder / f"{FAILED_PREFIX}{rank}").write_text(message)
+    except OSError:
+        pass
+
+
+def failed_peer(folder, rank: int) -> tuple[int, str] | None:
+    """(rank, message) of another rank's failure mark in ``folder``, or None."""
+    try:
+        with os.scandir(folder) as entries:
+            marks = sorted(e.name for e in entries if e.name.startswith(FAILED_PREFIX))
+    except OSError:
+        return None
+    for name in marks:
+        r = name[len(FAILED_PREFIX):]
+        if r.isdigit() and int(r) != rank:
+            try:
+                return int(r), (folder / name).read_text()
+            except OSError:
+                return int(r), "(its message could not be read)"
+    return None
+
+
 def assign(sizes, world: int) -> list[int]:
     """The rank of each item: items by decreasing size (ties: lower index first), each
     to the rank with the fewest bytes so far (ties: lower rank). Deterministic, so every

@@ -325,6 +325,20 @@ class CheckpointWriter:
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-write")
         return self
 
+    def mark_failed(self, message: str) -> None:
+        """Under a group: tell the other ranks, through the shared folder, that this one
+        failed (distributed.mark_failed); they stop before their next tensor."""
+        if self.group is not None:
+            from .distributed import mark_failed
+            mark_failed(self.partial, self.group.rank, message)
+
+    def peer_failure(self) -> tuple[int, str] | None:
+        """(rank, message) of another rank's failure mark, or None (alone: always None)."""
+        if self.group is None:
+            return None
+        from .distributed import failed_peer
+        return failed_peer(self.partial, self.group.rank)
+
     def _check_shared(self, token: str) -> None:
         """OutputError unless this rank sees rank 0's partial folder (its token file)."""
         try:

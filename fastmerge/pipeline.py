@@ -368,6 +368,7 @@ class StreamMerge:
                         self.progress.update(task.nbytes)
             self._slots = slots
             for k, task in enumerate(todo):
+                self._stop_if_a_peer_failed()
                 src = pending.result() if pending is not None else self._prepare(task)
                 nxt = todo[k + 1] if k + 1 < len(todo) else None
                 pending = pool.submit(self._prepare, nxt) if nxt is not None else None
@@ -384,6 +385,18 @@ class StreamMerge:
             return self.stats
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _stop_if_a_peer_failed(self) -> None:
+        """Under a group: PeerStopped when another rank has marked a failure (its
+        completed shards, like this rank's, stay journaled for resume)."""
+        if self.group is None or not hasattr(self.sink, "peer_failure"):
+            return
+        found = self.sink.peer_failure()
+        if found is not None:
+            from .distributed import PeerStopped
+            r, message = found
+            raise PeerStopped(f"{self.group.label()} stopped before its next tensor: "
+                              f"{self.group.label(r)} failed: {message}")
 
     def _prepare(self, task: TensorTask):
         """Open (and, when it fits, read) the next merged tensor; None for a copied one.

@@ -7,6 +7,8 @@
 ``api``: initialise gloo from the environment, run every merge of JOB.json
 ({"merges": [{"name", "kwargs"}], "results": DIR}) through ``fastmerge.merge()`` and write
 this rank's outcomes (error text or the ranks' work) to DIR/rank<R>.json.
+With ``"hold_rank": R`` in JOB.json, rank R starts its tensors only once another rank has
+marked a failure in the shared folder (the order the early-stop test needs).
 ``cli``: run ``fastmerge.cli.main`` on the arguments after ``--``; with
 ``--die-after-shards K`` rank 1 kills itself (SIGKILL) right after journaling its K-th
 shard, the fault the tests inject.
@@ -29,6 +31,8 @@ def run_api(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if job.get("hold_rank") == rank:
+        hold_until_a_peer_fails(rank)
     out = []
     try:
         for m in job["merges"]:
@@ -42,6 +46,21 @@ def run_api(job_file: str) -> int:
         Path(job["results"], f"rank{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
     return 0
+
+
+def hold_until_a_peer_fails(rank: int) -> None:
+    import time
+
+    from fastmerge.distributed import failed_peer
+    from fastmerge.pipeline import StreamMerge
+    run = StreamMerge.run
+
+    def held(self):
+        deadline = time.monotonic() + 120
+        while failed_peer(self.sink.partial, rank) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return run(self)
+    StreamMerge.run = held
 
 
 def run_cli(argv: list[str]) -> int:

@@ -55,12 +55,15 @@ def env_for(rank: int, world: int, port: int) -> dict:
     return env
 
 
-def run_ranks(tmp: Path, world: int, merges: list[dict]) -> list[list[dict]]:
-    """Run ``merges`` ({"name", "kwargs"}) on ``world`` ranks; every rank's outcomes."""
-    results = tmp / f"results-{world}"
+def run_ranks(tmp: Path, world: int, merges: list[dict], hold_rank: int | None = None,
+              tag: str = "") -> list[list[dict]]:
+    """Run ``merges`` ({"name", "kwargs"}) on ``world`` ranks; every rank's outcomes.
+    ``hold_rank``: that rank starts its tensors only after another marked a failure."""
+    results = tmp / f"results-{world}{tag}"
     results.mkdir()
-    job = tmp / f"job-{world}.json"
-    job.write_text(json.dumps({"merges": merges, "results": str(results)}))
+    job = tmp / f"job-{world}{tag}.json"
+    job.write_text(json.dumps({"merges": merges, "results": str(results),
+                               "hold_rank": hold_rank}))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), "api", str(job)],
                               env=env_for(r, world, port), stderr=subprocess.PIPE, text=True)
@@ -168,6 +171,24 @@ def test_a_failure_on_one_rank_is_an_error_on_every_rank(family, tmp_path):
     assert not out.exists()
     assert (tmp_path / ".out.partial").is_dir()
     assert not (tmp_path / ".out.lock").exists()
+
+    # The failed rank marks its failure at once: the other stops before its next tensor
+    # (held here until the mark exists, so it has written nothing), not after its shards.
+    out2 = tmp_path / "out2"
+    held = 1 - owner[0]
+    got = run_ranks(tmp_path, 2, [{"name": "bad", "kwargs": {**kw, "output": str(out2)}}],
+                    hold_rank=held, tag="-held")
+    errors = [g[0]["error"] for g in got]
+    assert errors[owner[0]].startswith("InputError") and name in errors[owner[0]], errors
+    assert errors[held].startswith("RankFailed"), errors
+    assert f"failed on rank {owner[0]} of 2" in errors[held] and name in errors[held]
+    assert "this rank stopped early" in errors[held], errors[held]
+    partial = tmp_path / ".out2.partial"
+    journal = partial / ("progress.json" if held == 0 else f"progress.{held}.json")
+    assert not journal.exists() or not json.loads(journal.read_text()).get("shards"), \
+        journal.read_text()
+    assert not out2.exists() and not (tmp_path / ".out2.lock").exists()
+    assert (partial / f".failed.r{owner[0]}").read_text() in errors[owner[0]]
 
 
 def test_a_second_job_is_refused_on_every_rank(family, tmp_path):

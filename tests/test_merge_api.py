@@ -275,11 +275,13 @@ def test_resume_after_io_error_is_byte_identical(family, tmp_path, monkeypatch):
     partial = tmp_path / ".resumed.partial"
     kept = sorted(p.name for p in partial.iterdir() if p.suffix == ".safetensors")
     assert len(kept) == 2
+    (partial / ".failed.r1").write_text("a distributed rank's failure mark")  # stale
     monkeypatch.setattr(safetensors_file.SafetensorsWriter, "close", real_close)
     fastmerge.merge(family["base"], family["models"], output=out, shard_size=40_000,
                     resume=True, progress=False)
     for f in sorted(clean.path.iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.path.iterdir())
     assert not partial.exists()
 
 
