@@ -170,14 +170,18 @@ _Static_assert(GB == 1 << LEVELS, "LEVELS is log2(FM_GRAM_BLOCK)");
 #define FM_TID 0
 #endif
 
-static int gram_columns(const fm_gram_args *a)
+int fm_gram(const fm_gram_args *a)
 {
-    const int n = a->n, K = n * (n + 1) / 2, ct = tile_width(K);
-    const int64_t units = blocks_of(a->N / a->seg) * ((a->seg + ct - 1) / ct);
+    const int n = a->n, K = n * (n + 1) / 2, ct = tile_width(K), cols = a->columns;
+    /* work units: blocks of pieces, or (block of rows, tile of ct columns) */
+    const int64_t units = cols ? blocks_of(a->N / a->seg) * ((a->seg + ct - 1) / ct)
+                               : fm_gram_blocks(a->N, a->seg);
     if (units == 0) return 0;
     const int nt = fm_pick_threads(a->threads, units);
-    work w = {units, 1, 0};
-    const size_t xs = 2 * (size_t)(n + 1) * ct, ds = (size_t)(LEVELS + 1) * K * ct;
+    work w = {units, cols ? 1 : 16, 0};
+    /* per-thread scratch: fp32 vectors (and the base), fp64 partials */
+    const size_t xs = cols ? 2 * (size_t)(n + 1) * ct : GB * ((size_t)n + 1);
+    const size_t ds = cols ? (size_t)(LEVELS + 1) * K * ct : GB / 2;
     float *xall = malloc(sizeof(float) * xs * (size_t)nt);
     double *dall = malloc(sizeof(double) * ds * (size_t)nt);
     if (!xall || !dall) {
@@ -190,47 +194,18 @@ static int gram_columns(const fm_gram_args *a)
 #endif
     {
         const int tid = FM_TID;
+        float *x = xall + xs * (size_t)tid;
         double *d = dall + ds * (size_t)tid;
-        for (int64_t u0, u1; take_chunk(&w, &u0, &u1);)
-            gram_columns_range(a, u0, u1, xall + xs * (size_t)tid, d, d + (size_t)K * ct);
+        for (int64_t u0, u1; take_chunk(&w, &u0, &u1);) {
+            if (cols) gram_columns_range(a, u0, u1, x, d, d + (size_t)K * ct);
+            else gram_range(a, u0, u1, x, x + (size_t)n * GB, d);
+        }
     }
     free(xall);
     free(dall);
     return 0;
 }
 
-int fm_gram(const fm_gram_args *a)
-{
-    if (a->columns) return gram_columns(a);
-    const int n = a->n;
-    const int64_t Q = fm_gram_blocks(a->N, a->seg);
-    if (Q == 0) return 0;
-    const int nt = fm_pick_threads(a->threads, Q);
-    work w = {Q, 16, 0};                       /* blocks handed out 16 at a time */
-    const size_t xs = GB * ((size_t)n + 1), ps = GB / 2;   /* per-thread scratch */
-    float *xall = malloc(sizeof(float) * xs * (size_t)nt);
-    double *pall = malloc(sizeof(double) * ps * (size_t)nt);
-    if (!xall || !pall) {
-        free(xall);
-        free(pall);
-        return -1;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
-    {
-        const int tid = FM_TID;
-        float *x = xall + xs * (size_t)tid;
-        for (int64_t b0, b1; take_chunk(&w, &b0, &b1);)
-            gram_range(a, b0, b1, x, x + (size_t)n * GB, pall + ps * (size_t)tid);
-    }
-    free(xall);
-    free(pall);
-    return 0;
-}
-
-/* colc: columns: the coefficients by vector, colc[k][s] = coef[s][k] for s < S = min(seg, N)
- * (contiguous runs) */
 FM_CLONES static void combine_range(const fm_combine_args *a, const double *colc, int64_t blk0,
                                     int64_t blk1, float *x, float *b, double *theta,
                                     int64_t *cnt)
