@@ -13,7 +13,6 @@ mergekit 0.1.5 with ``rescale: true`` rescales the tensor back to its L1 norm ex
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -22,25 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_della_mergekit import deciles, mean_columns, save  # noqa: E402
+from compare_della_mergekit import (deciles, mean_columns, parse_args, save,  # noqa: E402
+                                     task_vector)
 from fastmerge import philox  # noqa: E402
 from fastmerge.kernel_api import drop_threshold  # noqa: E402
 
 
 def main() -> None:
     from mergekit.sparsify import RescaleNorm, bernoulli    # LGPL: called, not copied
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    args = parse_args(__doc__, rows=256)
     R, M = args.rows, args.cols
     N = R * M
-    g = torch.Generator().manual_seed(0)
-    base = (0.02 * torch.randn(N, generator=g)).half()
-    model = (base.float() + 0.003 * torch.randn(N, generator=g)).half()
-    tau = model.float() - base.float()
+    _, _, tau = task_vector(R, M)
     nz = tau != 0
     # magnitude rank over the whole tensor, for the deciles (DARE has no rows)
     order = torch.argsort(tau.abs(), stable=True)

@@ -36,6 +36,24 @@ def mean_columns(xs: list[list[float]]) -> list[float]:
     return [sum(c) / len(c) for c in zip(*xs)]
 
 
+def parse_args(doc: str, rows: int):
+    """The comparison scripts' options: --rows (default ``rows``), --cols, --seeds, --out."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=rows)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--out")
+    return ap.parse_args()
+
+
+def task_vector(R: int, M: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(base, model, τ): an fp16 base and model of R·M entries (fixed seed), τ in fp32."""
+    g = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(R * M, generator=g)).half()
+    model = (base.float() + 0.003 * torch.randn(R * M, generator=g)).half()
+    return base, model, model.float() - base.float()
+
+
 def save(rows: list[dict], out: str | None) -> None:
     """Write the comparison (date, command, torch version, rows) as JSON to ``out``."""
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -47,17 +65,9 @@ def save(rows: list[dict], out: str | None) -> None:
 
 def main() -> None:
     from mergekit.sparsify import della_magprune     # LGPL: called, not copied
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    args = parse_args(__doc__, rows=64)
     R, M = args.rows, args.cols
-    g = torch.Generator().manual_seed(0)
-    base = (0.02 * torch.randn(R * M, generator=g)).half()
-    model = (base.float() + 0.003 * torch.randn(R * M, generator=g)).half()
-    tau = (model.float() - base.float())
+    base, model, tau = task_vector(R, M)
     rank = della.ranks((tau.abs()).view(torch.int32).unsqueeze(0), (R, M))[0]
     rows = []
     for d, e in ((0.4, 0.15), (0.2, 0.1), (0.7, 0.25)):

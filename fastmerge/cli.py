@@ -395,9 +395,10 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
     argv = list(args.argv) + ([] if args.resume else ["--resume"])
     from .distributed import launched
     if launched():                   # one rank of several: the others stop too
+        why = str(exc.__cause__ or "") or "interrupted"
         return (f"fastmerge: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
-                f"stopped ({str(exc.__cause__ or '') or 'interrupted'}); the completed shards of every rank are kept in {partial}; "
-                f"continue with the same launch of: fastmerge {shlex.join(argv)}")
+                f"stopped ({why}); the completed shards of every rank are kept in "
+                f"{partial}; continue with the same launch of: fastmerge {shlex.join(argv)}")
     if partial is None:
         return ("fastmerge: interrupted before the first shard was complete; nothing was "
                 "kept")

@@ -389,7 +389,7 @@ class StreamMerge:
     def _stop_if_a_peer_failed(self) -> None:
         """Under a group: PeerStopped when another rank has marked a failure (its
         completed shards, like this rank's, stay journaled for resume)."""
-        if self.group is None or not hasattr(self.sink, "peer_failure"):
+        if self.group is None:          # (a group always writes through a CheckpointWriter)
             return
         found = self.sink.peer_failure()
         if found is not None:
@@ -549,12 +549,9 @@ class Geometry:
         parts = []
         for count, b, m in chunks:
             b, m = self._inputs(b, m)
-            if self.columns:
-                parts.append(self.backend.gram(b, m, self.on_base, self.seg,
-                                               columns=True).cpu().numpy())
-            else:
-                parts.append(self.backend.gram(b, m, self.on_base,
-                                               min(self.seg, count)).cpu().numpy())
+            seg = self.seg if self.columns else min(self.seg, count)
+            parts.append(self.backend.gram(b, m, self.on_base, seg,
+                                           columns=self.columns).cpu().numpy())
         if self.columns:
             G = geometry.column_sums(np.concatenate(parts))
         else:
