@@ -193,8 +193,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             stderr is a terminal (default True; nothing is printed otherwise).
         distributed: split a merge to disk over the ranks of a torch.distributed process
             group (docs/spec.md §14): None (default) uses the default group when one is
-            initialised with more than one rank (as under torchrun), False never splits,
-            or a ProcessGroup. Every rank calls merge() with the same arguments; each
+            initialised with more than one rank (as under torchrun), True the same but
+            refused without one, False never splits, or a ProcessGroup. Every rank calls merge() with the same arguments; each
             writes the output shards given to it and the output is byte-identical to a
             single-process merge. On CUDA each rank uses GPU LOCAL_RANK. In-memory merges
             are never split.

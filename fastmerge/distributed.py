@@ -152,8 +152,9 @@ def _first_line(exc: BaseException) -> str:
 
 def current(setting=None) -> Group | None:
     """The group a merge runs on. ``setting``: None (default: the initialised default
-    process group, when it has more than one rank), False (no splitting: this process
-    merges alone) or a ``torch.distributed`` ProcessGroup."""
+    process group, when it has more than one rank), True (the same, but the group must
+    exist), False (no splitting: this process merges alone) or a ``torch.distributed``
+    ProcessGroup."""
     if setting is False:
         return None
     try:
