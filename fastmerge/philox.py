@@ -11,12 +11,16 @@ with M0 = 0xD2511F53, M1 = 0xCD9E8D57; between rounds the key is bumped,
 k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2^32). Philox4x32-10 runs 10 rounds.
 
 DARE's stream (docs/spec.md §8a): entry ``g`` (its index in the flattened tensor) of model
-``i`` (0-based position in the merge) draws
+``i`` (0-based position in the merge) draws the 32-bit word
 
-    r_i(g) = word (g mod 4) of Philox4x32-10(key, (q mod 2^32, ⌊q / 2^32⌋, i, 0)),
-    q = ⌊g / 4⌋
+    r_i(g) = hi·2^16 + lo,   q = ⌊g / 8⌋,  h = g mod 8,
+    hi = half h of Philox4x32-10(key, (q mod 2^32, ⌊q / 2^32⌋, i, 0)),
+    lo = half h of Philox4x32-10(key, (q mod 2^32, ⌊q / 2^32⌋, i, 1)),
 
-and is kept iff ``r_i(g) < T_i``, ``T_i = ⌊d_i · 2^32⌋`` (``drop_threshold``).
+half 2k of a call being the low 16 bits of its word k and half 2k + 1 the high 16 bits;
+it is kept iff ``r_i(g) < T_i``, ``T_i = ⌊d_i · 2^32⌋`` (``drop_threshold``). ``hi`` alone
+decides that unless ``hi = ⌊T_i / 2^16⌋`` (one entry in 2^16), so the kernels compute
+``lo`` only there: one Philox call per eight entries instead of four.
 
 Two forms here: ``philox4x32`` on Python ints (the definition, for known answers) and
 ``philox4x32_torch`` / ``random_words`` vectorised in torch int64 arithmetic (every
@@ -83,20 +87,30 @@ def philox4x32_torch(c0, c1, c2, c3, key: tuple[int, int], rounds: int = ROUNDS)
     return c0, c1, c2, c3
 
 
+def halves(words) -> torch.Tensor:
+    """The eight 16-bit halves of each Philox call, in order: for int64 tensors w0..w3 of
+    uint32 values [m], int64 [m, 8] = (w0 mod 2^16, ⌊w0 / 2^16⌋, w1 mod 2^16, ...)."""
+    import torch  # noqa: PLC0415  (torch loads on first use)
+    w = torch.stack(words, dim=1)
+    return torch.stack([w & 0xFFFF, w >> 16], dim=2).reshape(w.shape[0], 8)
+
+
 def random_words(key: int, model: int, offset: int, n: int, device=None) -> torch.Tensor:
     """r_model(g) for g = offset .. offset + n − 1 (docs/spec.md §8a), int64 [n] of uint32
-    values: one Philox call per four consecutive g (q = g // 4), word g mod 4."""
+    values: per q = g // 8, the high halves from the call on stream 0, the low halves from
+    the call on stream 1, half g mod 8 of each."""
     import torch  # noqa: PLC0415  (torch loads on first use)
     if offset < 0 or n < 0:
         raise ValueError(f"offset and n must be >= 0, got {offset}, {n}")
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    q0, q1 = offset >> 2, (offset + n - 1) >> 2
+    q0, q1 = offset >> 3, (offset + n - 1) >> 3
     q = torch.arange(q0, q1 + 1, dtype=torch.int64, device=device)
-    words = philox4x32_torch(q & MASK32, q >> 32, int(model), 0, split_key(key))
-    stream = torch.stack(words, dim=1).reshape(-1)       # word w of group q at 4·(q − q0) + w
-    start = offset - 4 * q0
-    return stream[start:start + n]
+    k = split_key(key)
+    hi, lo = (halves(philox4x32_torch(q & MASK32, q >> 32, int(model), stream, k)).reshape(-1)
+              for stream in (0, 1))                      # half h of group q at 8·(q − q0) + h
+    start = offset - 8 * q0
+    return ((hi << 16) | lo)[start:start + n]
 
 
 def drop_threshold(density: float) -> int:

@@ -12,8 +12,9 @@ Math (docs/spec.md §1-§9; one tensor of N entries, models i = 1..n, entry j):
     θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE)
 
 DARE (docs/spec.md §8a) replaces the trim by a random drop, kept_i = r_i(g) < T_i, where
-r_i(g) is word g mod 4 of Philox4x32-10(key, (q mod 2^32, ⌊q/2^32⌋, i, 0)), q = ⌊g/4⌋, for
-the entry's index g in the whole tensor; sum votes and D weigh x_i by c_i (w_i, or
+r_i(g) = hi·2^16 + lo, hi and lo the 16-bit halves g mod 8 of Philox4x32-10(key,
+(q mod 2^32, ⌊q/2^32⌋, i, stream)) with stream 0 and 1, q = ⌊g/8⌋, for the entry's index g
+in the whole tensor; sum votes and D weigh x_i by c_i (w_i, or
 w_i / d_i with rescale); W keeps w_i.
 
 Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64, the
@@ -33,10 +34,11 @@ Layout and determinism:
   vectors per program; the partials [P, n, 7] are summed by torch into int64:
   deterministic.
 * DARE's drop (``_merge_drop_kernel``): the blocks are aligned to the tensor's global
-  index, g ≡ 0 (mod 4) at every block start (the chunk's entries shifted by
-  ``offset mod 4``, entries outside the chunk masked), so one Philox call serves four
-  consecutive entries: BLOCK/4 calls on [BLOCK/4] vectors, their four words interleaved
-  into the block's order. Philox is uint32 arithmetic (``tl.umulhi`` and a wrapping
+  index, g ≡ 0 (mod 8) at every block start (the chunk's entries shifted by
+  ``offset mod 8``, entries outside the chunk masked), so one pair of Philox calls
+  (streams 0 and 1) serves eight consecutive entries: 2·BLOCK/8 calls on [BLOCK/8]
+  vectors, their eight 16-bit halves interleaved into the block's order. The GPU computes
+  both halves of every word (the C kernel only the rare low halves it needs). Philox is uint32 arithmetic (``tl.umulhi`` and a wrapping
   product), with the ten round keys computed on the host. The election packs each
   model's kept bit into an int32 so the second sweep does not draw again.
 * ``histogram``: per block the base is loaded once and each model row in turn
@@ -172,17 +174,28 @@ def _philox10(c0, c1, c2, c3, rk_ptr):
 
 
 @triton.jit
-def _dare_words(q0, model, rk_ptr, BLOCK: tl.constexpr):
-    """r_model(g) for the BLOCK entries g = 4·q0 .. 4·q0 + BLOCK − 1 (q0 int64): one Philox
-    call per q = q0 .. q0 + BLOCK/4 − 1 on counter (q low, q high, model, 0), its words
-    w = 0..3 at g = 4q + w. uint32 [BLOCK]."""
-    q = q0 + tl.arange(0, BLOCK // 4).to(tl.int64)
+def _halves(q0, model, stream, rk_ptr, BLOCK: tl.constexpr):
+    """The BLOCK 16-bit halves of Philox4x32-10 on counters (q low, q high, model, stream),
+    q = q0 .. q0 + BLOCK/8 − 1, in order: half h of call q at 8·(q − q0) + h, half 2k the
+    low 16 bits of word k, half 2k + 1 its high 16 bits. uint32 [BLOCK]."""
+    q = q0 + tl.arange(0, BLOCK // 8).to(tl.int64)
     c0 = (q & 0xFFFFFFFF).to(tl.uint32)
     c1 = (q >> 32).to(tl.uint32)
-    c2 = tl.zeros([BLOCK // 4], tl.uint32) + model
-    c3 = tl.zeros([BLOCK // 4], tl.uint32)
+    c2 = tl.zeros([BLOCK // 8], tl.uint32) + model
+    c3 = tl.zeros([BLOCK // 8], tl.uint32) + stream
     r0, r1, r2, r3 = _philox10(c0, c1, c2, c3, rk_ptr)
-    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    h0, h2, h4, h6 = r0 & 0xFFFF, r1 & 0xFFFF, r2 & 0xFFFF, r3 & 0xFFFF
+    h1, h3, h5, h7 = r0 >> 16, r1 >> 16, r2 >> 16, r3 >> 16
+    even = tl.interleave(tl.interleave(h0, h4), tl.interleave(h2, h6))
+    odd = tl.interleave(tl.interleave(h1, h5), tl.interleave(h3, h7))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _dare_words(q0, model, rk_ptr, BLOCK: tl.constexpr):
+    """r_model(g) = hi·2^16 + lo for the BLOCK entries g = 8·q0 .. 8·q0 + BLOCK − 1 (q0
+    int64): hi and lo the halves of streams 0 and 1 (``_halves``). uint32 [BLOCK]."""
+    return (_halves(q0, model, 0, rk_ptr, BLOCK) << 16) | _halves(q0, model, 1, rk_ptr, BLOCK)
 
 
 @triton.jit
@@ -207,7 +220,7 @@ def _dare_words_kernel(out_ptr, rk_ptr, N, qbase, shift, model, BLOCK: tl.conste
     (offset = 4·qbase + shift)."""
     blk = tl.program_id(0)
     offs = _offsets(blk, BLOCK) - shift
-    r = _dare_words(qbase + tl.cast(blk, tl.int64) * (BLOCK // 4), model, rk_ptr, BLOCK)
+    r = _dare_words(qbase + tl.cast(blk, tl.int64) * (BLOCK // 8), model, rk_ptr, BLOCK)
     tl.store(out_ptr + offs, r.to(tl.int64), mask=(offs >= 0) & (offs < N))
 
 
@@ -363,9 +376,9 @@ def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, k
                        RANKED: tl.constexpr, RESCALE: tl.constexpr):
     """``_merge_kernel`` with DARE's random drop (docs/spec.md §8a) in place of the trim,
     on a base; SLACK: protected entries are kept and weigh w_i (§4a). The chunk holds entries offset .. offset + N − 1 of the
-    tensor, offset = 4·qbase + shift (0 ≤ shift < 4): block b covers g = 4·qbase + b·BLOCK
+    tensor, offset = 8·qbase + shift (0 ≤ shift < 8): block b covers g = 8·qbase + b·BLOCK
     + 0..BLOCK − 1, i.e. chunk entries j = b·BLOCK − shift + 0..BLOCK − 1 (others masked),
-    so every block starts at g ≡ 0 (mod 4). w_ptr: fp64 [2·NM + 2] = (w_i..., λ, Σ w_i,
+    so every block starts at g ≡ 0 (mod 8). w_ptr: fp64 [2·NM + 2] = (w_i..., λ, Σ w_i,
     c_i...); drp_ptr: int64 [NM + 20] = (T_i..., the round keys of ``philox_round_keys``).
     RANKED (DELLA, §8d): keep_ptr int64 [n, N] holds per-entry T_i(g) instead of T_i, and
     RESCALE weighs a kept entry (w_i·2^32) / T_i(g).
@@ -380,7 +393,7 @@ def _merge_drop_kernel(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, k
         offs = _offsets(blk, BLOCK) - shift
         c = _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, keep_ptr, N,
                          offs, (offs >= 0) & (offs < N),
-                         qbase + tl.cast(blk, tl.int64) * (BLOCK // 4),
+                         qbase + tl.cast(blk, tl.int64) * (BLOCK // 8),
                          rows, scale, wsum, c, True, False, ELECT, SLACK, NORMALIZE, N_MODELS,
                          NM, BASE_BF16, MODELS_BF16, OUT_BF16, OUT_F32, BLOCK, True, False,
                          RANKED, RESCALE)
@@ -443,7 +456,7 @@ def _merge_block(base_ptr, models_ptr, out_ptr, w_ptr, par_ptr, drp_ptr, keep_pt
                  RANKED: tl.constexpr, RESCALE: tl.constexpr):
     """One block of the fused pass (entries ``offs``, ``inb`` in the chunk): elect,
     select, combine, store θ; returns the counters ``c`` plus this block's. DROP: kept_i
-    from DARE's words r_i for g = 4·q0 + 0..BLOCK − 1 (``_dare_words``) instead of t_i."""
+    from DARE's words r_i for g = 8·q0 + 0..BLOCK − 1 (``_dare_words``) instead of t_i."""
     c_kept, c_prot, c_sel, c_drop, c_imp, c_timp, c_nonf = c
     rk_ptr = drp_ptr + NM                                        # DROP: the round keys
     if ON_BASE:
@@ -741,7 +754,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
     nm = triton.next_power_of_2(n)
     interp = _interpreted()
     block = _power_of_two(block or (256 if interp else MERGE_BLOCK), "block", 1 << 15)
-    shift = cfg.offset & 3 if cfg.drops else 0       # DARE: blocks start at g ≡ 0 (mod 4)
+    shift = cfg.offset & 7 if cfg.drops else 0       # DARE: blocks start at g ≡ 0 (mod 8)
     grid, iters = _grid(device, triton.cdiv(N + shift, block), programs)
     w, par, drp = _params(cfg, nm, device)
     partial = torch.empty(grid, n, _N_COUNTERS, dtype=torch.int32, device=device)
@@ -752,7 +765,7 @@ def merge(base: torch.Tensor | None, models: torch.Tensor, out: torch.Tensor,
             keep = w if cfg.keep is None else cfg.keep.to(device=device, dtype=torch.int64)
             _merge_drop_kernel[(grid,)](
                 _kernel_view(base), _kernel_view(models), _kernel_view(out), w, par, drp,
-                keep.contiguous(), partial, N, grid, (cfg.offset - shift) >> 2, shift,
+                keep.contiguous(), partial, N, grid, (cfg.offset - shift) >> 3, shift,
                 ELECT=("none", "sum", "count").index(cfg.elect), SLACK=cfg.has_slack,
                 NORMALIZE=bool(cfg.normalize), N_MODELS=n, NM=nm,
                 BASE_BF16=base.dtype == torch.bfloat16,
@@ -793,11 +806,11 @@ def dare_words(key: int, model: int, offset: int, n: int, *, block: int = 256,
     """DARE's random words r_model(offset .. offset + n − 1) (docs/spec.md §8a), placed in
     blocks as the merge places them; int64 [n] of uint32 values on ``device``. Tests."""
     _power_of_two(block, "block", 1 << 15)
-    shift = offset & 3
+    shift = offset & 7
     out = torch.empty(n, dtype=torch.int64, device=device)
     rk = torch.tensor(philox_round_keys(int(key)), dtype=torch.int64, device=device)
     if n:
         with _launch_context(out.device):
             _dare_words_kernel[(triton.cdiv(n + shift, block),)](
-                out, rk, n, (offset - shift) >> 2, shift, int(model), BLOCK=block)
+                out, rk, n, (offset - shift) >> 3, shift, int(model), BLOCK=block)
     return out

@@ -114,13 +114,19 @@ def _interpreted():
 # 2. the stream r_i(g)
 
 def definition_words(key, model, offset, n):
-    """r_model(g) written out from the spec, one scalar Philox call per entry."""
+    """r_model(g) written out from the spec, two scalar Philox calls per entry: the 16-bit
+    half g mod 8 (low half of word k first) of stream 0's call is the high half of r, of
+    stream 1's the low half."""
     k = philox.split_key(key)
-    return [philox.philox4x32(((g >> 2) & 0xFFFFFFFF, g >> 34, model, 0), k)[g & 3]
-            for g in range(offset, offset + n)]
+
+    def half(g, stream):
+        word = philox.philox4x32(((g >> 3) & 0xFFFFFFFF, g >> 35, model, stream), k)[(g & 7) // 2]
+        return word & 0xFFFF if g % 2 == 0 else word >> 16
+
+    return [half(g, 0) * 65536 + half(g, 1) for g in range(offset, offset + n)]
 
 
-STREAMS = [(0, 0, 41), (KEY, 3, 1), (KEY, 7, 2), (1, 1, 4 * (1 << 32) - 9)]
+STREAMS = [(0, 0, 41), (KEY, 3, 1), (KEY, 7, 2), (1, 1, 8 * (1 << 32) - 9)]
 
 
 @pytest.mark.parametrize("key,model,offset", [s[:3] for s in STREAMS])
@@ -146,7 +152,7 @@ def philox_variant(request):
 def test_stream_c_matches_reference(philox_variant):
     assert C.use_philox() == philox_variant
     for key, model, offset in [(0, 0, 0), (KEY, 2, 1), (KEY, 5, 2), (KEY, 1, 3), (7, 63, 1001),
-                               (2**64 - 1, 0, 4 * (1 << 32) - 300), (KEY, 1, 2**61 + 3)]:
+                               (2**64 - 1, 0, 8 * (1 << 32) - 300), (KEY, 1, 2**61 + 3)]:
         for n in (1, 3, 255, 256, 257, 1000):
             want = philox.random_words(key, model, offset, n)
             assert torch.equal(C.dare_words(key, model, offset, n), want), (key, model, offset, n)
@@ -157,7 +163,7 @@ def test_stream_c_matches_reference(philox_variant):
 def test_stream_triton_matches_reference(block):
     T = _triton_module()
     device = "cpu" if _interpreted() else "cuda"
-    for key, model, offset, n in [(KEY, 0, 0, 300), (KEY, 3, 1, 77), (9, 7, 4 * (1 << 32) - 6, 50),
+    for key, model, offset, n in [(KEY, 0, 0, 300), (KEY, 3, 1, 77), (9, 7, 8 * (1 << 32) - 6, 50),
                                   (2**64 - 1, 2, 2**61 + 2, 33)]:
         got = T.dare_words(key, model, offset, n, block=block, device=device).cpu()
         assert torch.equal(got, philox.random_words(key, model, offset, n)), (key, offset, n)
@@ -297,6 +303,42 @@ def test_rescale_and_normalize_matter():
         outs[(rescale, normalize, elect)] = run(R.merge, base, models, cfg, F32)[0]
     vals = list(outs.values())
     assert all(not torch.equal(a, b) for i, a in enumerate(vals) for b in vals[i + 1:])
+
+
+def tie_densities(key, n, N, offset):
+    """Densities that make the high half of r decide nothing at one entry e_i per model:
+    T_i = hi_i(e_i)·2^16 + (lo_i(e_i) + 1, lo_i(e_i), 0) for models 0, 1, 2 (kept by its
+    low half, dropped by it, dropped with T mod 2^16 = 0). Returns (densities, entries)."""
+    dens, ents = [], []
+    for i in range(n):
+        r = philox.random_words(key, i, offset, N)
+        e = next(j for j in range(7 * i + 3, N) if 0 < int(r[j]) & 0xFFFF < 0xFFFF)
+        hi, lo = int(r[e]) >> 16, int(r[e]) & 0xFFFF
+        T = (hi << 16) + (lo + 1, lo, 0)[i % 3]
+        dens.append(T / 2**32)                      # exact: T < 2^32 fits an fp64
+        ents.append(e)
+    return tuple(dens), ents
+
+
+@pytest.mark.parametrize("method", DARE)
+def test_low_half_decides_where_the_high_half_ties(method, philox_variant):
+    """Where hi = ⌊T / 2^16⌋ the kernels draw r's low half (stream 1) to decide r < T:
+    C (each Philox variant) equals the reference and the spec written out, and the
+    decisive entries go the way their low halves say (a kernel that decided by the high
+    half alone would drop the first)."""
+    n, N, dtype, offset = 3, 3000, F16, 13
+    base, models = _inputs(n, N, dtype, seed=9)
+    density, ents = tie_densities(KEY, n, N, offset)
+    for rescale, normalize, elect in MODES[:2]:
+        cfg = cfg_for(method, n, density=density, offset=offset, rescale=rescale,
+                      normalize=normalize, elect=elect)
+        assert [philox.drop_threshold(d) for d in density] == [math.floor(d * 2**32)
+                                                                for d in density]
+        want = run(R.merge, base, models, cfg, dtype)
+        assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {cfg}")
+        out, kept, _ = derive(base, models, cfg, dtype)
+        assert torch.equal(want[0].view(torch.uint8), out.view(torch.uint8)), "reference vs spec"
+        assert [bool(kept[i, e]) for i, e in enumerate(ents)] == [True, False, False]
 
 
 # ---------------------------------------------------------------------------------------

@@ -277,6 +277,48 @@ def test_epsilon_zero_is_dare():
                     "ε = 0")
 
 
+def high_half_ties(cfg, N):
+    """Per model, how many entries have hi = ⌊T / 2^16⌋ with T mod 2^16 ≠ 0 (where r's low
+    half decides r < T, docs/spec.md §8a)."""
+    T = cfg.keep
+    return [int(((philox.random_words(cfg.key, i, cfg.offset, N) >> 16 == T[i] >> 16)
+                 & (T[i] & 0xFFFF != 0)).sum()) for i in range(T.shape[0])]
+
+
+@pytest.mark.parametrize("method", DELLA)
+def test_low_half_decides_where_the_high_half_ties(method):
+    """Per-entry thresholds T_i(g) = hi_i(g)·2^16 + (a random low half): at every entry the
+    high half ties and r's low half decides. C and the reference equal the spec written out
+    (outputs, kept counts); about half the entries are kept."""
+    n, shape, dtype, offset = 2, (40, 50), BF16, 21
+    N = math.prod(shape)
+    base, models = make_inputs(n, N, dtype, seed=12)
+    cfg = cfg_for(method, base, models, n, shape, offset=offset)
+    g = torch.Generator().manual_seed(5)
+    hi = torch.stack([philox.random_words(KEY, i, offset, N) >> 16 for i in range(n)])
+    cfg = dataclasses.replace(cfg, keep=(hi << 16) + torch.randint(1, 1 << 16, (n, N), generator=g))
+    assert high_half_ties(cfg, N) == [N] * n
+    want = run(R.merge, base, models, cfg, dtype)
+    assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {method}")
+    out, kept, *_ = derive(base, models, cfg, dtype)
+    assert torch.equal(want[0].view(torch.uint8), out.view(torch.uint8)), "reference vs spec"
+    assert want[1][:, KEPT].tolist() == kept.sum(1).tolist()
+    assert all(0.4 * N < k < 0.6 * N for k in kept.sum(1).tolist())
+
+
+def test_fused_rank_stage_meets_high_half_ties():
+    """The C pass ranking rows itself (rank_keep) on rows long enough to meet some entries
+    whose high half ties (a few per 2^16): the reference's bytes and counters."""
+    n, shape, dtype = 2, (64, 4096), F16
+    N = math.prod(shape)
+    base, models = make_inputs(n, N, dtype, seed=14)
+    per_entry, per_rank = rank_cfgs("della", base, models, shape, (0.3, 0.5), (0.2, 0.1),
+                                    offset=6)
+    assert min(high_half_ties(per_entry, N)) >= 1
+    want = run(R.merge, base, models, per_entry, dtype)
+    assert_same(run(C.merge, base, models, per_rank, dtype), want, "C fused rank stage")
+
+
 # ---------------------------------------------------------------------------------------
 # 4. chunkings, threads, blocks
 

@@ -14,9 +14,10 @@
  *   sel_i = kept_i ∧ sign(w_i·x_i) = γ (no election: kept_i);  D = Σ w_i·sel_i·x_i,
  *   W = Σ w_i·sel_i (no election: Σ w_i);  m = D / W (normalize, W != 0) or D;
  *   θ = f32(θ_b) + λ·m (or m), rounded once to the output dtype (RNE).
- * DARE (spec §8a) replaces the trim by a random drop: kept_i = r_i(g) < T_i, r_i(g) word
- * g & 3 of Philox4x32-10(key, (g >> 2 low, high, i, 0)) for the entry's global index g =
- * offset + j; sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
+ * DARE (spec §8a) replaces the trim by a random drop: kept_i = r_i(g) < T_i, r_i(g) =
+ * hi·2^16 + lo, the 16-bit halves g & 7 of Philox4x32-10(key, (g >> 3 low, high, i, s))
+ * for s = 0, 1, for the entry's global index g = offset + j (lo computed only where hi
+ * ties with T_i >> 16); sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
  * a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
  * T_i(g) and c_i(g) = (w_i·2^32) / T_i(g) with rescale: given (a->keep, from the torch
  * rank stage), or ranked here (a->rank_keep: the per-rank table; threads take whole rows,
@@ -506,71 +507,107 @@ int fm_bracket(const fm_bracket_args *a)
 /* ------------------------------------------------------------------------------------ */
 /* DARE's random drop (docs/spec.md §8a): Philox4x32-10                                 */
 
-/* room for a block's Philox calls (<= (FM_BLOCK + 6) / 4), rounded up to whole batches */
-#define FM_RGROUPS ((FM_BLOCK / 4 + 2 + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH)
+/* r_i(g) = hi·2^16 + lo (spec 8a): hi from the halves of stream 0, one Philox call per
+ * eight entries; lo from stream 1, needed only where hi alone does not decide r < T. */
 
-/* r[s + j] = r_model(g0 + j) for j < len (len <= FM_BLOCK), s = g0 & 3: one Philox call
- * per group q = g >> 2 of four consecutive g, word g & 3 (r holds the whole groups, from
- * 4·(g0 >> 2); room for 4·FM_RGROUPS words). */
-FM_INLINE void dare_words(uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1,
-                          uint32_t model)
+/* room for a block's Philox calls (<= (FM_BLOCK + 14) / 8), rounded up to whole batches */
+#define FM_RGROUPS ((FM_BLOCK / 8 + 2 + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH)
+
+/* The high halves hi_model(g0 + j), j < len (len <= FM_BLOCK): returned at r + (g0 & 7),
+ * r holding the whole groups q = g >> 3 from 8·(g0 >> 3) (room for 8·FM_RGROUPS). */
+FM_INLINE const uint16_t *dare_high(uint16_t *restrict r, uint64_t g0, int len, uint32_t k0,
+                                    uint32_t k1, uint32_t model)
 {
-    fm_philox_groups(r, g0 >> 2, ((int)(g0 & 3) + len + 3) >> 2, k0, k1, model);
+    fm_philox_halves(r, g0 >> 3, ((int)(g0 & 7) + len + 7) >> 3, k0, k1, model, 0);
+    return r + (g0 & 7);
+}
+
+/* The low half lo_model(g): half g mod 8 of stream 1's call for q = g >> 3. */
+static uint32_t dare_low(uint64_t g, uint32_t k0, uint32_t k1, uint32_t model)
+{
+    uint32_t c[4] = {(uint32_t)(g >> 3), (uint32_t)(g >> 35), model, 1};
+    fm_philox4x32_10(c, k0, k1);
+    return (c[(g & 7) >> 1] >> (16 * (g & 1))) & 0xFFFFu;
+}
+
+/* r < T where hi = T >> 16 (the ties keep[j] left undecided): keep[j] = lo < T mod 2^16.
+ * T: per entry (T != NULL) or thr for all. Rare: 2^-16 of the entries. */
+static void settle_ties(int32_t *restrict keep, const uint16_t *restrict h, uint64_t g0,
+                        int len, uint32_t k0, uint32_t k1, uint32_t model,
+                        const int64_t *restrict T, uint32_t thr)
+{
+    for (int j = 0; j < len; j++) {
+        const int64_t t = T ? T[j] : (int64_t)thr;
+        if (h[j] == t >> 16) keep[j] = dare_low(g0 + (uint64_t)j, k0, k1, model) < (t & 0xFFFF);
+    }
 }
 
 /* keep[j] = kept_model(g0 + j) = r_model(g0 + j) < T (T = thr, or 2^32 when all): the
  * drop mask of one model over one block. Density 1 or 0 needs no random words. */
-FM_INLINE void dare_keep(int32_t *restrict keep, uint32_t *restrict r, uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
-                         uint32_t thr, uint32_t all)
+FM_INLINE void dare_keep(int32_t *restrict keep, uint16_t *restrict r, uint64_t g0, int len,
+                         uint32_t k0, uint32_t k1, uint32_t model, uint32_t thr, uint32_t all)
 {
     if (all || thr == 0) {
         for (int j = 0; j < len; j++) keep[j] = (int32_t)all;
         return;
     }
-    dare_words(r, g0, len, k0, k1, model);
-    const uint32_t *restrict rs = r + (g0 & 3);
-    for (int j = 0; j < len; j++) keep[j] = rs[j] < thr;
+    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
+    const uint32_t hi = thr >> 16;
+    int32_t tie = 0;
+    for (int j = 0; j < len; j++) {
+        keep[j] = h[j] < hi;
+        tie |= h[j] == hi;
+    }
+    if (tie && (thr & 0xFFFF)) settle_ties(keep, h, g0, len, k0, k1, model, NULL, thr);
 }
 
 /* DELLA (spec 8d): keep[j] = r_model(g0 + j) < T[j] (T in [0, 2^32], per entry) and
  * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
-FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
+FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint16_t *restrict r,
                            uint64_t g0, int len, uint32_t k0,
                            uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
                            int rescale)
 {
-    dare_words(r, g0, len, k0, k1, model);
-    const uint32_t *restrict rs = r + (g0 & 3);
+    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
     const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
+    int32_t tie = 0;
     for (int j = 0; j < len; j++) {
-        keep[j] = (int64_t)rs[j] < T[j];
+        const int64_t hi = T[j] >> 16;
+        keep[j] = h[j] < hi;
+        tie |= h[j] == hi;
         cf[j] = rescale ? (T[j] != 0 ? w32 / (double)T[j] : 0.0) : w;
     }
+    if (tie) settle_ties(keep, h, g0, len, k0, k1, model, T, 0);
 }
 
 /* DELLA with the fused rank stage: keep[j] = r_model(g0 + j) < T[j], cf[j] = C[j], with T
  * and C the row's per-entry thresholds and factors (rank_row). */
-FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint32_t *restrict r,
+FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint16_t *restrict r,
                         uint64_t g0, int len, uint32_t k0, uint32_t k1,
                         uint32_t model, const int64_t *restrict T, const double *restrict C)
 {
-    dare_words(r, g0, len, k0, k1, model);
-    const uint32_t *restrict rs = r + (g0 & 3);
+    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
+    int32_t tie = 0;
     for (int j = 0; j < len; j++) {
-        keep[j] = (int64_t)rs[j] < T[j];
+        const int64_t hi = T[j] >> 16;
+        keep[j] = h[j] < hi;
+        tie |= h[j] == hi;
         cf[j] = C[j];
     }
+    if (tie) settle_ties(keep, h, g0, len, k0, k1, model, T, 0);
 }
 
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
-    uint32_t r[4 * FM_RGROUPS];
+    uint16_t hi[8 * FM_RGROUPS], lo[8 * FM_RGROUPS];
     for (int64_t off = 0; off < N; off += FM_BLOCK) {
         const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
         const uint64_t g0 = (uint64_t)(offset + off);
-        dare_words(r, g0, len, k0, k1, model);
-        memcpy(dst + off, r + (g0 & 3), (size_t)len * sizeof(uint32_t));
+        const int s = (int)(g0 & 7), ng = (s + len + 7) >> 3;
+        fm_philox_halves(hi, g0 >> 3, ng, k0, k1, model, 0);
+        fm_philox_halves(lo, g0 >> 3, ng, k0, k1, model, 1);
+        for (int j = 0; j < len; j++) dst[off + j] = (uint32_t)hi[s + j] << 16 | lo[s + j];
     }
 }
 
@@ -590,7 +627,7 @@ typedef struct {
     double *theta;  /* θ before its one rounding */
     int32_t *km;    /* drop: [n][FM_BLOCK] kept_i */
     double *cf;     /* DELLA: [n][FM_BLOCK] c_i of each entry (DARE: a->cw[i]) */
-    uint32_t *rb;   /* drop: [4 * FM_RGROUPS] one model's random words */
+    uint16_t *rb;   /* drop: [8 * FM_RGROUPS] one model's high halves */
     /* the fused rank stage (a->rank_keep), for the row being merged: */
     int64_t r0;     /* the row's first entry (chunk index) */
     int64_t *rT;    /* [n][M] T_i of the row's entries */
@@ -923,7 +960,7 @@ FM_CLONES static void rank_row(const fm_merge_args *a, const rank_tables *tb, me
 static int merge_scratch_init(merge_scratch *s, arena *ar, int n, int64_t M)
 {
     const size_t row = FM_BLOCK * sizeof(float), drow = FM_BLOCK * sizeof(double);
-    const size_t rrow = 4 * FM_RGROUPS * sizeof(uint32_t);
+    const size_t rrow = 8 * FM_RGROUPS * sizeof(uint16_t);
     const size_t m = (size_t)M, hist = 3 * FM_RANK_BINS * sizeof(uint32_t);
     size_t bytes = rounded(row) * (4 + (size_t)n) + rounded(drow) * 5 +
                    rounded(FM_BLOCK * sizeof(int32_t)) +

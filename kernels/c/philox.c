@@ -1,5 +1,6 @@
 /* Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R(10, ...)) for DARE's random
- * words (docs/spec.md §8a): one call per counter, four words per call.
+ * words (docs/spec.md §8a): one call per counter, its four words read as eight 16-bit
+ * halves (half 2k: the low 16 bits of word k, half 2k + 1: the high 16 bits).
  *
  * A round on counter (a, b, c, d) under key (k0, k1), with the 64-bit products
  * M0·a = hi0·2^32 + lo0 and M1·c = hi1·2^32 + lo1:
@@ -10,8 +11,9 @@
  * vpmuludq (which reads only the low halves) gives the 64-bit products of a whole vector
  * of counters; the high halves may hold garbage, which no later step reads. They run two
  * independent vectors at a time (8 or 16 counters; measured best on Zen 4, more spill or
- * gain nothing) and store the words interleaved, a0 b0 c0 d0 a1 ... Integer operations
- * only: every variant gives the same words. Without target-clone support (non-x86 or an
+ * gain nothing) and store the words interleaved, a0 b0 c0 d0 a1 ... (on x86, little-endian,
+ * the halves are then in order). Integer operations only: every variant gives the same
+ * words. Without target-clone support (non-x86 or an
  * old compiler) only the scalar variant is built.
  */
 #include "philox.h"
@@ -41,18 +43,18 @@ static inline void philox10(uint32_t c[4], uint32_t k0, uint32_t k1)
 
 void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) { philox10(ctr, k0, k1); }
 
-static void groups_scalar(uint32_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
-                          uint32_t model)
+static void groups_scalar(uint16_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
+                          uint32_t model, uint32_t stream)
 {
     const int n = (ng + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH;
     for (int q = 0; q < n; q++) {
         const uint64_t c = q0 + (uint64_t)q;
-        uint32_t *w = r + 4 * (size_t)q;
-        w[0] = (uint32_t)c;
-        w[1] = (uint32_t)(c >> 32);
-        w[2] = model;
-        w[3] = 0;
+        uint32_t w[4] = {(uint32_t)c, (uint32_t)(c >> 32), model, stream};
         philox10(w, k0, k1);
+        for (int k = 0; k < 4; k++) {
+            r[8 * (size_t)q + 2 * k] = (uint16_t)w[k];
+            r[8 * (size_t)q + 2 * k + 1] = (uint16_t)(w[k] >> 16);
+        }
     }
 }
 
@@ -77,8 +79,8 @@ static void groups_scalar(uint32_t *r, uint64_t q0, int ng, uint32_t k0, uint32_
         k1 += W1;                                                                         \
     } while (0)
 
-FM_AVX2 static void groups_avx2(uint32_t *r, uint64_t q0, int ng, uint32_t k0_, uint32_t k1_,
-                                uint32_t model)
+FM_AVX2 static void groups_avx2(uint16_t *r, uint64_t q0, int ng, uint32_t k0_, uint32_t k1_,
+                                uint32_t model, uint32_t stream)
 {
     enum { V = 2 };    /* more vectors would spill: AVX2 has 16 registers */
     const __m256i m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
@@ -91,7 +93,7 @@ FM_AVX2 static void groups_avx2(uint32_t *r, uint64_t q0, int ng, uint32_t k0_, 
             a[v] = _mm256_add_epi64(_mm256_set1_epi64x(qv), step);   /* b: high halves */
             b[v] = _mm256_srli_epi64(a[v], 32);
             c[v] = _mm256_set1_epi64x(model);
-            d[v] = _mm256_setzero_si256();
+            d[v] = _mm256_set1_epi64x(stream);
         }
         for (int rd = 0; rd < 10; rd++)
             ROUND(__m256i, _mm256_mul_epu32, _mm256_srli_epi64, _mm256_xor_si256,
@@ -100,15 +102,15 @@ FM_AVX2 static void groups_avx2(uint32_t *r, uint64_t q0, int ng, uint32_t k0_, 
             const __m256i ab = _mm256_blend_epi32(a[v], _mm256_slli_epi64(b[v], 32), 0xAA);
             const __m256i cd = _mm256_blend_epi32(c[v], _mm256_slli_epi64(d[v], 32), 0xAA);
             const __m256i lo = _mm256_unpacklo_epi64(ab, cd), hi = _mm256_unpackhi_epi64(ab, cd);
-            __m256i *out = (__m256i *)(r + 4 * (size_t)(q + 4 * v));
+            __m256i *out = (__m256i *)(r + 8 * (size_t)(q + 4 * v));
             _mm256_storeu_si256(out, _mm256_permute2x128_si256(lo, hi, 0x20));
             _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(lo, hi, 0x31));
         }
     }
 }
 
-FM_AVX512 static void groups_avx512(uint32_t *r, uint64_t q0, int ng, uint32_t k0_,
-                                    uint32_t k1_, uint32_t model)
+FM_AVX512 static void groups_avx512(uint16_t *r, uint64_t q0, int ng, uint32_t k0_,
+                                    uint32_t k1_, uint32_t model, uint32_t stream)
 {
     enum { V = FM_PHILOX_BATCH / 8 };
     const __m512i m0 = _mm512_set1_epi64(M0), m1 = _mm512_set1_epi64(M1);
@@ -123,7 +125,7 @@ FM_AVX512 static void groups_avx512(uint32_t *r, uint64_t q0, int ng, uint32_t k
             a[v] = _mm512_add_epi64(_mm512_set1_epi64(qv), step);    /* b: high halves */
             b[v] = _mm512_srli_epi64(a[v], 32);
             c[v] = _mm512_set1_epi64(model);
-            d[v] = _mm512_setzero_si512();
+            d[v] = _mm512_set1_epi64(stream);
         }
         for (int rd = 0; rd < 10; rd++)
             ROUND(__m512i, _mm512_mul_epu32, _mm512_srli_epi64, _mm512_xor_si512,
@@ -131,15 +133,15 @@ FM_AVX512 static void groups_avx512(uint32_t *r, uint64_t q0, int ng, uint32_t k
         for (int v = 0; v < V; v++) {   /* lanes (a_l | b_l << 32), (c_l | d_l << 32), in order */
             const __m512i ab = _mm512_mask_blend_epi32(0xAAAA, a[v], _mm512_slli_epi64(b[v], 32));
             const __m512i cd = _mm512_mask_blend_epi32(0xAAAA, c[v], _mm512_slli_epi64(d[v], 32));
-            uint32_t *out = r + 4 * (size_t)(q + 8 * v);
+            uint16_t *out = r + 8 * (size_t)(q + 8 * v);
             _mm512_storeu_si512(out, _mm512_permutex2var_epi64(ab, first, cd));
-            _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(ab, second, cd));
+            _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi64(ab, second, cd));
         }
     }
 }
 #endif
 
-typedef void (*groups_fn)(uint32_t *, uint64_t, int, uint32_t, uint32_t, uint32_t);
+typedef void (*groups_fn)(uint16_t *, uint64_t, int, uint32_t, uint32_t, uint32_t, uint32_t);
 
 static struct {
     const char *name;
@@ -176,8 +178,8 @@ void fm_philox_init(void)
 
 const char *fm_philox_variant(void) { return g_impl.name; }
 
-void fm_philox_groups(uint32_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
-                      uint32_t model)
+void fm_philox_halves(uint16_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
+                      uint32_t model, uint32_t stream)
 {
-    g_impl.fn(r, q0, ng, k0, k1, model);
+    g_impl.fn(r, q0, ng, k0, k1, model, stream);
 }

@@ -7,11 +7,12 @@
 
 #define FM_PHILOX_BATCH 16     /* counters per step: callers give r room for ng rounded up */
 
-/* r[4q + k] = word k of Philox4x32-10(c, (k0, k1)) with counter
- * c = ((q0 + q) mod 2^32, (q0 + q) >> 32, model, 0), for q < ng rounded up to a multiple
- * of FM_PHILOX_BATCH. */
-void fm_philox_groups(uint32_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
-                      uint32_t model);
+/* r[8q + h] = 16-bit half h of Philox4x32-10(c, (k0, k1)) (half 2k: the low 16 bits of
+ * word k; half 2k + 1: its high 16 bits) with counter
+ * c = ((q0 + q) mod 2^32, (q0 + q) >> 32, model, stream), for q < ng rounded up to a
+ * multiple of FM_PHILOX_BATCH. */
+void fm_philox_halves(uint16_t *r, uint64_t q0, int ng, uint32_t k0, uint32_t k1,
+                      uint32_t model, uint32_t stream);
 
 /* Philox4x32-10 (Random123's philox4x32_R(10, ctr, key)) of one counter, in place. */
 void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1);
