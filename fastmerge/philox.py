@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57          # round multipliers
 W0, W1 = 0x9E3779B9, 0xBB67AE85          # key increments (Weyl sequence)
@@ -125,7 +129,6 @@ def drop_threshold(density: float) -> int:
 def keep_mask(key: int, model: int, offset: int, n: int, threshold: int,
               device=None) -> torch.Tensor:
     """kept_model(g) = r_model(g) < T for g = offset .. offset + n − 1 (bool [n])."""
-    import torch  # noqa: PLC0415  (torch loads on first use)
     return random_words(key, model, offset, n, device) < int(threshold)
 
 
