@@ -76,7 +76,8 @@ class KernelConfig:
     x_i = τ_i = f32(θ_i) − f32(θ_b) when ``on_base``, else x_i = f32(θ_i) (no base).
     trim  (``t`` not None): kept_i = |x_i| ≥ t_i; t_i = +inf keeps none. None: all kept.
     drop  (``density`` not None; DARE, §8a, instead of a trim): kept_i = r_i(g) < T_i with
-      r_i(g) the Philox4x32-10 word of entry g = ``offset`` + j of model i under ``key``
+      r_i(g) the 32-bit Philox4x32-10 word of entry g = ``offset`` + j of model i under
+      ``key`` (two 16-bit halves, fastmerge.philox.random_words)
       and T_i = ⌊d_i·2^32⌋ (``drop_thresholds``; d_i = 1 keeps all, d_i = 0 none).
     ranked drop (``keep`` not None; DELLA, §8d, instead of ``density``): kept_i(g) =
       r_i(g) < T_i(g) with per-entry thresholds ``keep`` (int64 [n, N] of this chunk, in
