@@ -21,8 +21,10 @@ Methods alternate in every repeat (machine noise hits all alike); the medians an
 ratio of each method's ``pass`` to TIES's are reported, as JSON and a Markdown table.
 
 ``--other PATH``: another build of ``fastmerge._cmerge`` (e.g. the commit before a kernel
-change, built in a worktree); every method it can run (not DELLA's rank_keep, new here;
-``nuslerp_columns`` with the reference's statistics pass) is then also timed on it, as ``method@other``, in the same alternation (an A/B in one run).
+change, built in a worktree); every method it can run is then also timed on it, as
+``method@other``, in the same alternation (an A/B in one run): ``nuslerp_columns`` with
+the reference's statistics pass, DELLA only with ``--other-ranks`` (a build whose pass
+ranks rows itself, ``rank_keep``: 2026-12-02 or later).
 ``--methods ...,nuslerp_columns@reference``: that method with the reference's statistics
 pass (fastmerge.geometry.gram, torch) in place of the C one.
 """
@@ -144,13 +146,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--other", help="another build of fastmerge._cmerge (.so) to time too")
+    ap.add_argument("--other-ranks", action="store_true",
+                    help="the other build ranks DELLA's rows in its pass: time DELLA on it too")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     names = args.methods.split(",")
     other = load_ext(args.other) if args.other else None
     if other is not None:
-        names += [f"{m}@other" for m in names                # not DELLA's rank stage
-                  if "@" not in m and not methods.get(m.replace("_columns", "")).ranked]
+        names += [f"{m}@other" for m in names
+                  if "@" not in m and (args.other_ranks
+                                       or not methods.get(m.replace("_columns", "")).ranked)]
     rows = []
     for shape_s in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_s.split("x"))
