@@ -10,7 +10,7 @@
 help(fastmerge.merge) describes every parameter. The algebra is docs/spec.md's; backends
 (Triton on CUDA, C on CPU, the PyTorch reference) are chosen in fastmerge.backends.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import (BackendUnavailable, FastmergeError, InputError, OutputError,  # noqa: E402
                      ParameterError)
