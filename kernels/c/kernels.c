@@ -17,8 +17,8 @@
  * DARE (spec §8a) replaces the trim by a random drop: kept_i = r_i(g) < T_i, r_i(g) =
  * hi·2^16 + lo, the 16-bit halves g & 7 of Philox4x32-10(key, (g >> 3 low, high, i, s))
  * for s = 0, 1, for the entry's global index g = offset + j (lo computed only where hi
- * ties with T_i >> 16); sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with rescale),
- * a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
+ * ties with T_i >> 16); sum votes and D then weigh x_i by c_i (w_i, or w_i / d_i with
+ * rescale), a protected entry by w_i. DELLA (spec §8d) is the same drop with per-entry thresholds
  * T_i(g) and c_i(g) = (w_i·2^32) / T_i(g) with rescale: given (a->keep, from the torch
  * rank stage), or ranked here (a->rank_keep: the per-rank table; threads take whole rows,
  * rank each (rank.c) into per-thread buffers, then merge it).
@@ -530,8 +530,8 @@ static uint32_t dare_low(uint64_t g, uint32_t k0, uint32_t k1, uint32_t model)
     return (c[(g & 7) >> 1] >> (16 * (g & 1))) & 0xFFFFu;
 }
 
-/* r < T where hi = T >> 16 (the ties keep[j] left undecided): keep[j] = lo < T mod 2^16.
- * T: per entry (T != NULL) or thr for all. Rare: 2^-16 of the entries. */
+/* The ties: where hi = T >> 16, hi alone left keep[j] = 0; r < T is lo < T mod 2^16.
+ * T per entry (T != NULL) or thr for all. About 2^-16 of the entries. */
 static void settle_ties(int32_t *restrict keep, const uint16_t *restrict h, uint64_t g0,
                         int len, uint32_t k0, uint32_t k1, uint32_t model,
                         const int64_t *restrict T, uint32_t thr)
