@@ -194,9 +194,9 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
         distributed: split a merge to disk over the ranks of a torch.distributed process
             group (docs/spec.md §14): None (default) uses the default group when one is
             initialised with more than one rank (as under torchrun), True the same but
-            refused without one, False never splits, or a ProcessGroup. Every rank calls merge() with the same arguments; each
-            writes the output shards given to it and the output is byte-identical to a
-            single-process merge. On CUDA each rank uses GPU LOCAL_RANK. In-memory merges
+            refused without one, False never splits, or a ProcessGroup. Every rank calls
+            merge() with the same arguments; each writes the output shards given to it
+            and the output is byte-identical to a single-process merge. On CUDA each rank uses GPU LOCAL_RANK. In-memory merges
             are never split.
 
     Returns a MergeResult: ``result.path`` and ``result.report`` for a merge to disk;

@@ -38,8 +38,9 @@ Layout and determinism:
   ``offset mod 8``, entries outside the chunk masked), so one pair of Philox calls
   (streams 0 and 1) serves eight consecutive entries: 2·BLOCK/8 calls on [BLOCK/8]
   vectors, their eight 16-bit halves interleaved into the block's order. The GPU computes
-  both halves of every word (the C kernel only the rare low halves it needs). Philox is uint32 arithmetic (``tl.umulhi`` and a wrapping
-  product), with the ten round keys computed on the host. The election packs each
+  both halves of every word (the C kernel only the rare low halves it needs). Philox is
+  uint32 arithmetic (``tl.umulhi`` and a wrapping product), with the ten round keys
+  computed on the host. The election packs each
   model's kept bit into an int32 so the second sweep does not draw again.
 * ``histogram``: per block the base is loaded once and each model row in turn
   (``tl.static_range``). A 2048-bin ``tl.histogram`` costs about 2048/32 = 64 bit-twiddling
@@ -217,7 +218,7 @@ def _philox_kernel(ctr_ptr, rk_ptr, out_ptr, M, BLOCK: tl.constexpr):
 @triton.jit
 def _dare_words_kernel(out_ptr, rk_ptr, N, qbase, shift, model, BLOCK: tl.constexpr):
     """out[j] = r_model(offset + j) for j < N, blocks placed as in ``_merge_drop_kernel``
-    (offset = 4·qbase + shift)."""
+    (offset = 8·qbase + shift)."""
     blk = tl.program_id(0)
     offs = _offsets(blk, BLOCK) - shift
     r = _dare_words(qbase + tl.cast(blk, tl.int64) * (BLOCK // 8), model, rk_ptr, BLOCK)

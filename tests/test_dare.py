@@ -308,16 +308,17 @@ def test_rescale_and_normalize_matter():
 def tie_densities(key, n, N, offset):
     """Densities that make the high half of r decide nothing at one entry e_i per model:
     T_i = hi_i(e_i)·2^16 + (lo_i(e_i) + 1, lo_i(e_i), 0) for models 0, 1, 2 (kept by its
-    low half, dropped by it, dropped with T mod 2^16 = 0). Returns (densities, entries)."""
-    dens, ents = [], []
+    low half, dropped by it, dropped with T mod 2^16 = 0). Returns (densities, T, entries)."""
+    dens, ts, ents = [], [], []
     for i in range(n):
         r = philox.random_words(key, i, offset, N)
         e = next(j for j in range(7 * i + 3, N) if 0 < int(r[j]) & 0xFFFF < 0xFFFF)
         hi, lo = int(r[e]) >> 16, int(r[e]) & 0xFFFF
         T = (hi << 16) + (lo + 1, lo, 0)[i % 3]
         dens.append(T / 2**32)                      # exact: T < 2^32 fits an fp64
+        ts.append(T)
         ents.append(e)
-    return tuple(dens), ents
+    return tuple(dens), ts, ents
 
 
 @pytest.mark.parametrize("method", DARE)
@@ -328,12 +329,11 @@ def test_low_half_decides_where_the_high_half_ties(method, philox_variant):
     half alone would drop the first)."""
     n, N, dtype, offset = 3, 3000, F16, 13
     base, models = _inputs(n, N, dtype, seed=9)
-    density, ents = tie_densities(KEY, n, N, offset)
+    density, T, ents = tie_densities(KEY, n, N, offset)
+    assert [philox.drop_threshold(d) for d in density] == T        # the densities give T
     for rescale, normalize, elect in MODES[:2]:
         cfg = cfg_for(method, n, density=density, offset=offset, rescale=rescale,
                       normalize=normalize, elect=elect)
-        assert [philox.drop_threshold(d) for d in density] == [math.floor(d * 2**32)
-                                                                for d in density]
         want = run(R.merge, base, models, cfg, dtype)
         assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {cfg}")
         out, kept, _ = derive(base, models, cfg, dtype)

@@ -296,7 +296,8 @@ def test_low_half_decides_where_the_high_half_ties(method):
     cfg = cfg_for(method, base, models, n, shape, offset=offset)
     g = torch.Generator().manual_seed(5)
     hi = torch.stack([philox.random_words(KEY, i, offset, N) >> 16 for i in range(n)])
-    cfg = dataclasses.replace(cfg, keep=(hi << 16) + torch.randint(1, 1 << 16, (n, N), generator=g))
+    low = torch.randint(1, 1 << 16, (n, N), generator=g)
+    cfg = dataclasses.replace(cfg, keep=(hi << 16) + low)
     assert high_half_ties(cfg, N) == [N] * n
     want = run(R.merge, base, models, cfg, dtype)
     assert_same(run(C.merge, base, models, cfg, dtype), want, f"C {method}")

@@ -513,12 +513,13 @@ int fm_bracket(const fm_bracket_args *a)
 /* room for a block's Philox calls (<= (FM_BLOCK + 14) / 8), rounded up to whole batches */
 #define FM_RGROUPS ((FM_BLOCK / 8 + 2 + FM_PHILOX_BATCH - 1) / FM_PHILOX_BATCH * FM_PHILOX_BATCH)
 
-/* The high halves hi_model(g0 + j), j < len (len <= FM_BLOCK): returned at r + (g0 & 7),
- * r holding the whole groups q = g >> 3 from 8·(g0 >> 3) (room for 8·FM_RGROUPS). */
-FM_INLINE const uint16_t *dare_high(uint16_t *restrict r, uint64_t g0, int len, uint32_t k0,
-                                    uint32_t k1, uint32_t model)
+/* Half g mod 8 of stream s's call for q = g >> 3, for g = g0 + j, j < len (len <=
+ * FM_BLOCK): returned at r + (g0 & 7), r holding the whole groups from 8·(g0 >> 3) (room
+ * for 8·FM_RGROUPS). Stream 0 gives the high halves of r_model(g), stream 1 the low. */
+FM_INLINE const uint16_t *dare_halves(uint16_t *restrict r, uint64_t g0, int len, uint32_t k0,
+                                      uint32_t k1, uint32_t model, uint32_t s)
 {
-    fm_philox_halves(r, g0 >> 3, ((int)(g0 & 7) + len + 7) >> 3, k0, k1, model, 0);
+    fm_philox_halves(r, g0 >> 3, ((int)(g0 & 7) + len + 7) >> 3, k0, k1, model, s);
     return r + (g0 & 7);
 }
 
@@ -551,7 +552,7 @@ FM_INLINE void dare_keep(int32_t *restrict keep, uint16_t *restrict r, uint64_t 
         for (int j = 0; j < len; j++) keep[j] = (int32_t)all;
         return;
     }
-    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
+    const uint16_t *restrict h = dare_halves(r, g0, len, k0, k1, model, 0);
     const uint32_t hi = thr >> 16;
     int32_t tie = 0;
     for (int j = 0; j < len; j++) {
@@ -568,7 +569,7 @@ FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint16_t
                            uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
                            int rescale)
 {
-    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
+    const uint16_t *restrict h = dare_halves(r, g0, len, k0, k1, model, 0);
     const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
     int32_t tie = 0;
     for (int j = 0; j < len; j++) {
@@ -586,7 +587,7 @@ FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint16_t *r
                         uint64_t g0, int len, uint32_t k0, uint32_t k1,
                         uint32_t model, const int64_t *restrict T, const double *restrict C)
 {
-    const uint16_t *restrict h = dare_high(r, g0, len, k0, k1, model);
+    const uint16_t *restrict h = dare_halves(r, g0, len, k0, k1, model, 0);
     int32_t tie = 0;
     for (int j = 0; j < len; j++) {
         const int64_t hi = T[j] >> 16;
@@ -600,14 +601,13 @@ FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint16_t *r
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
                              uint32_t model)
 {
-    uint16_t hi[8 * FM_RGROUPS], lo[8 * FM_RGROUPS];
+    uint16_t rh[8 * FM_RGROUPS], rl[8 * FM_RGROUPS];
     for (int64_t off = 0; off < N; off += FM_BLOCK) {
         const int len = (int)(N - off < FM_BLOCK ? N - off : FM_BLOCK);
         const uint64_t g0 = (uint64_t)(offset + off);
-        const int s = (int)(g0 & 7), ng = (s + len + 7) >> 3;
-        fm_philox_halves(hi, g0 >> 3, ng, k0, k1, model, 0);
-        fm_philox_halves(lo, g0 >> 3, ng, k0, k1, model, 1);
-        for (int j = 0; j < len; j++) dst[off + j] = (uint32_t)hi[s + j] << 16 | lo[s + j];
+        const uint16_t *hi = dare_halves(rh, g0, len, k0, k1, model, 0);
+        const uint16_t *lo = dare_halves(rl, g0, len, k0, k1, model, 1);
+        for (int j = 0; j < len; j++) dst[off + j] = (uint32_t)hi[j] << 16 | lo[j];
     }
 }
 

@@ -13,8 +13,8 @@
  * independent vectors at a time (8 or 16 counters; measured best on Zen 4, more spill or
  * gain nothing) and store the words interleaved, a0 b0 c0 d0 a1 ... (on x86, little-endian,
  * the halves are then in order). Integer operations only: every variant gives the same
- * words. Without target-clone support (non-x86 or an
- * old compiler) only the scalar variant is built.
+ * words. Without target-clone support (non-x86 or an old compiler) only the scalar
+ * variant is built.
  */
 #include "philox.h"
 
