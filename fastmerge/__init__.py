@@ -1,4 +1,4 @@
-"""fastmerge: fast, lean, exact merging of LLM checkpoints (TIES, TIES-SV).
+"""fastmerge: fast, lean, exact merging of LLM checkpoints (TIES, TIES-SV, DARE, DELLA, ...).
 
     import fastmerge
     result = fastmerge.merge("base", ["ct", "sft"], method="ties_sv", density=0.2,

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .errors import FastmergeError, ParameterError
 
-DESCRIPTION = ("Fast, exact merging of LLM checkpoints (linear, task arithmetic, TIES, "
-               "TIES-SV) in the Hugging Face safetensors format.")
+DESCRIPTION = ("Fast, exact merging of LLM checkpoints in the Hugging Face safetensors "
+               "format: TIES, TIES-SV, DARE, breadcrumbs, DELLA, SLERP, NuSLERP, model "
+               "stock, task arithmetic, linear.")
 EPILOG = ("Run 'fastmerge COMMAND --help' for a command's options. The Python API is "
           "fastmerge.merge(); docs/spec.md defines every method and config key.")
 # fastmerge.testing.PRESETS, listed here so that --help does not import PyTorch (a test

@@ -168,11 +168,3 @@ def expand(cfg, base: torch.Tensor, models):
     keep = _keep(base, rows, (rows.shape[1] // M, M), table)
     return replace(cfg, keep=keep, rank_keep=None)
 
-
-def check_knobs(density: float, epsilon: float) -> str | None:
-    """Why (d, ε) is refused, or None: with 0 < d < 1, d − ε > 0 and d + ε < 1 (mergekit's
-    rule: every keep probability in (0, 1))."""
-    if 0.0 < density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
-        return (f"epsilon {epsilon!r} with density {density!r}: density ± epsilon must lie "
-                f"in (0, 1) (as in mergekit)")
-    return None

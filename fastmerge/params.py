@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from . import della
 from . import knobs as K
 from . import methods
 from .errors import ParameterError
@@ -24,6 +23,15 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "fp32": "float32", "float": "float32", "float32": "float32",
 }
+
+
+def della_refusal(density: float, epsilon: float) -> str | None:
+    """Why DELLA's (d, ε) is refused (docs/spec.md §8d), or None: with 0 < d < 1, d − ε > 0
+    and d + ε < 1 (mergekit's rule: every keep probability in (0, 1))."""
+    if 0.0 < density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        return (f"epsilon {epsilon!r} with density {density!r}: density ± epsilon must lie "
+                f"in (0, 1) (as in mergekit)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,7 @@ class MergeParams:
         t = value("t", None, self.t) if "t" in self.spec.knobs else 0.5
         e = tuple(value("epsilon", i, s) for i, s in enumerate(self.epsilon))
         for i, (di, ei) in enumerate(zip(d, e)):
-            why = della.check_knobs(di, ei)
+            why = della_refusal(di, ei)
             if why is not None:
                 raise ParameterError(f"{where}model {i}: {why}")
         return TensorKnobs(w, d, sl, value("scale", None, self.scale), g, e, t)

@@ -87,6 +87,18 @@ def test_import_fastmerge_loads_neither_torch_nor_triton():
     assert proc.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"]])
+def test_help_loads_neither_torch_nor_triton(argv):
+    """Help is instant: it lists the methods and keys without importing PyTorch (~1 s)."""
+    code = ("import sys; from fastmerge import cli\n"
+            f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'triton' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: fastmerge" in proc.stdout and proc.stderr.split() == ["False", "False"]
+
+
 def test_help_is_plain_text(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])

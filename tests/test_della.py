@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastmerge
-from fastmerge import della, methods, philox
+from fastmerge import della, methods, params, philox
 from fastmerge import reference as R
 from fastmerge.backends import c_backend as C
 from fastmerge.kernel_api import (COUNTERS, DROPPED_BY_SIGN, IMPORTANT_DROPPED, KEPT,
@@ -100,10 +100,10 @@ def test_keep_thresholds_by_hand():
 
 
 def test_knob_rule_and_method_rows():
-    assert della.check_knobs(0.5, 0.49) is None and della.check_knobs(1.0, 0.9) is None
-    assert della.check_knobs(0.0, 0.5) is None
-    assert "density ± epsilon" in della.check_knobs(0.1, 0.15)
-    assert "density ± epsilon" in della.check_knobs(0.9, 0.1)
+    assert params.della_refusal(0.5, 0.49) is None and params.della_refusal(1.0, 0.9) is None
+    assert params.della_refusal(0.0, 0.5) is None
+    assert "density ± epsilon" in params.della_refusal(0.1, 0.15)
+    assert "density ± epsilon" in params.della_refusal(0.9, 0.1)
     for name, elect in (("della", True), ("della_linear", False)):
         m = methods.METHODS[name]
         assert m.ranked and m.drop and m.rescale_default and m.elect == elect
