@@ -549,7 +549,7 @@ class Geometry:
         parts = []
         for count, b, m in chunks:
             b, m = self._inputs(b, m)
-            seg = self.seg if self.columns else min(self.seg, count)
+            seg = self.seg if self.columns else max(1, min(self.seg, count))
             parts.append(self.backend.gram(b, m, self.on_base, seg,
                                            columns=self.columns).cpu().numpy())
         if self.columns:
@@ -566,7 +566,7 @@ class Geometry:
         b, m = self._inputs(b, m)
         if self.columns:
             return self.backend.combine(b, m, out, coef, self.seg, True, self.on_base)
-        width = min(self.seg, count)
+        width = max(1, min(self.seg, count))   # an empty tensor: one empty piece
         return self.backend.combine(b, m, out, coef[first:first + -(-count // width)],
                                     width, False, self.on_base)
 

@@ -353,6 +353,43 @@ def test_merge_backends_and_chunks_agree(case, backend, monkeypatch):
         assert streamed.report["tensors"] == want.report["tensors"]
 
 
+EMPTY_SHAPES = [(0, 5), (5, 0), (0,)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "c", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("case", [c for c in METHOD_KW if "gradient" not in c])
+def test_empty_tensors_merge_to_empty_tensors(case, backend):
+    """A tensor with no entries (each shape of EMPTY_SHAPES, rows or columns) comes out
+    empty, of its shape and dtype, beside a tensor with entries that merges as usual; as
+    one vector, its report entry is that of an all-zero tensor (every norm 0)."""
+    spec = METHOD_KW[case]
+    g = torch.Generator().manual_seed(11)
+    names = [f"model.layers.{i}.mlp.w.weight" for i in range(len(EMPTY_SHAPES))]
+
+    def sd():
+        out = {n: torch.zeros(s, dtype=F16) for n, s in zip(names, EMPTY_SHAPES)}
+        out["model.layers.0.mlp.v.weight"] = torch.randn(6, 7, generator=g).half()
+        return out
+    base, models = sd(), [sd() for _ in range(spec["models"])]
+    kw = dict(method=spec.get("method", case), progress=False, **spec["kw"])
+    base_arg = base if spec.get("base", True) else None
+    got = fastmerge.merge(base_arg, models, backend=backend, **kw)
+    for n, shape in zip(names, EMPTY_SHAPES):
+        v = got.state_dict[n]
+        assert v.shape == shape and v.dtype == F16, n
+    if backend != "torch":
+        want = fastmerge.merge(base_arg, models, backend="torch", **kw)
+        _same(got, want)
+        assert got.report["tensors"] == want.report["tensors"]
+    zeros = {n: torch.zeros(3, 4, dtype=F16) for n in names}
+    zero_rep = fastmerge.merge(zeros if base_arg is not None else None,
+                               [zeros] * spec["models"], backend="torch", **kw).report
+    for e, z in zip(sorted(got.report["tensors"], key=lambda e: e["name"]),
+                    sorted(zero_rep["tensors"], key=lambda e: e["name"])):
+        if e["name"] in names and "segments" not in z["geometry"]:   # one vector each
+            assert e["geometry"] == z["geometry"], e["name"]
+
+
 def test_slerp_endpoints_are_the_inputs_bit_for_bit():
     base, models = _family(1, dtype=BF16, seed=2)
     for t, src in ((0.0, base), (1.0, models[0])):
