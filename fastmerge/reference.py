@@ -6,6 +6,8 @@ are fp64 in the spec's order (§7), and θ is rounded once to the output dtype
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import della, philox
@@ -78,13 +80,20 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     return float(torch.topk(values.reshape(-1).float(), k).values[-1])
 
 
+def _threshold(abs_tau: torch.Tensor, k: int) -> float:
+    """The k-th largest |τ| as a threshold (docs/spec.md §3): +inf where it is +inf or a
+    NaN (topk puts NaN above +inf, as the bit order does)."""
+    v = kth_largest(abs_tau, k)
+    return v if math.isfinite(v) else float("inf")
+
+
 def thresholds_by_sort(abs_tau: torch.Tensor, density: float, slack: float,
                        population: int | None = None) -> tuple[float, float]:
     """(t, u) of docs/spec.md §3-§4 for one model, found by sorting |τ| (the brute-force definition)."""
     p = abs_tau.numel() if population is None else population
     k, s = int(density * p), int(slack * p)
-    t = 0.0 if density == 1 else (float("inf") if k == 0 else kth_largest(abs_tau, k))
-    u = float("inf") if s == 0 else max(kth_largest(abs_tau, s), U_MIN)   # never zeros
+    t = 0.0 if density == 1 else (float("inf") if k == 0 else _threshold(abs_tau, k))
+    u = float("inf") if s == 0 else max(_threshold(abs_tau, s), U_MIN)   # never zeros
     return t, u
 
 
@@ -99,7 +108,7 @@ def breadcrumbs_thresholds_by_sort(abs_tau: torch.Tensor, density: float, gamma:
         return float("inf"), float("inf")
     lo = min(k + g, p)
     hi = lo - k
-    return kth_largest(abs_tau, lo), (kth_largest(abs_tau, hi) if hi > 0 else float("inf"))
+    return _threshold(abs_tau, lo), (_threshold(abs_tau, hi) if hi > 0 else float("inf"))
 
 
 def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

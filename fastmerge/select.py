@@ -332,6 +332,9 @@ def find_all(backend, found: list[Search], chunks, whole=None, sample=None,
     for search in found:
         pair = thresholds(backend, search.targets, chunks, whole, sample, reduce)
         for name, values in zip(search.slots, pair):
+            # a NaN |τ| (allow_nonfinite) orders above +inf by its bits; a threshold that
+            # falls on one is +inf (docs/spec.md §3): keep none, protect none, drop none
+            values = [INF if math.isnan(v) else v for v in values]
             if name == "u":
                 values = [max(v, U_MIN) for v in values]
             if name is not None:

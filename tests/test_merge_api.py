@@ -227,6 +227,55 @@ def test_nan_in_input_names_tensor_and_model():
     assert "model.norm.weight" in sd
 
 
+NONFINITE_CASES = {
+    "ties": dict(density=[0.5, 0.1, 0.2]),
+    "ties_sv": dict(density=[0.5, 0.1, 0.9], slack=[0.1, 0.05, 0.3]),
+    "breadcrumbs": dict(density=[0.5, 0.5, 0.5], gamma=[0.1, 0.1, 0.1]),
+}
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+@pytest.mark.parametrize("backend", ["c", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("method", list(NONFINITE_CASES))
+def test_thresholds_on_nonfinite_entries_are_inf(method, backend, scope):
+    """allow_nonfinite with more inf (model 1) or NaN (model 2) entries than a threshold's
+    rank: that threshold is +inf with its meaning (docs/spec.md §3), on every backend alike
+    (the C backend refused a NaN t, the reference wrote NaN into the report), and the
+    report stays strict JSON with null there."""
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.mlp.w.weight"
+    base = {name: 0.05 * torch.randn(8, 16, generator=g)}
+
+    def model(bad=None, every=1):
+        d = 0.01 * torch.randn(8, 16, generator=g)
+        if bad is not None:
+            d.view(-1)[::every] = bad
+        return {name: base[name] + d}
+    models = [model(), model(float("inf"), 7), model(float("nan"), 3)]
+    kw = dict(method=method, allow_nonfinite=True, progress=False, scope=scope,
+              **NONFINITE_CASES[method])
+    want = fastmerge.merge(base, models, backend="torch", **kw)
+    got = fastmerge.merge(base, models, backend=backend, **kw)
+    assert torch.equal(got.state_dict[name].nan_to_num(), want.state_dict[name].nan_to_num())
+    assert got.report["tensors"] == want.report["tensors"]
+    json.dumps(got.report, allow_nan=False)
+    entry = got.report["tensors"][0]
+    slot = {"ties": "t", "ties_sv": "u", "breadcrumbs": "h"}[method]
+    thr = entry[slot] if scope == "tensor" else got.report["model_thresholds"][slot]
+    assert thr[0] is not None and thr[1] is None and thr[2] is None
+    if scope == "model":
+        return
+    inf = float("inf")
+    for i, m in enumerate(models):            # the brute-force definition agrees
+        a, d = (m[name] - base[name]).abs(), NONFINITE_CASES[method]["density"][i]
+        if method == "breadcrumbs":
+            want_pair, slots = reference.breadcrumbs_thresholds_by_sort(a, d, 0.1), ("t", "h")
+        else:
+            want_pair = reference.thresholds_by_sort(a, d, kw.get("slack", [0.0] * 3)[i])
+            slots = ("t", "u")
+        assert [inf if entry[k][i] is None else entry[k][i] for k in slots] == list(want_pair)
+
+
 def test_architectures_must_agree(tmp_path):
     paths = write_llama_family(tmp_path / "f", config=TINY, n_models=1, seed=3)
     cfg_path = paths["models"][0] / "config.json"
