@@ -13,11 +13,11 @@ Per tensor (fp16, 2 models, density 0.4, epsilon 0.15), each step as the pipelin
 * for scale, the C passes of ``dare_ties`` at the same density (no ranks, one threshold
   per model) and of ``ties`` (thresholds found beforehand, not timed);
 * the sort floor: numpy's sort (x86-simd-sort, AVX-512 where the CPU has it) of the same
-  rows of both models (16 rows at a time in a reused buffer), the keys ``bits(|τ_i|)`` packed with their index as ``key·2^32 +
-  index`` (what an exact rank with ties by index needs), and the bare 32-bit keys (less
-  than a rank needs). One thread; in the JSON also as ns per entry and model, next to the
-  C passes run with one thread (``*_1t``): the rank stage's budget under the issue's
-  1.3× goal is 0.3× the TIES pass.
+  rows of both models, 16 rows at a time in a reused buffer: the keys ``bits(|τ_i|)``
+  packed with their index as ``key·2^32 + index`` (what an exact rank with ties by index
+  needs), and the bare 32-bit keys (less than a rank needs). One thread; in the JSON also
+  as ns per entry and model, next to the C passes run with one thread (``*_1t``): the
+  rank stage's budget under the issue's 1.3× goal is 0.3× the TIES pass.
 
 Timings alternate in every repeat so machine noise hits all alike; medians in ms.
 """
