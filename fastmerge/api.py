@@ -196,8 +196,8 @@ def merge(base, models, *, method: str = "ties_sv", weights=None, density=None, 
             initialised with more than one rank (as under torchrun), True the same but
             refused without one, False never splits, or a ProcessGroup. Every rank calls
             merge() with the same arguments; each writes the output shards given to it
-            and the output is byte-identical to a single-process merge. On CUDA each rank uses GPU LOCAL_RANK. In-memory merges
-            are never split.
+            and the output is byte-identical to a single-process merge. On CUDA each rank
+            uses GPU LOCAL_RANK. In-memory merges are never split.
 
     Returns a MergeResult: ``result.path`` and ``result.report`` for a merge to disk;
     ``result.state_dict`` and ``result.report`` in memory, where it also unpacks as

@@ -14,8 +14,8 @@ Math (docs/spec.md §1-§9; one tensor of N entries, models i = 1..n, entry j):
 DARE (docs/spec.md §8a) replaces the trim by a random drop, kept_i = r_i(g) < T_i, where
 r_i(g) = hi·2^16 + lo, hi and lo the 16-bit halves g mod 8 of Philox4x32-10(key,
 (q mod 2^32, ⌊q/2^32⌋, i, stream)) with stream 0 and 1, q = ⌊g/8⌋, for the entry's index g
-in the whole tensor; sum votes and D weigh x_i by c_i (w_i, or
-w_i / d_i with rescale); W keeps w_i.
+in the whole tensor; sum votes and D weigh x_i by c_i (w_i, or w_i / d_i with rescale);
+W keeps w_i.
 
 Keys, thresholds and comparisons are fp32 (exact); votes, sums, m and θ are fp64, the
 models summed in order from +0.0, without FMA contraction (``enable_fp_fusion=False``):
@@ -40,8 +40,8 @@ Layout and determinism:
   vectors, their eight 16-bit halves interleaved into the block's order. The GPU computes
   both halves of every word (the C kernel only the rare low halves it needs). Philox is
   uint32 arithmetic (``tl.umulhi`` and a wrapping product), with the ten round keys
-  computed on the host. The election packs each
-  model's kept bit into an int32 so the second sweep does not draw again.
+  computed on the host. The election packs each model's kept bit into an int32 so the
+  second sweep does not draw again.
 * ``histogram``: per block the base is loaded once and each model row in turn
   (``tl.static_range``). A 2048-bin ``tl.histogram`` costs about 2048/32 = 64 bit-twiddling
   steps per entry on Triton 3.6's ballot lowering, far more than the loads, so each slot

@@ -562,40 +562,42 @@ FM_INLINE void dare_keep(int32_t *restrict keep, uint16_t *restrict r, uint64_t 
     if (tie && (thr & 0xFFFF)) settle_ties(keep, h, g0, len, k0, k1, model, NULL, thr);
 }
 
-/* DELLA (spec 8d): keep[j] = r_model(g0 + j) < T[j] (T in [0, 2^32], per entry) and
- * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
-FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint16_t *restrict r,
-                           uint64_t g0, int len, uint32_t k0,
-                           uint32_t k1, uint32_t model, const int64_t *restrict T, double w,
-                           int rescale)
+/* keep[j] = r_model(g0 + j) < T[j] for per-entry thresholds T in [0, 2^32] (DELLA, spec
+ * 8d): the high halves decide, the ties are settled by the low ones. */
+FM_INLINE void per_entry_keep(int32_t *restrict keep, uint16_t *restrict r, uint64_t g0,
+                              int len, uint32_t k0, uint32_t k1, uint32_t model,
+                              const int64_t *restrict T)
 {
     const uint16_t *restrict h = dare_halves(r, g0, len, k0, k1, model, 0);
-    const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
     int32_t tie = 0;
     for (int j = 0; j < len; j++) {
         const int64_t hi = T[j] >> 16;
         keep[j] = h[j] < hi;
         tie |= h[j] == hi;
-        cf[j] = rescale ? (T[j] != 0 ? w32 / (double)T[j] : 0.0) : w;
     }
     if (tie) settle_ties(keep, h, g0, len, k0, k1, model, T, 0);
 }
 
-/* DELLA with the fused rank stage: keep[j] = r_model(g0 + j) < T[j], cf[j] = C[j], with T
- * and C the row's per-entry thresholds and factors (rank_row). */
+/* DELLA (spec 8d) with T from the torch rank stage: keep[j] as per_entry_keep, and
+ * cf[j] = (w·2^32) / T[j] with rescale (0 when T = 0; w when T = 2^32), else w. */
+FM_INLINE void ranked_keep(int32_t *restrict keep, double *restrict cf, uint16_t *restrict r,
+                           uint64_t g0, int len, uint32_t k0, uint32_t k1, uint32_t model,
+                           const int64_t *restrict T, double w, int rescale)
+{
+    per_entry_keep(keep, r, g0, len, k0, k1, model, T);
+    const double w32 = w * 4294967296.0;                /* exact: a power-of-two scaling */
+    for (int j = 0; j < len; j++)
+        cf[j] = rescale ? (T[j] != 0 ? w32 / (double)T[j] : 0.0) : w;
+}
+
+/* DELLA with the fused rank stage: keep[j] as per_entry_keep and cf[j] = C[j], with T and
+ * C the row's per-entry thresholds and factors (rank_row). */
 FM_INLINE void row_keep(int32_t *restrict keep, double *restrict cf, uint16_t *restrict r,
                         uint64_t g0, int len, uint32_t k0, uint32_t k1,
                         uint32_t model, const int64_t *restrict T, const double *restrict C)
 {
-    const uint16_t *restrict h = dare_halves(r, g0, len, k0, k1, model, 0);
-    int32_t tie = 0;
-    for (int j = 0; j < len; j++) {
-        const int64_t hi = T[j] >> 16;
-        keep[j] = h[j] < hi;
-        tie |= h[j] == hi;
-        cf[j] = C[j];
-    }
-    if (tie) settle_ties(keep, h, g0, len, k0, k1, model, T, 0);
+    per_entry_keep(keep, r, g0, len, k0, k1, model, T);
+    memcpy(cf, C, (size_t)len * sizeof *cf);
 }
 
 FM_CLONES void fm_dare_words(uint32_t *dst, int64_t N, int64_t offset, uint32_t k0, uint32_t k1,
